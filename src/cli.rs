@@ -1,0 +1,261 @@
+//! The command line: `check`, `map`, `test`, `questionnaire`. Thin: parses arguments, calls the
+//! library, prints, and turns results into exit codes (0 ok, 1 problems found, 2 usage or I/O).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::fhir::validate::validate;
+use crate::golden::{self, CaseOutcome};
+use crate::mapping::{self, LoadError, Mapping, SubmissionInput};
+
+#[derive(Debug, Parser)]
+#[command(name = "chartbridge", version, about = "FHIR-native mapping gateway for intake forms")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lint mapping files (a file or a directory): every problem with file:line:column.
+    Check {
+        #[arg(default_value = "mappings")]
+        paths: Vec<PathBuf>,
+    },
+    /// Dry-run a payload through a mapping and print the transaction Bundle.
+    Map {
+        /// A mapping file, or a mapping id found in --mappings.
+        #[arg(long, short)]
+        mapping: String,
+        /// Directory searched when --mapping is an id.
+        #[arg(long, default_value = "mappings")]
+        mappings: PathBuf,
+        /// The payload (JSON); `-` reads standard input.
+        payload: PathBuf,
+        /// Receive time (FHIR instant) used for `issued` and `recorded`; default: now.
+        #[arg(long)]
+        received_at: Option<String>,
+        /// Print flags, missing answers and the Bundle instead of the Bundle alone.
+        #[arg(long)]
+        report: bool,
+    },
+    /// Run golden fixtures: fixtures/<mapping-id>/<case>.input.json → <case>.expected.json.
+    Test {
+        #[arg(default_value = "mappings")]
+        mappings: PathBuf,
+        #[arg(long, default_value = "fixtures")]
+        fixtures: PathBuf,
+        /// Write the actual output as the new expected files.
+        #[arg(long)]
+        update: bool,
+    },
+    /// Print the FHIR Questionnaire a mapping defines.
+    Questionnaire {
+        /// A mapping file, or a mapping id found in --mappings.
+        mapping: String,
+        #[arg(long, default_value = "mappings")]
+        mappings: PathBuf,
+    },
+}
+
+/// Runs the CLI with the process arguments.
+pub fn run() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Check { paths } => check(&paths),
+        Command::Map { mapping, mappings, payload, received_at, report } => {
+            map(&mapping, &mappings, &payload, received_at, report)
+        }
+        Command::Test { mappings, fixtures, update } => test(&mappings, &fixtures, update),
+        Command::Questionnaire { mapping, mappings } => match find(&mapping, &mappings) {
+            Ok(m) => {
+                print_json(&m.questionnaire());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn load(path: &Path) -> Result<Vec<Mapping>, LoadError> {
+    if path.is_dir() {
+        mapping::load_dir(path)
+    } else {
+        mapping::load_file(path).map(|m| vec![m])
+    }
+}
+
+/// Reports a load error; the exit code says whether it was the files' fault (1) or I/O (2).
+fn report_load_error(e: &LoadError) -> ExitCode {
+    eprintln!("{e}");
+    match e {
+        LoadError::Io { .. } => ExitCode::from(2),
+        LoadError::Invalid(errors) => {
+            eprintln!("{} problem(s) found", errors.len());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn find(name: &str, dir: &Path) -> Result<Mapping, ExitCode> {
+    let path = Path::new(name);
+    if path.is_file() {
+        return mapping::load_file(path).map_err(|e| report_load_error(&e));
+    }
+    let all = mapping::load_dir(dir).map_err(|e| report_load_error(&e))?;
+    all.into_iter().find(|m| m.id == name).ok_or_else(|| {
+        eprintln!("no mapping `{name}`: not a file, and no mapping with that id in {}", dir.display());
+        ExitCode::from(2)
+    })
+}
+
+fn check(paths: &[PathBuf]) -> ExitCode {
+    let mut problems = 0usize;
+    let mut ok = 0usize;
+    for path in paths {
+        match load(path) {
+            Ok(ms) => {
+                for m in ms {
+                    // The generated Questionnaire must itself be valid FHIR.
+                    match validate(&m.questionnaire()) {
+                        Ok(()) => ok += 1,
+                        Err(oo) => {
+                            problems += 1;
+                            for i in oo.issues {
+                                eprintln!("{}: generated Questionnaire: {i}", m.file.display());
+                            }
+                        }
+                    }
+                }
+            }
+            Err(LoadError::Invalid(errors)) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                problems += errors.len();
+            }
+            Err(e) => return report_load_error(&e),
+        }
+    }
+    if problems > 0 {
+        eprintln!("{problems} problem(s) found");
+        ExitCode::from(1)
+    } else {
+        eprintln!("{ok} mapping(s) ok");
+        ExitCode::SUCCESS
+    }
+}
+
+fn map(name: &str, dir: &Path, payload: &Path, received_at: Option<String>, report: bool) -> ExitCode {
+    let m = match find(name, dir) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let raw = if payload == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf)
+    } else {
+        std::fs::read(payload)
+    };
+    let raw = match raw {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{}: {e}", payload.display());
+            return ExitCode::from(2);
+        }
+    };
+    let parsed: Value = match serde_json::from_slice(&raw) {
+        Ok(v) => v,
+        Err(e) => {
+            let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(
+                "structure",
+                format!("the payload is not JSON: line {}, column {}", e.line(), e.column()),
+            )]);
+            print_json(&oo.to_json());
+            return ExitCode::from(1);
+        }
+    };
+    let received_at = received_at.unwrap_or_else(|| {
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    });
+    match m.map_submission(SubmissionInput { payload: &parsed, raw: &raw, received_at: &received_at }) {
+        Ok(mapped) => {
+            for w in &mapped.warnings {
+                eprintln!("{w}");
+            }
+            if report {
+                print_json(&serde_json::to_value(&mapped).unwrap_or_default());
+            } else {
+                print_json(&mapped.bundle);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            print_json(&failure.outcome().to_json());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {
+    let ms = match load(mappings) {
+        Ok(ms) => ms,
+        Err(e) => return report_load_error(&e),
+    };
+    let reports = golden::run(&ms, fixtures, update);
+    let (mut passed, mut failed, mut io) = (0, 0, 0);
+    for r in &reports {
+        let name = r.input.display();
+        match &r.outcome {
+            CaseOutcome::Passed => passed += 1,
+            CaseOutcome::Updated => {
+                passed += 1;
+                eprintln!("updated  {name}");
+            }
+            CaseOutcome::Mismatch(diffs) => {
+                failed += 1;
+                eprintln!("FAILED   {name}");
+                for d in diffs {
+                    eprintln!("    {d}");
+                }
+            }
+            CaseOutcome::Invalid(why) => {
+                failed += 1;
+                eprintln!("INVALID  {name}: the Bundle is not valid FHIR R4: {why}");
+            }
+            CaseOutcome::Io(why) => {
+                io += 1;
+                eprintln!("ERROR    {name}: {why}");
+            }
+        }
+    }
+    let without: Vec<&str> = ms
+        .iter()
+        .filter(|m| !reports.iter().any(|r| r.mapping_id == m.id))
+        .map(|m| m.id.as_str())
+        .collect();
+    if !without.is_empty() {
+        eprintln!("no fixtures for: {}", without.join(", "));
+    }
+    println!("golden: {passed} passed, {failed} failed");
+    if io > 0 {
+        ExitCode::from(2)
+    } else if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,106 @@
+//! `Provenance` for what the gateway writes: who (the gateway as device, the patient as author
+//! and source), from what (the submission, its SHA-256, the mapping id, version and hash), when.
+
+use serde_json::{json, Value};
+
+const PARTICIPANT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
+/// RFC 6920 "named information" URIs carry a digest as an identifier anyone can recompute.
+const URI_SYSTEM: &str = "urn:ietf:rfc:3986";
+
+/// What a Provenance records.
+#[derive(Debug, Clone)]
+pub struct ProvenanceInput<'a> {
+    /// fullUrls (or literal references) of every resource produced.
+    pub targets: Vec<String>,
+    /// When the gateway produced them (FHIR instant).
+    pub recorded: &'a str,
+    /// The patient reference (fullUrl or literal reference).
+    pub patient: &'a str,
+    /// Business identifier of the submission.
+    pub submission_system: &'a str,
+    pub submission_id: &'a str,
+    /// SHA-256 (hex) of the raw submitted bytes.
+    pub payload_sha256: &'a str,
+    pub mapping_id: &'a str,
+    pub mapping_version: &'a str,
+    /// SHA-256 (hex) of the mapping file's content.
+    pub mapping_sha256: &'a str,
+    /// The software, e.g. `chartbridge 0.1.0`.
+    pub software: &'a str,
+}
+
+/// `ni:///sha-256;<base64url>` for a hex SHA-256.
+pub fn named_information(sha256_hex: &str) -> String {
+    let bytes: Vec<u8> = (0..sha256_hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&sha256_hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    format!("ni:///sha-256;{}", base64url(&bytes))
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// Builds the Provenance resource.
+pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
+    let targets: Vec<Value> = p.targets.iter().map(|t| json!({"reference": t})).collect();
+    json!({
+        "resourceType": "Provenance",
+        "target": targets,
+        "recorded": p.recorded,
+        "activity": {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+            "code": "CREATE", "display": "create"}]},
+        "agent": [
+            {
+                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "assembler", "display": "Assembler"}]},
+                "who": {"type": "Device", "display": p.software}
+            },
+            {
+                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "author", "display": "Author"}]},
+                "who": {"reference": p.patient}
+            },
+            {
+                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "informant", "display": "Informant"}]},
+                "who": {"reference": p.patient}
+            }
+        ],
+        "entity": [
+            {"role": "source", "what": {
+                "identifier": {"system": p.submission_system, "value": p.submission_id},
+                "display": "intake submission"}},
+            {"role": "source", "what": {
+                "identifier": {"system": URI_SYSTEM, "value": named_information(p.payload_sha256)},
+                "display": "SHA-256 of the raw submitted payload"}},
+            {"role": "derivation", "what": {
+                "identifier": {"system": "urn:chartbridge:mapping", "value": format!("{}|{}", p.mapping_id, p.mapping_version)},
+                "display": format!("mapping {} version {}", p.mapping_id, p.mapping_version)}},
+            {"role": "derivation", "what": {
+                "identifier": {"system": URI_SYSTEM, "value": named_information(p.mapping_sha256)},
+                "display": "SHA-256 of the mapping file"}}
+        ]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_information_matches_rfc6920_form() {
+        // SHA-256 of "Hello World!" from RFC 6920 §8.
+        let h = "7f83b1657ff1fc53b92dc18148a1d65dfc2d4b1fa3d677284addd200126d9069";
+        assert_eq!(
+            named_information(h),
+            "ni:///sha-256;f4OxZX_x_FO5LcGBSKHWXfwtSx-j1ncoSt3SABJtkGk"
+        );
+    }
+}

@@ -1,0 +1,742 @@
+//! The engine: one payload through one `Mapping` → QuestionnaireResponse, Observations,
+//! Provenance (one `transaction` Bundle), ops flags and the list of missing answers.
+//!
+//! The answer index is built once per payload; every selector was compiled at load. Resources
+//! are built directly as JSON. Errors are collected, never thrown: a payload that does not fit
+//! its map yields every problem at once, each with the linkId and path, never the value.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use super::condition::Answers;
+use super::select::AnswerIndex;
+use super::value::{self, Answer};
+use super::{Components, Derivation, Item, ItemType, MapTarget, Mapping, ValueRule};
+use crate::fhir::bundle::reference;
+use crate::fhir::provenance::{provenance, ProvenanceInput};
+use crate::fhir::{identifier_query, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder};
+
+/// One submission as received.
+#[derive(Debug, Clone, Copy)]
+pub struct SubmissionInput<'p> {
+    /// The parsed payload.
+    pub payload: &'p Value,
+    /// The raw bytes as received (their SHA-256 goes into the Provenance).
+    pub raw: &'p [u8],
+    /// When the gateway received it (FHIR instant); the submission time when the payload has none.
+    pub received_at: &'p str,
+}
+
+/// The identity of the patient a submission is about.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PatientIdentity {
+    pub system: String,
+    pub value: String,
+}
+
+/// A required answer that is missing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MissingAnswer {
+    pub link_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+/// A payload mapped to FHIR.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MappedSubmission {
+    pub mapping_id: String,
+    pub mapping_version: String,
+    pub submission_id: String,
+    pub patient: PatientIdentity,
+    pub authored: String,
+    pub payload_sha256: String,
+    /// Ops flags raised (names, in mapping order); `more_information_needed` when answers are missing.
+    pub flags: Vec<String>,
+    pub missing: Vec<MissingAnswer>,
+    /// Warnings (missing answers, totals not computed); never values.
+    #[serde(skip)]
+    pub warnings: Vec<Issue>,
+    /// The `transaction` Bundle: Patient (conditional), QuestionnaireResponse, Observations, Provenance.
+    pub bundle: Value,
+}
+
+/// The flag raised when required answers are missing.
+pub const MORE_INFORMATION_NEEDED: &str = "more_information_needed";
+
+/// Why a payload could not be mapped: every problem found.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the payload does not fit mapping `{mapping_id}`: {}", .issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct MappingFailure {
+    pub mapping_id: String,
+    pub issues: Vec<Issue>,
+}
+
+impl MappingFailure {
+    pub fn outcome(&self) -> OperationOutcome {
+        OperationOutcome::new(self.issues.clone())
+    }
+}
+
+/// An item with its answers, or a group with its children; repeating groups give one node each.
+struct Node<'m> {
+    item: &'m Item,
+    /// `weight`, `meds[1]/med-name`: unique within the submission, stable across re-sends.
+    key: String,
+    answers: Vec<Answer<'m>>,
+    children: Vec<Node<'m>>,
+}
+
+struct Run<'m, 'p> {
+    mapping: &'m Mapping,
+    index: AnswerIndex<'p>,
+    issues: Vec<Issue>,
+    missing: Vec<MissingAnswer>,
+}
+
+impl Mapping {
+    /// Maps one payload. Pure: same input, same Bundle, byte for byte.
+    pub fn map_submission(&self, input: SubmissionInput<'_>) -> Result<MappedSubmission, MappingFailure> {
+        let fail = |issues| MappingFailure { mapping_id: self.id.clone(), issues };
+        let index = match &self.source.answers {
+            None => AnswerIndex::Empty,
+            Some(src) => src.index(input.payload).map_err(|e| match e {
+                super::select::IndexError::NotJson { path } => fail(vec![Issue::error(
+                    "structure",
+                    "the answers are not a JSON document",
+                )
+                .at(path)]),
+            })?,
+        };
+        let mut run = Run { mapping: self, index, issues: Vec::new(), missing: Vec::new() };
+
+        let submission_id = match self.source.submission_id.first(input.payload) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => {
+                run.issues.push(
+                    Issue::error("required", "the submission id (idempotency key) is missing or not a string")
+                        .at(self.source.submission_id.source()),
+                );
+                None
+            }
+        };
+        let patient_value = run.first_string(&self.source.patient.identifier, input.payload, "source.patient.identifier");
+        if patient_value.is_none() {
+            run.issues.push(Issue::error("required", "the patient identifier is missing").at("source.patient.identifier"));
+        }
+        let authored = match &self.source.submitted_at {
+            Some(rule) => match run.values(rule, ItemType::DateTime, input.payload, "source.submitted_at").first() {
+                Some(Answer::DateTime(s)) => s.clone(),
+                _ => input.received_at.to_string(),
+            },
+            None => input.received_at.to_string(),
+        };
+
+        let mut nodes = run.extract(&self.items, input.payload, "");
+        let mut flat: Answers<'_> = HashMap::new();
+        collect(&nodes, &mut flat);
+        run.derive(&mut nodes, &mut flat);
+        run.required_when(&self.items, &flat);
+
+        if run.issues.iter().any(Issue::is_error) {
+            return Err(fail(run.issues));
+        }
+        let (Some(submission_id), Some(patient_value)) = (submission_id, patient_value) else {
+            return Err(fail(run.issues));
+        };
+
+        let mut flags: Vec<String> = self
+            .flags
+            .iter()
+            .filter(|f| f.when.eval(&flat))
+            .map(|f| f.name.clone())
+            .collect();
+        for m in &run.missing {
+            run.issues.push(
+                Issue::warning("required", format!("required answer `{}` is missing", m.link_id)).at(m.link_id.clone()),
+            );
+        }
+        if !run.missing.is_empty() && !flags.iter().any(|f| f == MORE_INFORMATION_NEEDED) {
+            flags.push(MORE_INFORMATION_NEEDED.to_string());
+        }
+
+        let patient = PatientIdentity { system: self.source.patient.system.clone(), value: patient_value };
+        let payload_sha256 = crate::fhir::sha256_hex(input.raw);
+        let demographics = run.demographics(input.payload);
+        let bundle = Resources {
+            mapping: self,
+            submission_id: &submission_id,
+            patient: &patient,
+            authored: &authored,
+            recorded: input.received_at,
+            payload_sha256: &payload_sha256,
+        }
+        .bundle(&nodes, demographics, &mut run.issues);
+        if run.issues.iter().any(Issue::is_error) {
+            return Err(fail(run.issues));
+        }
+        Ok(MappedSubmission {
+            mapping_id: self.id.clone(),
+            mapping_version: self.version.clone(),
+            submission_id,
+            patient,
+            authored,
+            payload_sha256,
+            flags,
+            missing: run.missing,
+            warnings: run.issues,
+            bundle,
+        })
+    }
+}
+
+fn collect<'m>(nodes: &[Node<'m>], flat: &mut Answers<'m>) {
+    for n in nodes {
+        if !n.answers.is_empty() {
+            flat.entry(n.item.link_id.as_str()).or_default().extend(n.answers.iter().cloned());
+        }
+        collect(&n.children, flat);
+    }
+}
+
+/// Where an item's raw value comes from, for error expressions (never the value).
+fn origin(rule: &ValueRule) -> String {
+    match (&rule.answer, &rule.value, &rule.path) {
+        (Some(a), Some(v), _) => format!("answers['{a}']{}", v.source().trim_start_matches('$')),
+        (Some(a), None, _) => format!("answers['{a}']"),
+        (None, _, Some(p)) => p.source().to_string(),
+        _ => "default".to_string(),
+    }
+}
+
+fn is_blank(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.trim().is_empty(),
+        Value::Object(o) => !o.is_empty() && o.values().all(|x| x.as_str().is_some_and(|s| s.trim().is_empty())),
+        _ => false,
+    }
+}
+
+impl<'m, 'p> Run<'m, 'p> {
+    /// The raw JSON values a rule selects in `ctx` (arrays flattened one level, blanks dropped).
+    fn raw<'a>(&'a self, rule: &ValueRule, ctx: &'a Value) -> Vec<&'a Value> {
+        let selected: Vec<&Value> = if let Some(key) = &rule.answer {
+            match self.index.get(key) {
+                None => Vec::new(),
+                Some(element) => match &rule.value {
+                    Some(sel) => sel.select(element),
+                    None => vec![element],
+                },
+            }
+        } else if let Some(path) = &rule.path {
+            path.select(ctx)
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::with_capacity(selected.len());
+        for v in selected {
+            match v {
+                Value::Array(items) => out.extend(items.iter().filter(|x| !is_blank(x))),
+                v if !is_blank(v) => out.push(v),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Typed answers of a rule in `ctx`, after every declared transform.
+    fn values(&mut self, rule: &'m ValueRule, ty: ItemType, ctx: &Value, at: &str) -> Vec<Answer<'m>> {
+        let raws: Vec<Value> = self.raw(rule, ctx).into_iter().cloned().collect();
+        let raws = if raws.is_empty() { rule.default.iter().cloned().collect() } else { raws };
+        let mut out = Vec::new();
+        for raw in raws {
+            for part in split(rule, raw) {
+                match self.convert(rule, ty, &part) {
+                    Ok(a) => out.push(a),
+                    Err((code, msg)) => self.issues.push(Issue::error(code, msg).at(at.to_string()).at(origin(rule))),
+                }
+            }
+        }
+        out
+    }
+
+    fn convert(&self, rule: &'m ValueRule, ty: ItemType, raw: &Value) -> Result<Answer<'m>, (&'static str, String)> {
+        let mapped: &Value;
+        let owned;
+        if let Some(map) = &rule.map {
+            let key = match raw {
+                Value::String(s) => s.trim().to_string(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(("value", format!("expected an option, got {}", crate::fhir::outcome::json_type(other))))
+                }
+            };
+            match map.get(&key) {
+                Some(MapTarget::Coding(c)) => return Ok(Answer::Coding(c)),
+                Some(MapTarget::Value(v)) => mapped = v,
+                None => {
+                    return Err((
+                        "code-invalid",
+                        format!("the answer is not one of the {} options of the value map", map.entries.len()),
+                    ))
+                }
+            }
+        } else {
+            owned = raw.clone();
+            mapped = &owned;
+        }
+        value::coerce(mapped, ty, rule.format.as_deref()).map_err(|e| (e.code, e.message))
+    }
+
+    fn first_string(&mut self, rule: &'m ValueRule, ctx: &Value, at: &str) -> Option<String> {
+        match self.values(rule, ItemType::String, ctx, at).into_iter().next() {
+            Some(Answer::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn item_answers(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Vec<Answer<'m>> {
+        if !item.sum.is_empty() {
+            return self.sum_parts(item, ctx, key);
+        }
+        let mut answers = self.values(&item.rule, item.item_type, ctx, key);
+        if item.item_type == ItemType::Quantity {
+            let unit = item.unit.as_deref().unwrap_or("1");
+            answers = answers
+                .into_iter()
+                .filter_map(|a| {
+                    let n = match a {
+                        Answer::Dec(n) => n,
+                        other => return Some(other),
+                    };
+                    match item.rule.from_unit.as_deref() {
+                        Some(from) if from != unit => {
+                            let x = n.as_f64().and_then(|x| super::units::convert(x, from, unit).ok());
+                            let n = x.and_then(|x| value::rounded(x, item.precision.unwrap_or(2)));
+                            if n.is_none() {
+                                self.issues.push(Issue::error("value", "the number could not be converted").at(key.to_string()));
+                            }
+                            n.map(|n| Answer::Quantity(n, unit))
+                        }
+                        _ => Some(Answer::Quantity(n, unit)),
+                    }
+                })
+                .collect();
+        }
+        if answers.len() > 1 && !item.repeats {
+            self.issues.push(
+                Issue::error("structure", format!("{} answers for an item that does not repeat", answers.len()))
+                    .at(key.to_string())
+                    .at(origin(&item.rule)),
+            );
+            answers.truncate(1);
+        }
+        answers
+    }
+
+    /// A composite quantity (feet + inches): parts that are present are summed; 0 is an answer.
+    fn sum_parts(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Vec<Answer<'m>> {
+        let unit = item.unit.as_deref().unwrap_or("1");
+        let mut total = None::<f64>;
+        for (rule, part_unit) in &item.sum {
+            if let Some(a) = self.values(rule, ItemType::Decimal, ctx, key).first() {
+                let x = a.as_f64().and_then(|x| super::units::convert(x, part_unit, unit).ok());
+                match x {
+                    Some(x) => total = Some(total.unwrap_or(0.0) + x),
+                    None => self.issues.push(Issue::error("value", "a part could not be converted").at(key.to_string())),
+                }
+            }
+        }
+        total
+            .and_then(|t| value::rounded(t, item.precision.unwrap_or(2)))
+            .map(|n| Answer::Quantity(n, unit))
+            .into_iter()
+            .collect()
+    }
+
+    fn extract(&mut self, items: &'m [Item], ctx: &Value, prefix: &str) -> Vec<Node<'m>> {
+        let mut nodes = Vec::new();
+        for item in items {
+            let key = format!("{prefix}{}", item.link_id);
+            if item.is_repeating_group() {
+                let elements: Vec<Value> = self.raw(&item.rule, ctx).into_iter().cloned().collect();
+                for (i, element) in elements.iter().enumerate() {
+                    let children = self.extract(&item.children, element, &format!("{key}[{i}]/"));
+                    if !children.is_empty() {
+                        nodes.push(Node { item, key: format!("{key}[{i}]"), answers: Vec::new(), children });
+                    }
+                }
+                if nodes.last().is_none_or(|n| n.item.link_id != item.link_id) {
+                    self.note_missing(item);
+                }
+            } else if item.item_type == ItemType::Group {
+                let children = self.extract(&item.children, ctx, &format!("{prefix}"));
+                if children.is_empty() {
+                    self.note_missing(item);
+                } else {
+                    nodes.push(Node { item, key, answers: Vec::new(), children });
+                }
+            } else if item.derive.is_some() {
+                nodes.push(Node { item, key, answers: Vec::new(), children: Vec::new() });
+            } else {
+                let answers = self.item_answers(item, ctx, &key);
+                if answers.is_empty() {
+                    self.note_missing(item);
+                } else {
+                    nodes.push(Node { item, key, answers, children: Vec::new() });
+                }
+            }
+        }
+        nodes
+    }
+
+    fn note_missing(&mut self, item: &'m Item) {
+        if item.required {
+            self.missing.push(MissingAnswer { link_id: item.link_id.clone(), text: item.text.clone() });
+        }
+    }
+
+    /// Fills derived items (in file order, so a derivation may use an earlier one) and drops
+    /// those that could not be computed.
+    fn derive(&mut self, nodes: &mut Vec<Node<'m>>, flat: &mut Answers<'m>) {
+        for node in nodes.iter_mut() {
+            self.derive(&mut node.children, flat);
+            let Some(d) = &node.item.derive else { continue };
+            if let Some(a) = self.derived_value(node.item, d, flat) {
+                flat.entry(node.item.link_id.as_str()).or_default().push(a.clone());
+                node.answers.push(a);
+            } else {
+                self.note_missing(node.item);
+            }
+        }
+        nodes.retain(|n| !n.answers.is_empty() || !n.children.is_empty());
+    }
+
+    fn derived_value(&mut self, item: &'m Item, d: &Derivation, flat: &Answers<'m>) -> Option<Answer<'m>> {
+        let first_quantity = |id: &str, to: &str| {
+            flat.get(id)?.iter().find_map(|a| match a {
+                Answer::Quantity(n, u) => super::units::convert(n.as_f64()?, u, to).ok(),
+                _ => None,
+            })
+        };
+        let places = item.precision;
+        let out = |x: f64, places: u32| -> Option<Answer<'m>> {
+            match item.item_type {
+                ItemType::Integer if x.fract() == 0.0 => Some(Answer::Int(x as i64)),
+                ItemType::Quantity => value::rounded(x, places).map(|n| Answer::Quantity(n, item.unit.as_deref().unwrap_or("1"))),
+                _ => value::rounded(x, places).map(Answer::Dec),
+            }
+        };
+        match d {
+            Derivation::Bmi { weight, height } => {
+                let kg = first_quantity(weight, "kg")?;
+                let m = first_quantity(height, "m")?;
+                if m <= 0.0 {
+                    self.issues.push(Issue::warning("value", "BMI not computed: height is zero").at(item.link_id.clone()));
+                    return None;
+                }
+                out(kg / (m * m), places.unwrap_or(1))
+            }
+            Derivation::SumScores(ids) => {
+                let mut total = 0.0;
+                let unanswered: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !flat.contains_key(id)).collect();
+                if !unanswered.is_empty() {
+                    self.issues.push(
+                        Issue::warning("incomplete", format!("total not computed: {} unanswered", unanswered.join(", ")))
+                            .at(item.link_id.clone()),
+                    );
+                    return None;
+                }
+                for a in ids.iter().filter_map(|id| flat.get(id.as_str())).flatten() {
+                    match a {
+                        Answer::Coding(c) => total += c.score.unwrap_or(0.0),
+                        _ => return None,
+                    }
+                }
+                out(total, places.unwrap_or(2))
+            }
+            Derivation::Sum(ids) => {
+                let values: Vec<f64> = ids.iter().filter_map(|id| flat.get(id.as_str())).flatten().filter_map(Answer::as_f64).collect();
+                if values.is_empty() {
+                    return None;
+                }
+                out(values.iter().sum(), places.unwrap_or(2))
+            }
+        }
+    }
+
+    fn required_when(&mut self, items: &'m [Item], flat: &Answers<'m>) {
+        for item in items {
+            if let Some(c) = &item.required_when {
+                if !flat.contains_key(item.link_id.as_str()) && c.eval(flat) && !item.required {
+                    self.missing.push(MissingAnswer { link_id: item.link_id.clone(), text: item.text.clone() });
+                }
+            }
+            self.required_when(&item.children, flat);
+        }
+    }
+
+    fn demographics(&mut self, payload: &Value) -> Value {
+        let p = &self.mapping.source.patient;
+        let mut patient = serde_json::Map::new();
+        let given = p.given.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.given"));
+        let family = p.family.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.family"));
+        if given.is_some() || family.is_some() {
+            let mut name = serde_json::Map::new();
+            if let Some(f) = family {
+                name.insert("family".into(), json!(f));
+            }
+            if let Some(g) = given {
+                name.insert("given".into(), json!([g]));
+            }
+            patient.insert("name".into(), json!([name]));
+        }
+        if let Some(g) = p.gender.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.gender")) {
+            match g.to_ascii_lowercase().as_str() {
+                g @ ("male" | "female" | "other" | "unknown") => {
+                    patient.insert("gender".into(), json!(g));
+                }
+                _ => self.issues.push(Issue::warning("code-invalid", "gender is not male, female, other or unknown; map it").at("source.patient.gender")),
+            }
+        }
+        if let Some(rule) = &p.birth_date {
+            if let Some(Answer::Date(d)) = self.values(rule, ItemType::Date, payload, "source.patient.birth_date").first() {
+                patient.insert("birthDate".into(), json!(d));
+            }
+        }
+        Value::Object(patient)
+    }
+}
+
+/// Splits a raw string into parts as the rule says (after stripping HTML).
+fn split(rule: &ValueRule, raw: Value) -> Vec<Value> {
+    let Value::String(s) = raw else { return vec![raw] };
+    let s = if rule.strip_html { value::strip_html(&s) } else { s };
+    let parts: Vec<Value> = match &rule.split {
+        Some(sep) => {
+            let parts = s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty());
+            match rule.pick {
+                Some(n) => parts.skip(n).take(1).map(|p| json!(p)).collect(),
+                None => parts.map(|p| json!(p)).collect(),
+            }
+        }
+        None if s.trim().is_empty() => Vec::new(),
+        None => vec![Value::String(s)],
+    };
+    parts
+}
+
+/// Everything that names the resources of one submission.
+struct Resources<'a> {
+    mapping: &'a Mapping,
+    submission_id: &'a str,
+    patient: &'a PatientIdentity,
+    authored: &'a str,
+    recorded: &'a str,
+    payload_sha256: &'a str,
+}
+
+impl Resources<'_> {
+    fn url(&self, kind: &str, key: &str) -> String {
+        urn_uuid(&[&self.mapping.id, self.submission_id, kind, key])
+    }
+
+    fn bundle(&self, nodes: &[Node<'_>], demographics: Value, issues: &mut Vec<Issue>) -> Value {
+        let m = self.mapping;
+        let system = m.identifier_system.as_str();
+        let patient_url = urn_uuid(&["Patient", &self.patient.system, &self.patient.value]);
+        let qr_url = self.url("QuestionnaireResponse", "");
+        let patient_ref = || reference(&patient_url);
+
+        let mut tx = TransactionBuilder::new();
+        let mut patient = json!({
+            "resourceType": "Patient",
+            "identifier": [{"system": self.patient.system, "value": self.patient.value}],
+        });
+        if let (Some(p), Value::Object(d)) = (patient.as_object_mut(), demographics) {
+            p.extend(d);
+        }
+        tx.push(&patient_url, patient, Conditional::Create {
+            if_none_exist: identifier_query(&self.patient.system, &self.patient.value),
+        });
+
+        let mut qr = json!({
+            "resourceType": "QuestionnaireResponse",
+            "identifier": {"system": system, "value": self.submission_id},
+            "questionnaire": m.canonical(),
+            "status": "completed",
+            "subject": patient_ref(),
+            "authored": self.authored,
+            "author": patient_ref(),
+            "source": patient_ref(),
+        });
+        let items = qr_items(nodes);
+        if !items.is_empty() {
+            qr["item"] = Value::Array(items);
+        }
+        tx.push(&qr_url, qr, Conditional::Create {
+            if_none_exist: identifier_query(system, self.submission_id),
+        });
+
+        let mut observations = Vec::new();
+        self.observations(nodes, &patient_url, &qr_url, &mut observations, issues);
+        let mut targets = vec![qr_url.clone()];
+        for (url, ident, obs) in observations {
+            targets.push(url.clone());
+            tx.push(&url, obs, Conditional::Create { if_none_exist: identifier_query(system, &ident) });
+        }
+
+        let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
+        let mut prov = provenance(&ProvenanceInput {
+            targets,
+            recorded: self.recorded,
+            patient: &patient_url,
+            submission_system: system,
+            submission_id: self.submission_id,
+            payload_sha256: self.payload_sha256,
+            mapping_id: &m.id,
+            mapping_version: &m.version,
+            mapping_sha256: &m.content_sha256,
+            software,
+        });
+        // Provenance has no identifier in R4: a tag names its submission so that a re-sent
+        // Bundle matches the first one instead of creating a second Provenance.
+        prov["meta"] = json!({"tag": [{"system": system, "code": self.submission_id}]});
+        tx.push(&self.url("Provenance", ""), prov, Conditional::Create {
+            if_none_exist: format!("_tag={}|{}", crate::fhir::search_encode(system), crate::fhir::search_encode(self.submission_id)),
+        });
+        tx.build()
+    }
+
+    fn observations(
+        &self,
+        nodes: &[Node<'_>],
+        patient_url: &str,
+        qr_url: &str,
+        out: &mut Vec<(String, String, Value)>,
+        issues: &mut Vec<Issue>,
+    ) {
+        for node in nodes {
+            if let Some(rule) = &node.item.observation {
+                match &rule.components {
+                    Components::Children(ids) => {
+                        let components: Vec<Value> = ids
+                            .iter()
+                            .filter_map(|id| node.children.iter().find(|c| &c.item.link_id == id))
+                            .filter_map(|c| {
+                                let (k, v) = c.answers.first()?.observation_value();
+                                let mut comp = json!({"code": {"coding": [c.item.code.clone()?]}});
+                                comp[k] = v;
+                                Some(comp)
+                            })
+                            .collect();
+                        if !components.is_empty() {
+                            let mut obs = self.observation(node, rule, patient_url, qr_url);
+                            obs["component"] = Value::Array(components);
+                            out.push(self.keyed(node, None, obs));
+                        }
+                    }
+                    Components::Split { separator, parts } => {
+                        for (i, a) in node.answers.iter().enumerate() {
+                            let Answer::Str(s) = a else { continue };
+                            let pieces: Vec<&str> = s.split(separator.as_str()).map(str::trim).collect();
+                            let numbers: Option<Vec<serde_json::Number>> =
+                                pieces.iter().map(|p| value::number(&json!(p))).collect();
+                            match numbers {
+                                Some(ns) if ns.len() == parts.len() => {
+                                    let components: Vec<Value> = ns
+                                        .iter()
+                                        .zip(parts)
+                                        .map(|(n, (code, unit))| json!({"code": {"coding": [code]}, "valueQuantity": value::quantity(n, unit)}))
+                                        .collect();
+                                    let mut obs = self.observation(node, rule, patient_url, qr_url);
+                                    obs["component"] = Value::Array(components);
+                                    out.push(self.keyed(node, (node.answers.len() > 1).then_some(i.to_string()), obs));
+                                }
+                                _ => issues.push(
+                                    Issue::error("value", format!("expected {} numbers separated by `{separator}`", parts.len()))
+                                        .at(node.key.clone())
+                                        .at(origin(&node.item.rule)),
+                                ),
+                            }
+                        }
+                    }
+                    Components::None => {
+                        let multi = node.answers.len() > 1;
+                        for (i, a) in node.answers.iter().enumerate() {
+                            if matches!(a, Answer::Coding(c) if !c.observe) {
+                                continue;
+                            }
+                            let (k, v) = a.observation_value();
+                            let mut obs = self.observation(node, rule, patient_url, qr_url);
+                            obs[k] = v;
+                            let suffix = multi.then(|| a.identity().map(str::to_string).unwrap_or_else(|| i.to_string()));
+                            out.push(self.keyed(node, suffix, obs));
+                        }
+                    }
+                }
+            }
+            self.observations(&node.children, patient_url, qr_url, out, issues);
+        }
+    }
+
+    /// Gives an Observation its business identifier and fullUrl.
+    fn keyed(&self, node: &Node<'_>, suffix: Option<String>, mut obs: Value) -> (String, String, Value) {
+        let key = match suffix {
+            Some(s) => format!("{}:{s}", node.key),
+            None => node.key.clone(),
+        };
+        let ident = format!("{}/{key}", self.submission_id);
+        obs["identifier"] = json!([{"system": self.mapping.identifier_system, "value": ident}]);
+        (self.url("Observation", &key), ident, obs)
+    }
+
+    fn observation(&self, node: &Node<'_>, rule: &super::ObservationRule, patient_url: &str, qr_url: &str) -> Value {
+        let mut obs = json!({"resourceType": "Observation", "status": "final"});
+        if !rule.categories.is_empty() {
+            obs["category"] = json!(rule.categories);
+        }
+        let mut code = json!({"coding": rule.codes});
+        if let Some(t) = &node.item.text {
+            code["text"] = json!(t);
+        }
+        obs["code"] = code;
+        obs["subject"] = reference(patient_url);
+        obs["effectiveDateTime"] = json!(self.authored);
+        obs["issued"] = json!(self.recorded);
+        obs["performer"] = json!([reference(patient_url)]);
+        obs["derivedFrom"] = json!([reference(qr_url)]);
+        obs
+    }
+}
+
+fn qr_items(nodes: &[Node<'_>]) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|n| {
+            let mut item = json!({"linkId": n.item.link_id});
+            if let Some(t) = &n.item.text {
+                item["text"] = json!(t);
+            }
+            if !n.answers.is_empty() {
+                let answers: Vec<Value> = n
+                    .answers
+                    .iter()
+                    .map(|a| {
+                        let (k, v) = a.qr_value();
+                        json!({ k: v })
+                    })
+                    .collect();
+                item["answer"] = Value::Array(answers);
+            }
+            if !n.children.is_empty() {
+                item["item"] = Value::Array(qr_items(&n.children));
+            }
+            item
+        })
+        .collect()
+}

@@ -1,0 +1,261 @@
+//! Mapping files: what integration engineers write, compiled once into a `Mapping` that turns a
+//! vendor payload into FHIR (see `engine`) and yields its own `Questionnaire`.
+//!
+//! Pure logic: no HTTP, no store. Loading parses every JSONPath and checks every unit, code and
+//! reference up front; a file with any error never becomes a `Mapping`.
+
+mod compile;
+pub mod condition;
+pub mod engine;
+pub mod questionnaire;
+pub mod select;
+pub mod spec;
+pub mod units;
+pub mod value;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
+pub use condition::Condition;
+pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
+use select::{AnswerSource, Selector};
+use value::CodingTarget;
+
+/// FHIR R4 `Questionnaire.item.type`s a mapping may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemType {
+    Boolean,
+    Decimal,
+    Integer,
+    Date,
+    DateTime,
+    String,
+    Text,
+    Choice,
+    Quantity,
+    Group,
+}
+
+impl ItemType {
+    pub const NAMES: &'static str =
+        "boolean, decimal, integer, date, dateTime, string, text, choice (or coding), quantity, group";
+
+    pub fn parse(s: &str) -> Option<ItemType> {
+        Some(match s {
+            "boolean" => ItemType::Boolean,
+            "decimal" => ItemType::Decimal,
+            "integer" => ItemType::Integer,
+            "date" => ItemType::Date,
+            "dateTime" => ItemType::DateTime,
+            "string" => ItemType::String,
+            "text" => ItemType::Text,
+            "choice" | "coding" => ItemType::Choice,
+            "quantity" => ItemType::Quantity,
+            "group" => ItemType::Group,
+            _ => return None,
+        })
+    }
+
+    /// The R4 code.
+    pub fn fhir_code(self) -> &'static str {
+        match self {
+            ItemType::Boolean => "boolean",
+            ItemType::Decimal => "decimal",
+            ItemType::Integer => "integer",
+            ItemType::Date => "date",
+            ItemType::DateTime => "dateTime",
+            ItemType::String => "string",
+            ItemType::Text => "text",
+            ItemType::Choice => "choice",
+            ItemType::Quantity => "quantity",
+            ItemType::Group => "group",
+        }
+    }
+}
+
+/// A compiled, checked mapping file.
+#[derive(Debug)]
+pub struct Mapping {
+    pub id: String,
+    pub version: String,
+    pub title: String,
+    pub description: Option<String>,
+    /// Canonical URL of the generated Questionnaire.
+    pub url: String,
+    pub identifier_system: String,
+    /// SHA-256 (hex) of the file's bytes.
+    pub content_sha256: String,
+    pub file: PathBuf,
+    pub(crate) source: Source,
+    pub items: Vec<Item>,
+    pub flags: Vec<Flag>,
+}
+
+impl Mapping {
+    /// `url|version`: what `QuestionnaireResponse.questionnaire` points at.
+    pub fn canonical(&self) -> String {
+        format!("{}|{}", self.url, self.version)
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// Every item, depth first.
+    pub fn all_items(&self) -> Vec<&Item> {
+        fn walk<'a>(items: &'a [Item], out: &mut Vec<&'a Item>) {
+            for i in items {
+                out.push(i);
+                walk(&i.children, out);
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.items, &mut out);
+        out
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Source {
+    pub submission_id: Selector,
+    pub submitted_at: Option<ValueRule>,
+    pub answers: Option<AnswerSource>,
+    pub patient: PatientRule,
+}
+
+#[derive(Debug)]
+pub(crate) struct PatientRule {
+    pub system: String,
+    pub identifier: ValueRule,
+    pub given: Option<ValueRule>,
+    pub family: Option<ValueRule>,
+    pub birth_date: Option<ValueRule>,
+    pub gender: Option<ValueRule>,
+}
+
+/// Where one value comes from and the transforms it goes through, compiled.
+#[derive(Debug, Default)]
+pub struct ValueRule {
+    pub answer: Option<String>,
+    pub value: Option<Selector>,
+    pub path: Option<Selector>,
+    pub strip_html: bool,
+    pub split: Option<String>,
+    pub pick: Option<usize>,
+    pub map: Option<ValueMap>,
+    pub format: Option<String>,
+    pub from_unit: Option<String>,
+    pub default: Option<Value>,
+}
+
+impl ValueRule {
+    pub fn is_empty(&self) -> bool {
+        self.answer.is_none() && self.path.is_none() && self.default.is_none()
+    }
+}
+
+/// A value map: vendor label or option id → Coding or plain value, in file order.
+#[derive(Debug, Default)]
+pub struct ValueMap {
+    pub entries: Vec<(String, MapTarget)>,
+    lookup: std::collections::HashMap<String, usize>,
+}
+
+impl ValueMap {
+    pub fn new(entries: Vec<(String, MapTarget)>) -> Self {
+        let lookup = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        ValueMap { entries, lookup }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MapTarget> {
+        self.lookup.get(key).map(|&i| &self.entries[i].1)
+    }
+
+    pub fn codings(&self) -> impl Iterator<Item = &CodingTarget> {
+        self.entries.iter().filter_map(|(_, t)| match t {
+            MapTarget::Coding(c) => Some(c),
+            MapTarget::Value(_) => None,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub enum MapTarget {
+    Coding(CodingTarget),
+    Value(Value),
+}
+
+/// A value computed from other items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Derivation {
+    /// Body mass index from a weight and a height item (any mass and length units).
+    Bmi { weight: String, height: String },
+    /// Sum of the scores of the coded answers of the named items (PHQ-9 total).
+    SumScores(Vec<String>),
+    /// Sum of numeric answers.
+    Sum(Vec<String>),
+}
+
+/// A compiled item.
+#[derive(Debug)]
+pub struct Item {
+    pub link_id: String,
+    pub text: Option<String>,
+    pub item_type: ItemType,
+    pub repeats: bool,
+    pub required: bool,
+    pub required_when: Option<Condition>,
+    /// 1-based line in the mapping file.
+    pub line: usize,
+    pub rule: ValueRule,
+    pub sum: Vec<(ValueRule, String)>,
+    pub derive: Option<Derivation>,
+    pub unit: Option<String>,
+    pub precision: Option<u32>,
+    pub code: Option<Value>,
+    pub observation: Option<ObservationRule>,
+    pub children: Vec<Item>,
+}
+
+impl Item {
+    /// A repeating group reads one set of children per selected element.
+    pub fn is_repeating_group(&self) -> bool {
+        self.item_type == ItemType::Group && self.repeats
+    }
+}
+
+/// What Observation an item (or group) yields.
+#[derive(Debug)]
+pub struct ObservationRule {
+    /// Codings (`Observation.code.coding`).
+    pub codes: Vec<Value>,
+    /// `Observation.category` CodeableConcepts.
+    pub categories: Vec<Value>,
+    pub components: Components,
+}
+
+#[derive(Debug)]
+pub enum Components {
+    None,
+    /// Children of a group, by linkId.
+    Children(Vec<String>),
+    /// A free-text answer such as `142/91`.
+    Split {
+        separator: String,
+        parts: Vec<(Value, String)>,
+    },
+}
+
+/// A named ops flag for the CRM, raised when its condition holds.
+#[derive(Debug)]
+pub struct Flag {
+    pub name: String,
+    pub description: Option<String>,
+    pub when: Condition,
+}
