@@ -64,9 +64,10 @@ impl TransactionBuilder {
     }
 }
 
-/// A reference to another entry of the same Bundle.
-pub fn reference(full_url: &str) -> Value {
-    json!({ "reference": full_url })
+/// A typed reference to another entry of the same Bundle (`type` lets validators check it
+/// before the server has rewritten the `urn:uuid`).
+pub fn reference(full_url: &str, resource_type: &str) -> Value {
+    json!({ "reference": full_url, "type": resource_type })
 }
 
 #[cfg(test)]

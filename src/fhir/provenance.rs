@@ -10,8 +10,8 @@ const URI_SYSTEM: &str = "urn:ietf:rfc:3986";
 /// What a Provenance records.
 #[derive(Debug, Clone)]
 pub struct ProvenanceInput<'a> {
-    /// fullUrls (or literal references) of every resource produced.
-    pub targets: Vec<String>,
+    /// fullUrls (or literal references) of every resource produced, with their types.
+    pub targets: Vec<(String, &'static str)>,
     /// When the gateway produced them (FHIR instant).
     pub recorded: &'a str,
     /// The patient reference (fullUrl or literal reference).
@@ -51,7 +51,11 @@ fn base64url(bytes: &[u8]) -> String {
 
 /// Builds the Provenance resource.
 pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
-    let targets: Vec<Value> = p.targets.iter().map(|t| json!({"reference": t})).collect();
+    let targets: Vec<Value> = p
+        .targets
+        .iter()
+        .map(|(t, kind)| super::bundle::reference(t, kind))
+        .collect();
     json!({
         "resourceType": "Provenance",
         "target": targets,
@@ -66,11 +70,11 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
             },
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "author", "display": "Author"}]},
-                "who": {"reference": p.patient}
+                "who": super::bundle::reference(p.patient, "Patient")
             },
             {
                 "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "informant", "display": "Informant"}]},
-                "who": {"reference": p.patient}
+                "who": super::bundle::reference(p.patient, "Patient")
             }
         ],
         "entity": [

@@ -550,7 +550,7 @@ impl Resources<'_> {
         let system = m.identifier_system.as_str();
         let patient_url = urn_uuid(&["Patient", &self.patient.system, &self.patient.value]);
         let qr_url = self.url("QuestionnaireResponse", "");
-        let patient_ref = || reference(&patient_url);
+        let patient_ref = || reference(&patient_url, "Patient");
 
         let mut tx = TransactionBuilder::new();
         let mut patient = json!({
@@ -584,9 +584,9 @@ impl Resources<'_> {
 
         let mut observations = Vec::new();
         self.observations(nodes, &patient_url, &qr_url, &mut observations, issues);
-        let mut targets = vec![qr_url.clone()];
+        let mut targets = vec![(qr_url.clone(), "QuestionnaireResponse")];
         for (url, ident, obs) in observations {
-            targets.push(url.clone());
+            targets.push((url.clone(), "Observation"));
             tx.push(&url, obs, Conditional::Create { if_none_exist: identifier_query(system, &ident) });
         }
 
@@ -705,11 +705,11 @@ impl Resources<'_> {
             code["text"] = json!(t);
         }
         obs["code"] = code;
-        obs["subject"] = reference(patient_url);
+        obs["subject"] = reference(patient_url, "Patient");
         obs["effectiveDateTime"] = json!(self.authored);
         obs["issued"] = json!(self.recorded);
-        obs["performer"] = json!([reference(patient_url)]);
-        obs["derivedFrom"] = json!([reference(qr_url)]);
+        obs["performer"] = json!([reference(patient_url, "Patient")]);
+        obs["derivedFrom"] = json!([reference(qr_url, "QuestionnaireResponse")]);
         obs
     }
 }
