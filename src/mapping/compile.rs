@@ -295,7 +295,7 @@ impl Compiler<'_> {
         match Selector::compile(path) {
             Ok(s) => Some(s),
             Err(e) => {
-                let msg = format!("`{key}` is not a valid JSONPath: {}", e.replace('\n', " "));
+                let msg = format!("`{key}` is not a valid JSONPath: {}", jsonpath_error(&e));
                 self.err(at, key, msg, Some("paths start at `$`, e.g. `$.form_response.token` or `$.choice.ref`".to_string()));
                 None
             }
@@ -510,9 +510,19 @@ impl Compiler<'_> {
         };
         let unit = s.unit.clone();
         let scored = s.value.map.as_ref().is_some_and(|m| m.values().any(|v| v.get("score").is_some()));
-        if let Some(prev) = self.link_ids.insert(s.link_id.clone(), LinkInfo { item_type, line, unit: unit.clone(), scored }) {
-            self.err(&at, "link_id", format!("duplicate linkId `{}` (first at line {})", s.link_id, prev.line), Some("linkIds must be unique in the whole mapping".to_string()));
+        let info = LinkInfo { item_type, line, unit: unit.clone(), scored };
+        if let Some(first) = self.link_ids.get(&s.link_id) {
+            let msg = format!("duplicate linkId `{}` (first at line {})", s.link_id, first.line);
+            self.err(&at, "link_id", msg, Some("linkIds must be unique in the whole mapping".to_string()));
+        } else {
+            self.link_ids.insert(s.link_id.clone(), info);
         }
+        // Declared, even if a selector fails to compile (that error is reported on its own).
+        let has_source = s.value.answer.is_some()
+            || s.value.path.is_some()
+            || s.value.default.is_some()
+            || s.sum.is_some()
+            || s.derive.is_some();
         let rule = self.value_rule(&at, s.value, item_type);
         let sum: Vec<(ValueRule, String)> = s
             .sum
@@ -524,7 +534,6 @@ impl Compiler<'_> {
             })
             .collect();
         let derive = s.derive.as_deref().and_then(|d| self.derivation(&at, d));
-        let has_source = !rule.is_empty() || !sum.is_empty() || derive.is_some();
 
         match item_type {
             ItemType::Group => {
@@ -833,5 +842,19 @@ impl Compiler<'_> {
             }
         }
         flags
+    }
+}
+
+/// jsonpath-rust's (pest) error in one line: `column 22: expected int`.
+fn jsonpath_error(e: &str) -> String {
+    let column = e
+        .lines()
+        .find_map(|l| l.split_once("--> ").map(|(_, pos)| pos.trim()))
+        .and_then(|pos| pos.split(':').nth(1))
+        .map(|c| format!("column {c}: "));
+    let expected = e.lines().find_map(|l| l.trim().strip_prefix("= ")).map(str::to_string);
+    match (column, expected) {
+        (Some(c), Some(x)) => format!("{c}{x}"),
+        _ => e.split_whitespace().collect::<Vec<_>>().join(" "),
     }
 }
