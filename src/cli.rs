@@ -12,7 +12,11 @@ use crate::golden::{self, CaseOutcome};
 use crate::mapping::{self, LoadError, Mapping, SubmissionInput};
 
 #[derive(Debug, Parser)]
-#[command(name = "chartbridge", version, about = "FHIR-native mapping gateway for intake forms")]
+#[command(
+    name = "chartbridge",
+    version,
+    about = "FHIR-native mapping gateway for intake forms"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,15 +71,27 @@ pub fn run() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
         Command::Check { paths } => check(&paths),
-        Command::Map { mapping, mappings, payload, received_at, report } => {
-            map(&mapping, &mappings, &payload, received_at, report)
-        }
-        Command::Test { mappings, fixtures, update } => test(&mappings, &fixtures, update),
+        Command::Map {
+            mapping,
+            mappings,
+            payload,
+            received_at,
+            report,
+        } => map(&mapping, &mappings, &payload, received_at, report),
+        Command::Test {
+            mappings,
+            fixtures,
+            update,
+        } => test(&mappings, &fixtures, update),
         Command::Questionnaire { mapping, mappings } => match find(&mapping, &mappings) {
             Ok(m) => {
                 print_json(&m.questionnaire());
@@ -117,7 +133,10 @@ fn find(name: &str, dir: &Path) -> Result<Mapping, ExitCode> {
     }
     let all = mapping::load_dir(dir).map_err(|e| report_load_error(&e))?;
     all.into_iter().find(|m| m.id == name).ok_or_else(|| {
-        eprintln!("no mapping `{name}`: not a file, and no mapping with that id in {}", dir.display());
+        eprintln!(
+            "no mapping `{name}`: not a file, and no mapping with that id in {}",
+            dir.display()
+        );
         ExitCode::from(2)
     })
 }
@@ -159,7 +178,13 @@ fn check(paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn map(name: &str, dir: &Path, payload: &Path, received_at: Option<String>, report: bool) -> ExitCode {
+fn map(
+    name: &str,
+    dir: &Path,
+    payload: &Path,
+    received_at: Option<String>,
+    report: bool,
+) -> ExitCode {
     let m = match find(name, dir) {
         Ok(m) => m,
         Err(code) => return code,
@@ -182,16 +207,23 @@ fn map(name: &str, dir: &Path, payload: &Path, received_at: Option<String>, repo
         Err(e) => {
             let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(
                 "structure",
-                format!("the payload is not JSON: line {}, column {}", e.line(), e.column()),
+                format!(
+                    "the payload is not JSON: line {}, column {}",
+                    e.line(),
+                    e.column()
+                ),
             )]);
             print_json(&oo.to_json());
             return ExitCode::from(1);
         }
     };
-    let received_at = received_at.unwrap_or_else(|| {
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    });
-    match m.map_submission(SubmissionInput { payload: &parsed, raw: &raw, received_at: &received_at }) {
+    let received_at = received_at
+        .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    match m.map_submission(SubmissionInput {
+        payload: &parsed,
+        raw: &raw,
+        received_at: &received_at,
+    }) {
         Ok(mapped) => {
             for w in &mapped.warnings {
                 eprintln!("{w}");

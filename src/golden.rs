@@ -34,17 +34,24 @@ pub enum CaseOutcome {
 
 /// Maps one payload and renders the golden document: the decision and the Bundle.
 pub fn render(mapping: &Mapping, raw: &[u8], received_at: &str) -> Result<Value, String> {
-    let payload: Value = serde_json::from_slice(raw).map_err(|e| format!("input is not JSON: {e}"))?;
-    Ok(match mapping.map_submission(SubmissionInput { payload: &payload, raw, received_at }) {
-        Ok(m) => json!({
-            "outcome": "mapped",
-            "submission_id": m.submission_id,
-            "flags": m.flags,
-            "missing": m.missing,
-            "bundle": m.bundle,
-        }),
-        Err(f) => json!({"outcome": "rejected", "operationOutcome": f.outcome().to_json()}),
-    })
+    let payload: Value =
+        serde_json::from_slice(raw).map_err(|e| format!("input is not JSON: {e}"))?;
+    Ok(
+        match mapping.map_submission(SubmissionInput {
+            payload: &payload,
+            raw,
+            received_at,
+        }) {
+            Ok(m) => json!({
+                "outcome": "mapped",
+                "submission_id": m.submission_id,
+                "flags": m.flags,
+                "missing": m.missing,
+                "bundle": m.bundle,
+            }),
+            Err(f) => json!({"outcome": "rejected", "operationOutcome": f.outcome().to_json()}),
+        },
+    )
 }
 
 /// The input files of a mapping's fixture folder, sorted.
@@ -66,7 +73,11 @@ pub fn run(mappings: &[Mapping], fixtures: &Path, update: bool) -> Vec<CaseRepor
     for m in mappings {
         for input in cases(fixtures, &m.id) {
             let outcome = run_case(m, &input, update);
-            reports.push(CaseReport { mapping_id: m.id.clone(), input, outcome });
+            reports.push(CaseReport {
+                mapping_id: m.id.clone(),
+                input,
+                outcome,
+            });
         }
     }
     reports
@@ -83,7 +94,13 @@ fn run_case(m: &Mapping, input: &Path, update: bool) -> CaseOutcome {
     };
     if let Some(bundle) = actual.get("bundle") {
         if let Err(oo) = validate(bundle) {
-            return CaseOutcome::Invalid(oo.issues.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; "));
+            return CaseOutcome::Invalid(
+                oo.issues
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
         }
     }
     let expected_path = expected_path(input);
@@ -96,9 +113,14 @@ fn run_case(m: &Mapping, input: &Path, update: bool) -> CaseOutcome {
     }
     let expected: Value = match std::fs::read(&expected_path).map(|b| serde_json::from_slice(&b)) {
         Ok(Ok(v)) => v,
-        Ok(Err(e)) => return CaseOutcome::Io(format!("{}: not JSON: {e}", expected_path.display())),
+        Ok(Err(e)) => {
+            return CaseOutcome::Io(format!("{}: not JSON: {e}", expected_path.display()))
+        }
         Err(e) => {
-            return CaseOutcome::Io(format!("{}: {e} (run with --update to create it)", expected_path.display()))
+            return CaseOutcome::Io(format!(
+                "{}: {e} (run with --update to create it)",
+                expected_path.display()
+            ))
         }
     };
     let mut diffs = Vec::new();
@@ -112,7 +134,9 @@ fn run_case(m: &Mapping, input: &Path, update: bool) -> CaseOutcome {
 
 /// `x.input.json` → `x.expected.json`.
 pub fn expected_path(input: &Path) -> PathBuf {
-    let name = input.file_name().map(|n| n.to_string_lossy().replace(".input.json", ".expected.json"));
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().replace(".input.json", ".expected.json"));
     input.with_file_name(name.unwrap_or_default())
 }
 
@@ -140,7 +164,11 @@ pub fn diff(path: &str, expected: &Value, actual: &Value, out: &mut Vec<String>)
                 diff(&format!("{path}[{i}]"), ev, av, out);
             }
             if e.len() != a.len() {
-                out.push(format!("{path}: expected {} elements, got {}", e.len(), a.len()));
+                out.push(format!(
+                    "{path}: expected {} elements, got {}",
+                    e.len(),
+                    a.len()
+                ));
             }
         }
         (e, a) if e != a => out.push(format!("{path}: expected {}, got {}", short(e), short(a))),
@@ -164,7 +192,19 @@ mod tests {
     #[test]
     fn diff_names_the_path() {
         let mut out = Vec::new();
-        diff("$", &json!({"a": [1, {"b": 2}], "c": 1}), &json!({"a": [1, {"b": 3}], "d": 1}), &mut out);
-        assert_eq!(out, vec!["$.a[1].b: expected 2, got 3", "$.c: missing (expected 1)", "$.d: unexpected 1"]);
+        diff(
+            "$",
+            &json!({"a": [1, {"b": 2}], "c": 1}),
+            &json!({"a": [1, {"b": 3}], "d": 1}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec![
+                "$.a[1].b: expected 2, got 3",
+                "$.c: missing (expected 1)",
+                "$.d: unexpected 1"
+            ]
+        );
     }
 }

@@ -60,7 +60,11 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn check_passes_on_the_shipped_mappings() {
     let out = chartbridge().args(["check", "mappings"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -75,19 +79,32 @@ fn check_reports_every_problem_with_file_line_and_item() {
         (16, "item `weight`: cannot convert `[lb_av]` to `cm`"),
         (19, "item `mood`: unknown item type `feeling`"),
         (23, "item `height`: `path` is not a valid JSONPath"),
-        (24, "item `weight`: duplicate linkId `weight` (first at line 13)"),
-        (30, "item `smoker`: map entry `Yes` yields a Coding, but the item is a boolean"),
+        (
+            24,
+            "item `weight`: duplicate linkId `weight` (first at line 13)",
+        ),
+        (
+            30,
+            "item `smoker`: map entry `Yes` yields a Coding, but the item is a boolean",
+        ),
         (34, "item `pulse`: an Observation needs a code"),
         (37, "item `bmi`: bmi(): unknown item `stature`"),
-        (41, "flag `risky`: the condition names unknown item `nowhere`"),
+        (
+            41,
+            "flag `risky`: the condition names unknown item `nowhere`",
+        ),
     ] {
         let prefix = format!("{f}:{line}:");
         assert!(
-            err.lines().any(|l| l.starts_with(&prefix) && l.contains(needle)),
+            err.lines()
+                .any(|l| l.starts_with(&prefix) && l.contains(needle)),
             "expected `{prefix}… {needle}` in:\n{err}"
         );
     }
-    assert!(err.contains("column 22: expected int"), "JSONPath errors say where: {err}");
+    assert!(
+        err.contains("column 22: expected int"),
+        "JSONPath errors say where: {err}"
+    );
     assert!(err.contains("hint:"), "{err}");
     assert!(err.contains("9 problem(s) found"), "{err}");
 }
@@ -95,7 +112,11 @@ fn check_reports_every_problem_with_file_line_and_item() {
 #[test]
 fn check_names_yaml_syntax_errors_and_unknown_keys_with_their_position() {
     let dir = tempfile::tempdir().unwrap();
-    let file = write(dir.path(), "typo.yaml", &BROKEN.replace("    answer: pulse\n", "    anwser: pulse\n"));
+    let file = write(
+        dir.path(),
+        "typo.yaml",
+        &BROKEN.replace("    answer: pulse\n", "    anwser: pulse\n"),
+    );
     let out = chartbridge().arg("check").arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -110,28 +131,47 @@ fn check_names_yaml_syntax_errors_and_unknown_keys_with_their_position() {
 
 #[test]
 fn check_of_a_missing_path_is_an_io_error() {
-    let out = chartbridge().args(["check", "does/not/exist"]).output().unwrap();
+    let out = chartbridge()
+        .args(["check", "does/not/exist"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn map_prints_the_bundle_or_an_operation_outcome() {
     let out = chartbridge()
-        .args(["map", "-m", "glp1-intake-typeform", "fixtures/glp1-intake-typeform/maya-happy-path.input.json"])
+        .args([
+            "map",
+            "-m",
+            "glp1-intake-typeform",
+            "fixtures/glp1-intake-typeform/maya-happy-path.input.json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bundle: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(bundle["type"], "transaction");
 
     let dir = tempfile::tempdir().unwrap();
     let bad = write(dir.path(), "bad.json", "{\"form_response\": ");
-    let out = chartbridge().args(["map", "-m", "glp1-intake-typeform"]).arg(&bad).output().unwrap();
+    let out = chartbridge()
+        .args(["map", "-m", "glp1-intake-typeform"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let oo: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(oo["resourceType"], "OperationOutcome");
 
-    let out = chartbridge().args(["map", "-m", "no-such-map", "x.json"]).output().unwrap();
+    let out = chartbridge()
+        .args(["map", "-m", "no-such-map", "x.json"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no mapping `no-such-map`"));
 
@@ -142,20 +182,35 @@ fn map_prints_the_bundle_or_an_operation_outcome() {
 #[test]
 fn map_report_includes_flags_and_missing_answers() {
     let out = chartbridge()
-        .args(["map", "--report", "-m", "refill-request-portal", "fixtures/refill-request-portal/missing-inputs.input.json"])
+        .args([
+            "map",
+            "--report",
+            "-m",
+            "refill-request-portal",
+            "fixtures/refill-request-portal/missing-inputs.input.json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["flags"][2], "more_information_needed");
-    let missing: Vec<&str> = report["missing"].as_array().unwrap().iter().map(|m| m["link_id"].as_str().unwrap()).collect();
+    let missing: Vec<&str> = report["missing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["link_id"].as_str().unwrap())
+        .collect();
     assert_eq!(missing, vec!["last-dose-date", "weight", "pharmacy"]);
 }
 
 #[test]
 fn golden_test_passes_then_shows_a_readable_diff_then_rebless_fixes_it() {
     let out = chartbridge().args(["test", "mappings"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 failed"));
 
     // A copy of one mapping and its fixtures, with one expected value changed.
@@ -164,11 +219,23 @@ fn golden_test_passes_then_shows_a_readable_diff_then_rebless_fixes_it() {
     let fx = dir.path().join("fixtures/glp1-intake-typeform");
     std::fs::create_dir_all(&maps).unwrap();
     std::fs::create_dir_all(&fx).unwrap();
-    std::fs::copy(root().join("mappings/glp1-intake-typeform.yaml"), maps.join("glp1-intake-typeform.yaml")).unwrap();
+    std::fs::copy(
+        root().join("mappings/glp1-intake-typeform.yaml"),
+        maps.join("glp1-intake-typeform.yaml"),
+    )
+    .unwrap();
     let src = root().join("fixtures/glp1-intake-typeform");
-    std::fs::copy(src.join("maya-happy-path.input.json"), fx.join("maya-happy-path.input.json")).unwrap();
+    std::fs::copy(
+        src.join("maya-happy-path.input.json"),
+        fx.join("maya-happy-path.input.json"),
+    )
+    .unwrap();
     let expected = std::fs::read_to_string(src.join("maya-happy-path.expected.json")).unwrap();
-    std::fs::write(fx.join("maya-happy-path.expected.json"), expected.replace("96.16", "96.2")).unwrap();
+    std::fs::write(
+        fx.join("maya-happy-path.expected.json"),
+        expected.replace("96.16", "96.2"),
+    )
+    .unwrap();
 
     let run = |update: bool| {
         let mut c = chartbridge();
@@ -182,18 +249,27 @@ fn golden_test_passes_then_shows_a_readable_diff_then_rebless_fixes_it() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FAILED"), "{err}");
-    assert!(err.contains("valueQuantity.value: expected 96.2, got 96.16"), "{err}");
+    assert!(
+        err.contains("valueQuantity.value: expected 96.2, got 96.16"),
+        "{err}"
+    );
     assert!(run(true).status.success());
     assert!(run(false).status.success());
 }
 
 #[test]
 fn questionnaire_is_printed_with_the_canonical_the_responses_use() {
-    let out = chartbridge().args(["questionnaire", "glp1-intake-typeform"]).output().unwrap();
+    let out = chartbridge()
+        .args(["questionnaire", "glp1-intake-typeform"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let q: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(q["resourceType"], "Questionnaire");
-    assert_eq!(q["url"], "https://forms.example-clinic.com/Questionnaire/glp1-intake");
+    assert_eq!(
+        q["url"],
+        "https://forms.example-clinic.com/Questionnaire/glp1-intake"
+    );
     assert_eq!(q["version"], "3");
     let body = &q["item"][1]["item"];
     assert_eq!(body[1]["linkId"], "weight");

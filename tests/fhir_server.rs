@@ -21,14 +21,19 @@ fn golden_bundles_are_accepted_and_reposting_creates_nothing() {
         for input in golden::cases(&root().join("fixtures"), &m.id) {
             let raw = std::fs::read(&input).expect("read fixture");
             let rendered = golden::render(m, &raw, GOLDEN_RECEIVED_AT).expect("render");
-            let Some(bundle) = rendered.get("bundle") else { continue };
+            let Some(bundle) = rendered.get("bundle") else {
+                continue;
+            };
             server.reset();
             let name = input.display();
 
             let (status, body) = server.transaction(bundle);
             assert_eq!(status, 200, "{name}: transaction rejected: {body}");
             let statuses = entry_statuses(&body);
-            assert!(statuses.iter().all(|s| s.starts_with("201")), "{name}: first post: {statuses:?}");
+            assert!(
+                statuses.iter().all(|s| s.starts_with("201")),
+                "{name}: first post: {statuses:?}"
+            );
             let expected = bundle["entry"].as_array().map(Vec::len).unwrap_or(0);
             assert_eq!(statuses.len(), expected, "{name}");
             let counts = server.counts();
@@ -36,8 +41,15 @@ fn golden_bundles_are_accepted_and_reposting_creates_nothing() {
             let (status, body) = server.transaction(bundle);
             assert_eq!(status, 200, "{name}: re-post rejected: {body}");
             let statuses = entry_statuses(&body);
-            assert!(statuses.iter().all(|s| s.starts_with("200")), "{name}: re-post created something: {statuses:?}");
-            assert_eq!(server.counts(), counts, "{name}: re-posting changed the server's contents");
+            assert!(
+                statuses.iter().all(|s| s.starts_with("200")),
+                "{name}: re-post created something: {statuses:?}"
+            );
+            assert_eq!(
+                server.counts(),
+                counts,
+                "{name}: re-posting changed the server's contents"
+            );
 
             // The server resolved every reference: Observations point at the stored QR.
             let qr_id = &m.identifier_system;
@@ -46,7 +58,13 @@ fn golden_bundles_are_accepted_and_reposting_creates_nothing() {
                 qr_id,
                 rendered["submission_id"].as_str().unwrap_or_default()
             ));
-            assert_eq!(search["total"].as_u64().or(search["entry"].as_array().map(|e| e.len() as u64)), Some(1), "{name}: QR by identifier");
+            assert_eq!(
+                search["total"]
+                    .as_u64()
+                    .or(search["entry"].as_array().map(|e| e.len() as u64)),
+                Some(1),
+                "{name}: QR by identifier"
+            );
             posted += 1;
         }
     }
@@ -58,18 +76,27 @@ fn the_server_rejects_an_invalid_bundle_atomically() {
     // A guard that the server really validates: a broken Observation fails the whole Bundle.
     let server = FhirServer::start();
     let m = mapping::load_file(&root().join("mappings/glp1-intake-typeform.yaml")).expect("load");
-    let raw = std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json")).expect("read");
+    let raw =
+        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
+            .expect("read");
     let mut rendered = golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render");
     rendered["bundle"]["entry"][3]["resource"]["status"] = Value::from("finalized");
     let (status, _) = server.transaction(&rendered["bundle"]);
     assert_eq!(status, 400);
     let counts = server.counts();
-    assert!(counts.get("Observation").is_none_or(|c| c == 0), "partial write: {counts}");
+    assert!(
+        counts.get("Observation").is_none_or(|c| c == 0),
+        "partial write: {counts}"
+    );
 }
 
 fn entry_statuses(response: &Value) -> Vec<String> {
     response["entry"]
         .as_array()
-        .map(|es| es.iter().map(|e| e["response"]["status"].as_str().unwrap_or("").to_string()).collect())
+        .map(|es| {
+            es.iter()
+                .map(|e| e["response"]["status"].as_str().unwrap_or("").to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }

@@ -81,7 +81,9 @@ mod tests {
         b.push(
             "urn:uuid:1",
             json!({"resourceType": "Observation"}),
-            Conditional::Create { if_none_exist: "identifier=s|v".into() },
+            Conditional::Create {
+                if_none_exist: "identifier=s|v".into(),
+            },
         );
         let v = b.build();
         assert_eq!(v["entry"][0]["request"]["url"], "Observation");

@@ -10,7 +10,7 @@ pub mod outcome;
 pub mod provenance;
 pub mod validate;
 
-pub use bundle::{TransactionBuilder, Conditional};
+pub use bundle::{Conditional, TransactionBuilder};
 pub use outcome::{Issue, IssueSeverity, OperationOutcome};
 pub use provenance::ProvenanceInput;
 
@@ -21,8 +21,7 @@ pub const UCUM: &str = "http://unitsofmeasure.org";
 /// LOINC's code system URI.
 pub const LOINC: &str = "http://loinc.org";
 /// HL7 observation categories.
-pub const OBSERVATION_CATEGORY: &str =
-    "http://terminology.hl7.org/CodeSystem/observation-category";
+pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 
 /// The SHA-256 of `bytes` as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -31,10 +30,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// A name-based `urn:uuid` (RFC 9562 version 8 layout over SHA-256) derived from `parts`: the same

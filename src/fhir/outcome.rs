@@ -134,6 +134,9 @@ mod tests {
         assert_eq!(v["issue"][0]["severity"], "error");
         assert_eq!(v["issue"][0]["expression"][0], "weight");
         assert!(oo.has_errors());
-        assert_eq!(OperationOutcome::default().to_json()["issue"][0]["severity"], "information");
+        assert_eq!(
+            OperationOutcome::default().to_json()["issue"][0]["severity"],
+            "information"
+        );
     }
 }

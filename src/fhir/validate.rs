@@ -8,7 +8,6 @@ use super::{Issue, OperationOutcome};
 
 /// Validates a resource (a Bundle entry by entry). `Ok` or an outcome naming the element.
 pub fn validate(resource: &Value) -> Result<(), OperationOutcome> {
-    fhir_validate::validate_resource(resource).map_err(|e| {
-        OperationOutcome::new(vec![Issue::error("structure", e.message).at(e.path)])
-    })
+    fhir_validate::validate_resource(resource)
+        .map_err(|e| OperationOutcome::new(vec![Issue::error("structure", e.message).at(e.path)]))
 }

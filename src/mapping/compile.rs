@@ -14,8 +14,8 @@ use super::spec::{self, ConditionSpec, ItemSpec, MappingSpec, ValueSpec};
 use super::units::{self, Dimension};
 use super::value::{self, CodingTarget};
 use super::{
-    Components, Derivation, Flag, Item, ItemType, MapTarget, Mapping, ObservationRule,
-    PatientRule, Source, ValueMap, ValueRule,
+    Components, Derivation, Flag, Item, ItemType, MapTarget, Mapping, ObservationRule, PatientRule,
+    Source, ValueMap, ValueRule,
 };
 
 /// One problem in a mapping file.
@@ -177,7 +177,13 @@ struct At {
 }
 
 impl Compiler<'_> {
-    fn err(&mut self, at: &At, key: &str, message: impl Into<String>, hint: impl Into<Option<String>>) {
+    fn err(
+        &mut self,
+        at: &At,
+        key: &str,
+        message: impl Into<String>,
+        hint: impl Into<Option<String>>,
+    ) {
         let (line, column) = self.key_position(at.line, key);
         self.errors.push(MappingError {
             file: self.file.clone(),
@@ -244,22 +250,51 @@ impl Compiler<'_> {
     fn section_line(&self, key: &str) -> usize {
         self.lines
             .iter()
-            .position(|l| l.starts_with(&format!("{key}:")) || l.trim_start().starts_with(&format!("\"{key}\":")))
+            .position(|l| {
+                l.starts_with(&format!("{key}:"))
+                    || l.trim_start().starts_with(&format!("\"{key}\":"))
+            })
             .map(|i| i + 1)
             .unwrap_or(1)
     }
 
     fn mapping(&mut self, spec: MappingSpec, content_sha256: String) -> Mapping {
-        let top = At { line: 1, item: "mapping".into() };
-        if spec.id.is_empty() || !spec.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
-            self.err(&top, "id", "`id` must be non-empty letters, digits, `-`, `_` or `.`", Some("it appears in URLs: POST /submissions/{id}".to_string()));
+        let top = At {
+            line: 1,
+            item: "mapping".into(),
+        };
+        if spec.id.is_empty()
+            || !spec
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            self.err(
+                &top,
+                "id",
+                "`id` must be non-empty letters, digits, `-`, `_` or `.`",
+                Some("it appears in URLs: POST /submissions/{id}".to_string()),
+            );
         }
         let version = spec.version.into_string();
         if version.is_empty() || version.contains('|') {
-            self.err(&top, "version", "`version` must be non-empty and must not contain `|`", None);
+            self.err(
+                &top,
+                "version",
+                "`version` must be non-empty and must not contain `|`",
+                None,
+            );
         }
-        if !(spec.url.starts_with("http://") || spec.url.starts_with("https://") || spec.url.starts_with("urn:")) {
-            self.err(&top, "url", "`url` must be an absolute canonical URL", Some("e.g. https://forms.example-clinic.com/Questionnaire/glp1-intake".to_string()));
+        if !(spec.url.starts_with("http://")
+            || spec.url.starts_with("https://")
+            || spec.url.starts_with("urn:"))
+        {
+            self.err(
+                &top,
+                "url",
+                "`url` must be an absolute canonical URL",
+                Some("e.g. https://forms.example-clinic.com/Questionnaire/glp1-intake".to_string()),
+            );
         }
         let identifier_system = spec
             .identifier_system
@@ -270,7 +305,15 @@ impl Compiler<'_> {
         self.cursor = items_line.saturating_sub(1);
         let items = self.items(spec.items, "");
         if items.is_empty() {
-            self.err(&At { line: items_line, item: "items".into() }, "", "a mapping needs at least one item", None);
+            self.err(
+                &At {
+                    line: items_line,
+                    item: "items".into(),
+                },
+                "",
+                "a mapping needs at least one item",
+                None,
+            );
         }
         self.check_references(&items, "");
 
@@ -296,14 +339,25 @@ impl Compiler<'_> {
             Ok(s) => Some(s),
             Err(e) => {
                 let msg = format!("`{key}` is not a valid JSONPath: {}", jsonpath_error(&e));
-                self.err(at, key, msg, Some("paths start at `$`, e.g. `$.form_response.token` or `$.choice.ref`".to_string()));
+                self.err(
+                    at,
+                    key,
+                    msg,
+                    Some(
+                        "paths start at `$`, e.g. `$.form_response.token` or `$.choice.ref`"
+                            .to_string(),
+                    ),
+                );
                 None
             }
         }
     }
 
     fn source(&mut self, s: spec::SourceSpec) -> Source {
-        let at = At { line: self.section_line("source"), item: "source".into() };
+        let at = At {
+            line: self.section_line("source"),
+            item: "source".into(),
+        };
         let submission_id = self
             .selector(&at, "submission_id", &s.submission_id)
             .unwrap_or_else(Selector::root);
@@ -326,18 +380,32 @@ impl Compiler<'_> {
             }
         });
         let submitted_at = s.submitted_at.map(|v| {
-            let at = At { line: self.key_position(at.line, "submitted_at").0, item: "source.submitted_at".into() };
+            let at = At {
+                line: self.key_position(at.line, "submitted_at").0,
+                item: "source.submitted_at".into(),
+            };
             self.value_rule(&at, v, ItemType::DateTime)
         });
         let p = s.patient;
-        let pat = At { line: self.key_position(at.line, "patient").0, item: "source.patient".into() };
+        let pat = At {
+            line: self.key_position(at.line, "patient").0,
+            item: "source.patient".into(),
+        };
         let identifier = self.value_rule(&pat, p.identifier.value, ItemType::String);
         if identifier.is_empty() {
-            self.err(&pat, "identifier", "the patient identifier needs `answer` or `path`", None);
+            self.err(
+                &pat,
+                "identifier",
+                "the patient identifier needs `answer` or `path`",
+                None,
+            );
         }
         let mut field = |name: &str, v: Option<ValueSpec>, ty| {
             v.map(|v| {
-                let at = At { line: self.key_position(pat.line, name).0, item: format!("source.patient.{name}") };
+                let at = At {
+                    line: self.key_position(pat.line, name).0,
+                    item: format!("source.patient.{name}"),
+                };
                 self.value_rule(&at, v, ty)
             })
         };
@@ -349,7 +417,14 @@ impl Compiler<'_> {
             for (k, t) in &g.entries {
                 let ok = matches!(t, MapTarget::Value(Value::String(s)) if ["male", "female", "other", "unknown"].contains(&s.as_str()));
                 if !ok {
-                    self.err(&pat, "gender", format!("gender map entry `{k}` must be one of male, female, other, unknown"), None);
+                    self.err(
+                        &pat,
+                        "gender",
+                        format!(
+                            "gender map entry `{k}` must be one of male, female, other, unknown"
+                        ),
+                        None,
+                    );
                 }
             }
         }
@@ -370,41 +445,89 @@ impl Compiler<'_> {
 
     fn value_rule(&mut self, at: &At, v: ValueSpec, ty: ItemType) -> ValueRule {
         if v.answer.is_some() && v.path.is_some() {
-            self.err(at, "path", "give either `answer` (a key of the answer index) or `path`, not both", None);
+            self.err(
+                at,
+                "path",
+                "give either `answer` (a key of the answer index) or `path`, not both",
+                None,
+            );
         }
         if v.answer.is_some() && !self.has_answers {
-            self.err(at, "answer", "`answer` needs `source.answers` (where the answers are and what keys them)", None);
+            self.err(
+                at,
+                "answer",
+                "`answer` needs `source.answers` (where the answers are and what keys them)",
+                None,
+            );
         }
         if v.value.is_some() && v.answer.is_none() {
-            self.err(at, "value", "`value` is a path inside the answer element: it needs `answer`", Some("use `path` for a path from the payload root".to_string()));
+            self.err(
+                at,
+                "value",
+                "`value` is a path inside the answer element: it needs `answer`",
+                Some("use `path` for a path from the payload root".to_string()),
+            );
         }
-        let value = v.value.as_deref().and_then(|p| self.selector(at, "value", p));
+        let value = v
+            .value
+            .as_deref()
+            .and_then(|p| self.selector(at, "value", p));
         let path = v.path.as_deref().and_then(|p| self.selector(at, "path", p));
         if v.split.as_deref() == Some("") {
             self.err(at, "split", "`split` must not be empty", None);
         }
         if v.pick.is_some() && v.split.is_none() {
-            self.err(at, "pick", "`pick` chooses a part after `split`: add `split`", None);
+            self.err(
+                at,
+                "pick",
+                "`pick` chooses a part after `split`: add `split`",
+                None,
+            );
         }
         let map = v.map.map(|m| self.value_map(at, m, ty));
         if let Some(f) = &v.format {
             if !matches!(ty, ItemType::Date | ItemType::DateTime) {
-                self.err(at, "format", "`format` applies to date and dateTime items only", None);
+                self.err(
+                    at,
+                    "format",
+                    "`format` applies to date and dateTime items only",
+                    None,
+                );
             } else if !f.contains("YYYY") {
-                self.err(at, "format", format!("date format `{f}` has no year (`YYYY`)"), Some("tokens: YYYY MM DD HH mm ss Z".to_string()));
+                self.err(
+                    at,
+                    "format",
+                    format!("date format `{f}` has no year (`YYYY`)"),
+                    Some("tokens: YYYY MM DD HH mm ss Z".to_string()),
+                );
             }
         }
         if let Some(from) = &v.from_unit {
             if ty != ItemType::Quantity {
-                self.err(at, "from_unit", "`from_unit` applies to quantity items only", None);
+                self.err(
+                    at,
+                    "from_unit",
+                    "`from_unit` applies to quantity items only",
+                    None,
+                );
             } else if !units::is_known(from) {
-                self.err(at, "from_unit", format!("unknown UCUM unit `{from}`"), Some(format!("known: {}", units::known_codes())));
+                self.err(
+                    at,
+                    "from_unit",
+                    format!("unknown UCUM unit `{from}`"),
+                    Some(format!("known: {}", units::known_codes())),
+                );
             }
         }
         if let Some(d) = &v.default {
             if ty != ItemType::Choice && ty != ItemType::Group {
                 if let Err(e) = value::coerce(d, ty, v.format.as_deref()) {
-                    self.err(at, "default", format!("`default` cannot be a {}: {}", ty.fhir_code(), e.message), None);
+                    self.err(
+                        at,
+                        "default",
+                        format!("`default` cannot be a {}: {}", ty.fhir_code(), e.message),
+                        None,
+                    );
                 }
             }
         }
@@ -429,23 +552,46 @@ impl Compiler<'_> {
                 Value::Object(o) if o.contains_key("code") => {
                     let allowed = ["system", "code", "display", "score", "observe"];
                     if let Some(bad) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
-                        self.err(at, "map", format!("map entry `{key}`: unknown key `{bad}`"), Some(format!("a Coding entry takes {}", allowed.join(", "))));
+                        self.err(
+                            at,
+                            "map",
+                            format!("map entry `{key}`: unknown key `{bad}`"),
+                            Some(format!("a Coding entry takes {}", allowed.join(", "))),
+                        );
                     }
                     let text = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_string);
                     let code = match o.get("code") {
                         Some(Value::String(s)) if !s.is_empty() => s.clone(),
                         Some(Value::Number(n)) => n.to_string(),
                         _ => {
-                            self.err(at, "map", format!("map entry `{key}`: `code` must be a non-empty string"), None);
+                            self.err(
+                                at,
+                                "map",
+                                format!("map entry `{key}`: `code` must be a non-empty string"),
+                                None,
+                            );
                             String::new()
                         }
                     };
                     let score = o.get("score").and_then(Value::as_f64);
                     if o.contains_key("score") && score.is_none() {
-                        self.err(at, "map", format!("map entry `{key}`: `score` must be a number"), None);
+                        self.err(
+                            at,
+                            "map",
+                            format!("map entry `{key}`: `score` must be a number"),
+                            None,
+                        );
                     }
                     if ty != ItemType::Choice {
-                        self.err(at, "map", format!("map entry `{key}` yields a Coding, but the item is a {}", ty.fhir_code()), Some("use `type: choice`, or map to a plain value".to_string()));
+                        self.err(
+                            at,
+                            "map",
+                            format!(
+                                "map entry `{key}` yields a Coding, but the item is a {}",
+                                ty.fhir_code()
+                            ),
+                            Some("use `type: choice`, or map to a plain value".to_string()),
+                        );
                     }
                     entries.push((
                         key.clone(),
@@ -467,7 +613,16 @@ impl Compiler<'_> {
                         self.err(at, "map", format!("map entry `{key}` is a plain value, but a choice item needs a Coding"), Some("write {system, code, display}".to_string()));
                     } else if ty != ItemType::Group {
                         if let Err(e) = value::coerce(&v, ty, None) {
-                            self.err(at, "map", format!("map entry `{key}` cannot produce a {}: {}", ty.fhir_code(), e.message), None);
+                            self.err(
+                                at,
+                                "map",
+                                format!(
+                                    "map entry `{key}` cannot produce a {}: {}",
+                                    ty.fhir_code(),
+                                    e.message
+                                ),
+                                None,
+                            );
                         }
                     }
                     entries.push((key, MapTarget::Value(v)));
@@ -479,41 +634,98 @@ impl Compiler<'_> {
 
     fn coding(&mut self, at: &At, key: &str, v: &Value) -> Option<Value> {
         match v {
-            Value::Object(o) if o.get("code").and_then(Value::as_str).is_some_and(|c| !c.is_empty()) => {
-                if let Some(bad) = o.keys().find(|k| !["system", "code", "display"].contains(&k.as_str())) {
-                    self.err(at, key, format!("unknown key `{bad}` in a Coding"), Some("a Coding has system, code, display".to_string()));
+            Value::Object(o)
+                if o.get("code")
+                    .and_then(Value::as_str)
+                    .is_some_and(|c| !c.is_empty()) =>
+            {
+                if let Some(bad) = o
+                    .keys()
+                    .find(|k| !["system", "code", "display"].contains(&k.as_str()))
+                {
+                    self.err(
+                        at,
+                        key,
+                        format!("unknown key `{bad}` in a Coding"),
+                        Some("a Coding has system, code, display".to_string()),
+                    );
                     return None;
                 }
                 Some(v.clone())
             }
             _ => {
-                self.err(at, key, format!("`{key}` must be a Coding with a `code`"), Some("e.g. {system: http://loinc.org, code: 29463-7, display: Body weight}".to_string()));
+                self.err(
+                    at,
+                    key,
+                    format!("`{key}` must be a Coding with a `code`"),
+                    Some(
+                        "e.g. {system: http://loinc.org, code: 29463-7, display: Body weight}"
+                            .to_string(),
+                    ),
+                );
                 None
             }
         }
     }
 
     fn items(&mut self, specs: Vec<ItemSpec>, parent: &str) -> Vec<Item> {
-        specs.into_iter().filter_map(|s| self.item(s, parent)).collect()
+        specs
+            .into_iter()
+            .filter_map(|s| self.item(s, parent))
+            .collect()
     }
 
     fn item(&mut self, s: ItemSpec, parent: &str) -> Option<Item> {
         let line = self.find_line("link_id", &s.link_id);
-        let path = if parent.is_empty() { s.link_id.clone() } else { format!("{parent}/{}", s.link_id) };
-        let at = At { line, item: format!("item `{path}`") };
+        let path = if parent.is_empty() {
+            s.link_id.clone()
+        } else {
+            format!("{parent}/{}", s.link_id)
+        };
+        let at = At {
+            line,
+            item: format!("item `{path}`"),
+        };
         if s.link_id.is_empty() || s.link_id.chars().any(char::is_whitespace) {
-            self.err(&at, "link_id", "`link_id` must be non-empty and without spaces", None);
+            self.err(
+                &at,
+                "link_id",
+                "`link_id` must be non-empty and without spaces",
+                None,
+            );
         }
         let Some(item_type) = ItemType::parse(&s.item_type) else {
-            self.err(&at, "type", format!("unknown item type `{}`", s.item_type), Some(format!("one of {}", ItemType::NAMES)));
+            self.err(
+                &at,
+                "type",
+                format!("unknown item type `{}`", s.item_type),
+                Some(format!("one of {}", ItemType::NAMES)),
+            );
             return None;
         };
         let unit = s.unit.clone();
-        let scored = s.value.map.as_ref().is_some_and(|m| m.values().any(|v| v.get("score").is_some()));
-        let info = LinkInfo { item_type, line, unit: unit.clone(), scored };
+        let scored = s
+            .value
+            .map
+            .as_ref()
+            .is_some_and(|m| m.values().any(|v| v.get("score").is_some()));
+        let info = LinkInfo {
+            item_type,
+            line,
+            unit: unit.clone(),
+            scored,
+        };
         if let Some(first) = self.link_ids.get(&s.link_id) {
-            let msg = format!("duplicate linkId `{}` (first at line {})", s.link_id, first.line);
-            self.err(&at, "link_id", msg, Some("linkIds must be unique in the whole mapping".to_string()));
+            let msg = format!(
+                "duplicate linkId `{}` (first at line {})",
+                s.link_id, first.line
+            );
+            self.err(
+                &at,
+                "link_id",
+                msg,
+                Some("linkIds must be unique in the whole mapping".to_string()),
+            );
         } else {
             self.link_ids.insert(s.link_id.clone(), info);
         }
@@ -549,22 +761,46 @@ impl Compiler<'_> {
             }
             _ => {
                 if !s.items.is_empty() {
-                    self.err(&at, "items", format!("a {} item cannot have child items", item_type.fhir_code()), Some("use `type: group`".to_string()));
+                    self.err(
+                        &at,
+                        "items",
+                        format!("a {} item cannot have child items", item_type.fhir_code()),
+                        Some("use `type: group`".to_string()),
+                    );
                 }
                 if !has_source {
-                    self.err(&at, "answer", "the item has no source", Some("give `answer`, `path`, `sum`, `derive` or `default`".to_string()));
+                    self.err(
+                        &at,
+                        "answer",
+                        "the item has no source",
+                        Some("give `answer`, `path`, `sum`, `derive` or `default`".to_string()),
+                    );
                 }
             }
         }
-        if item_type == ItemType::Choice && rule.map.as_ref().is_none_or(|m| m.codings().next().is_none()) && derive.is_none() {
-            self.err(&at, "type", "a choice item needs a value map to Codings (`map`)", Some("map each vendor label or option id to {system, code, display}".to_string()));
+        if item_type == ItemType::Choice
+            && rule
+                .map
+                .as_ref()
+                .is_none_or(|m| m.codings().next().is_none())
+            && derive.is_none()
+        {
+            self.err(
+                &at,
+                "type",
+                "a choice item needs a value map to Codings (`map`)",
+                Some("map each vendor label or option id to {system, code, display}".to_string()),
+            );
         }
         match item_type {
             ItemType::Quantity => match &unit {
                 None => self.err(&at, "type", "a quantity item needs `unit` (UCUM)", None),
-                Some(u) if !units::is_known(u) => {
-                    self.err(&at, "unit", format!("unknown UCUM unit `{u}`"), Some(format!("known: {}", units::known_codes())))
-                }
+                Some(u) if !units::is_known(u) => self.err(
+                    &at,
+                    "unit",
+                    format!("unknown UCUM unit `{u}`"),
+                    Some(format!("known: {}", units::known_codes())),
+                ),
                 Some(u) => {
                     if let Some(from) = &rule.from_unit {
                         if let Err(e) = units::check(from, u) {
@@ -580,17 +816,34 @@ impl Compiler<'_> {
             },
             _ => {
                 if unit.is_some() {
-                    self.err(&at, "unit", format!("`unit` applies to quantity items, not {}", item_type.fhir_code()), None);
+                    self.err(
+                        &at,
+                        "unit",
+                        format!(
+                            "`unit` applies to quantity items, not {}",
+                            item_type.fhir_code()
+                        ),
+                        None,
+                    );
                 }
                 if !sum.is_empty() {
-                    self.err(&at, "sum", "`sum` builds a quantity: use `type: quantity`", None);
+                    self.err(
+                        &at,
+                        "sum",
+                        "`sum` builds a quantity: use `type: quantity`",
+                        None,
+                    );
                 }
             }
         }
         let code = s.code.as_ref().and_then(|c| self.coding(&at, "code", c));
-        let required_when = s.required_when.and_then(|c| self.condition(&at, "required_when", c));
+        let required_when = s
+            .required_when
+            .and_then(|c| self.condition(&at, "required_when", c));
         let children = self.items(s.items, &path);
-        let observation = s.observation.and_then(|o| self.observation(&at, o, item_type, &code, &children));
+        let observation = s
+            .observation
+            .and_then(|o| self.observation(&at, o, item_type, &code, &children));
         Some(Item {
             link_id: s.link_id,
             text: s.text,
@@ -611,17 +864,28 @@ impl Compiler<'_> {
     }
 
     fn derivation(&mut self, at: &At, d: &str) -> Option<Derivation> {
-        let parsed = d.trim().strip_suffix(')').and_then(|d| d.split_once('(')).map(|(name, args)| {
-            let args: Vec<String> = args.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
-            (name.trim().to_string(), args)
-        });
-        let hint = Some("one of bmi(weight, height), sum_scores(item, …), sum(item, …)".to_string());
+        let parsed = d
+            .trim()
+            .strip_suffix(')')
+            .and_then(|d| d.split_once('('))
+            .map(|(name, args)| {
+                let args: Vec<String> = args
+                    .split(',')
+                    .map(|a| a.trim().to_string())
+                    .filter(|a| !a.is_empty())
+                    .collect();
+                (name.trim().to_string(), args)
+            });
+        let hint =
+            Some("one of bmi(weight, height), sum_scores(item, …), sum(item, …)".to_string());
         match parsed {
             Some((name, args)) if name == "bmi" && args.len() == 2 => Some(Derivation::Bmi {
                 weight: args[0].clone(),
                 height: args[1].clone(),
             }),
-            Some((name, args)) if name == "sum_scores" && !args.is_empty() => Some(Derivation::SumScores(args)),
+            Some((name, args)) if name == "sum_scores" && !args.is_empty() => {
+                Some(Derivation::SumScores(args))
+            }
             Some((name, args)) if name == "sum" && !args.is_empty() => Some(Derivation::Sum(args)),
             _ => {
                 self.err(at, "derive", format!("unknown derivation `{d}`"), hint);
@@ -639,12 +903,23 @@ impl Compiler<'_> {
         children: &[Item],
     ) -> Option<ObservationRule> {
         let codes = match &o.code {
-            Some(Value::Array(list)) if !list.is_empty() => list.iter().filter_map(|c| self.coding(at, "code", c)).collect(),
+            Some(Value::Array(list)) if !list.is_empty() => list
+                .iter()
+                .filter_map(|c| self.coding(at, "code", c))
+                .collect(),
             Some(c) => self.coding(at, "code", c).into_iter().collect(),
             None => item_code.iter().cloned().collect::<Vec<_>>(),
         };
         if codes.is_empty() && o.code.is_none() {
-            self.err(at, "observation", "an Observation needs a code", Some("give `observation.code` or the item's `code` (a LOINC or SNOMED Coding)".to_string()));
+            self.err(
+                at,
+                "observation",
+                "an Observation needs a code",
+                Some(
+                    "give `observation.code` or the item's `code` (a LOINC or SNOMED Coding)"
+                        .to_string(),
+                ),
+            );
         }
         let categories = match &o.category {
             None => Vec::new(),
@@ -653,17 +928,37 @@ impl Compiler<'_> {
         };
         let components = match (o.components, o.split_components) {
             (Some(_), Some(_)) => {
-                self.err(at, "components", "give `components` or `split_components`, not both", None);
+                self.err(
+                    at,
+                    "components",
+                    "give `components` or `split_components`, not both",
+                    None,
+                );
                 Components::None
             }
             (Some(ids), None) => {
                 if item_type != ItemType::Group {
-                    self.err(at, "components", "`components` lists children of a group", None);
+                    self.err(
+                        at,
+                        "components",
+                        "`components` lists children of a group",
+                        None,
+                    );
                 }
                 for id in &ids {
                     match children.iter().find(|c| &c.link_id == id) {
-                        None => self.err(at, "components", format!("component `{id}` is not a child item of this group"), None),
-                        Some(c) if c.code.is_none() => self.err(at, "components", format!("component `{id}` needs a `code`"), Some("e.g. {system: http://loinc.org, code: 8480-6}".to_string())),
+                        None => self.err(
+                            at,
+                            "components",
+                            format!("component `{id}` is not a child item of this group"),
+                            None,
+                        ),
+                        Some(c) if c.code.is_none() => self.err(
+                            at,
+                            "components",
+                            format!("component `{id}` needs a `code`"),
+                            Some("e.g. {system: http://loinc.org, code: 8480-6}".to_string()),
+                        ),
                         Some(_) => {}
                     }
                 }
@@ -671,31 +966,59 @@ impl Compiler<'_> {
             }
             (None, Some(split)) => {
                 if !matches!(item_type, ItemType::String | ItemType::Text) {
-                    self.err(at, "split_components", "`split_components` reads a free-text answer: use `type: string`", None);
+                    self.err(
+                        at,
+                        "split_components",
+                        "`split_components` reads a free-text answer: use `type: string`",
+                        None,
+                    );
                 }
                 if split.separator.is_empty() || split.parts.is_empty() {
-                    self.err(at, "split_components", "`split_components` needs a separator and parts", None);
+                    self.err(
+                        at,
+                        "split_components",
+                        "`split_components` needs a separator and parts",
+                        None,
+                    );
                 }
                 let parts = split
                     .parts
                     .into_iter()
                     .filter_map(|p| {
                         if !units::is_known(&p.unit) {
-                            self.err(at, "split_components", format!("unknown UCUM unit `{}`", p.unit), None);
+                            self.err(
+                                at,
+                                "split_components",
+                                format!("unknown UCUM unit `{}`", p.unit),
+                                None,
+                            );
                         }
-                        self.coding(at, "split_components", &p.code).map(|c| (c, p.unit))
+                        self.coding(at, "split_components", &p.code)
+                            .map(|c| (c, p.unit))
                     })
                     .collect();
-                Components::Split { separator: split.separator, parts }
+                Components::Split {
+                    separator: split.separator,
+                    parts,
+                }
             }
             (None, None) => {
                 if item_type == ItemType::Group {
-                    self.err(at, "observation", "an Observation on a group needs `components`", Some("or put the observation on the child items".to_string()));
+                    self.err(
+                        at,
+                        "observation",
+                        "an Observation on a group needs `components`",
+                        Some("or put the observation on the child items".to_string()),
+                    );
                 }
                 Components::None
             }
         };
-        Some(ObservationRule { codes, categories, components })
+        Some(ObservationRule {
+            codes,
+            categories,
+            components,
+        })
     }
 
     fn category(&mut self, at: &At, c: &Value) -> Option<Value> {
@@ -715,39 +1038,80 @@ impl Compiler<'_> {
                 Some((code, display)) => Some(serde_json::json!({"coding": [{
                     "system": crate::fhir::OBSERVATION_CATEGORY, "code": code, "display": display}]})),
                 None => {
-                    self.err(at, "category", format!("unknown observation category `{s}`"), Some(format!("one of {}, or a Coding", KNOWN.map(|k| k.0).join(", "))));
+                    self.err(
+                        at,
+                        "category",
+                        format!("unknown observation category `{s}`"),
+                        Some(format!(
+                            "one of {}, or a Coding",
+                            KNOWN.map(|k| k.0).join(", ")
+                        )),
+                    );
                     None
                 }
             },
-            other => self.coding(at, "category", other).map(|coding| serde_json::json!({"coding": [coding]})),
+            other => self
+                .coding(at, "category", other)
+                .map(|coding| serde_json::json!({"coding": [coding]})),
         }
     }
 
     fn condition(&mut self, at: &At, key: &str, c: ConditionSpec) -> Option<Condition> {
-        let combinators = [c.any.is_some(), c.all.is_some(), c.not.is_some()].iter().filter(|b| **b).count();
-        let ops = [c.equals.is_some(), c.contains.is_some(), c.one_of.is_some(), c.answered.is_some(), c.gt.is_some(), c.gte.is_some(), c.lt.is_some(), c.lte.is_some()]
+        let combinators = [c.any.is_some(), c.all.is_some(), c.not.is_some()]
             .iter()
             .filter(|b| **b)
             .count();
+        let ops = [
+            c.equals.is_some(),
+            c.contains.is_some(),
+            c.one_of.is_some(),
+            c.answered.is_some(),
+            c.gt.is_some(),
+            c.gte.is_some(),
+            c.lt.is_some(),
+            c.lte.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         let hint = Some("write {item: <linkId>, equals|contains|in|answered|gt|gte|lt|lte: …}, or any/all/not of conditions".to_string());
-        if combinators + usize::from(c.item.is_some()) != 1 || (c.item.is_some() && ops != 1) || (c.item.is_none() && ops != 0) {
-            self.err(at, key, "a condition needs exactly one `item` with one test, or one of any/all/not", hint);
+        if combinators + usize::from(c.item.is_some()) != 1
+            || (c.item.is_some() && ops != 1)
+            || (c.item.is_none() && ops != 0)
+        {
+            self.err(
+                at,
+                key,
+                "a condition needs exactly one `item` with one test, or one of any/all/not",
+                hint,
+            );
             return None;
         }
         if let Some(list) = c.any {
-            let cs: Vec<_> = list.into_iter().filter_map(|c| self.condition(at, key, c)).collect();
+            let cs: Vec<_> = list
+                .into_iter()
+                .filter_map(|c| self.condition(at, key, c))
+                .collect();
             return Some(Condition::Any(cs));
         }
         if let Some(list) = c.all {
-            let cs: Vec<_> = list.into_iter().filter_map(|c| self.condition(at, key, c)).collect();
+            let cs: Vec<_> = list
+                .into_iter()
+                .filter_map(|c| self.condition(at, key, c))
+                .collect();
             return Some(Condition::All(cs));
         }
         if let Some(inner) = c.not {
-            return self.condition(at, key, *inner).map(|c| Condition::Not(Box::new(c)));
+            return self
+                .condition(at, key, *inner)
+                .map(|c| Condition::Not(Box::new(c)));
         }
         let item = c.item.unwrap_or_default();
         Some(if let Some(v) = c.equals.or(c.contains) {
-            Condition::AnyOf { item, values: vec![v] }
+            Condition::AnyOf {
+                item,
+                values: vec![v],
+            }
         } else if let Some(values) = c.one_of {
             Condition::AnyOf { item, values }
         } else if let Some(answered) = c.answered {
@@ -767,49 +1131,107 @@ impl Compiler<'_> {
     /// Checks what items name of each other (derivations, conditions) once all are known.
     fn check_references(&mut self, items: &[Item], parent: &str) {
         for item in items {
-            let path = if parent.is_empty() { item.link_id.clone() } else { format!("{parent}/{}", item.link_id) };
-            let at = At { line: item.line, item: format!("item `{path}`") };
+            let path = if parent.is_empty() {
+                item.link_id.clone()
+            } else {
+                format!("{parent}/{}", item.link_id)
+            };
+            let at = At {
+                line: item.line,
+                item: format!("item `{path}`"),
+            };
             if let Some(c) = &item.required_when {
                 for id in c.items() {
                     if !self.link_ids.contains_key(id) {
-                        self.err(&at, "required_when", format!("`required_when` names unknown item `{id}`"), None);
+                        self.err(
+                            &at,
+                            "required_when",
+                            format!("`required_when` names unknown item `{id}`"),
+                            None,
+                        );
                     }
                 }
             }
             match &item.derive {
                 Some(Derivation::Bmi { weight, height }) => {
-                    let dims = [(weight, Dimension::Mass, "weight"), (height, Dimension::Length, "height")];
+                    let dims = [
+                        (weight, Dimension::Mass, "weight"),
+                        (height, Dimension::Length, "height"),
+                    ];
                     for (id, dim, what) in dims {
                         match self.link_ids.get(id.as_str()).cloned() {
-                            None => self.err(&at, "derive", format!("bmi(): unknown item `{id}`"), None),
-                            Some(info) if info.item_type != ItemType::Quantity || info.unit.as_deref().and_then(units::dimension) != Some(dim) => {
-                                self.err(&at, "derive", format!("bmi(): `{id}` must be a quantity item measuring {what}"), None)
+                            None => {
+                                self.err(&at, "derive", format!("bmi(): unknown item `{id}`"), None)
+                            }
+                            Some(info)
+                                if info.item_type != ItemType::Quantity
+                                    || info.unit.as_deref().and_then(units::dimension)
+                                        != Some(dim) =>
+                            {
+                                self.err(
+                                    &at,
+                                    "derive",
+                                    format!(
+                                        "bmi(): `{id}` must be a quantity item measuring {what}"
+                                    ),
+                                    None,
+                                )
                             }
                             Some(_) => {}
                         }
                     }
-                    if !(item.item_type == ItemType::Decimal || (item.item_type == ItemType::Quantity && item.unit.as_deref() == Some("kg/m2"))) {
-                        self.err(&at, "derive", "a bmi() item is a quantity in `kg/m2` (or a decimal)", None);
+                    if !(item.item_type == ItemType::Decimal
+                        || (item.item_type == ItemType::Quantity
+                            && item.unit.as_deref() == Some("kg/m2")))
+                    {
+                        self.err(
+                            &at,
+                            "derive",
+                            "a bmi() item is a quantity in `kg/m2` (or a decimal)",
+                            None,
+                        );
                     }
                 }
                 Some(Derivation::SumScores(ids)) => {
                     for id in ids {
                         match self.link_ids.get(id.as_str()).cloned() {
-                            None => self.err(&at, "derive", format!("sum_scores(): unknown item `{id}`"), None),
-                            Some(info) if !info.scored => self.err(&at, "derive", format!("sum_scores(): `{id}` has no scored options"), Some("give its map entries a `score`".to_string())),
+                            None => self.err(
+                                &at,
+                                "derive",
+                                format!("sum_scores(): unknown item `{id}`"),
+                                None,
+                            ),
+                            Some(info) if !info.scored => self.err(
+                                &at,
+                                "derive",
+                                format!("sum_scores(): `{id}` has no scored options"),
+                                Some("give its map entries a `score`".to_string()),
+                            ),
                             Some(_) => {}
                         }
                     }
                     if !matches!(item.item_type, ItemType::Integer | ItemType::Decimal) {
-                        self.err(&at, "derive", "a sum_scores() item is an integer or a decimal", None);
+                        self.err(
+                            &at,
+                            "derive",
+                            "a sum_scores() item is an integer or a decimal",
+                            None,
+                        );
                     }
                 }
                 Some(Derivation::Sum(ids)) => {
                     for id in ids {
                         match self.link_ids.get(id.as_str()).map(|i| i.item_type) {
-                            None => self.err(&at, "derive", format!("sum(): unknown item `{id}`"), None),
+                            None => {
+                                self.err(&at, "derive", format!("sum(): unknown item `{id}`"), None)
+                            }
                             Some(ItemType::Integer | ItemType::Decimal | ItemType::Quantity) => {}
-                            Some(_) => self.err(&at, "derive", format!("sum(): `{id}` is not numeric"), None),
+                            Some(_) => self.err(
+                                &at,
+                                "derive",
+                                format!("sum(): `{id}` is not numeric"),
+                                None,
+                            ),
                         }
                     }
                 }
@@ -825,8 +1247,16 @@ impl Compiler<'_> {
         self.cursor = 0;
         for f in specs {
             let line = self.find_line("name", &f.name);
-            let at = At { line, item: format!("flag `{}`", f.name) };
-            if f.name.is_empty() || !f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            let at = At {
+                line,
+                item: format!("flag `{}`", f.name),
+            };
+            if f.name.is_empty()
+                || !f
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 self.err(&at, "name", "flag names are snake_case (a-z, 0-9, _)", None);
             }
             if !names.insert(f.name.clone()) {
@@ -835,10 +1265,19 @@ impl Compiler<'_> {
             if let Some(when) = self.condition(&at, "when", f.when) {
                 for id in when.items() {
                     if !self.link_ids.contains_key(id) {
-                        self.err(&at, "when", format!("the condition names unknown item `{id}`"), None);
+                        self.err(
+                            &at,
+                            "when",
+                            format!("the condition names unknown item `{id}`"),
+                            None,
+                        );
                     }
                 }
-                flags.push(Flag { name: f.name, description: f.description, when });
+                flags.push(Flag {
+                    name: f.name,
+                    description: f.description,
+                    when,
+                });
             }
         }
         flags
@@ -852,7 +1291,10 @@ fn jsonpath_error(e: &str) -> String {
         .find_map(|l| l.split_once("--> ").map(|(_, pos)| pos.trim()))
         .and_then(|pos| pos.split(':').nth(1))
         .map(|c| format!("column {c}: "));
-    let expected = e.lines().find_map(|l| l.trim().strip_prefix("= ")).map(str::to_string);
+    let expected = e
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("= "))
+        .map(str::to_string);
     match (column, expected) {
         (Some(c), Some(x)) => format!("{c}{x}"),
         _ => e.split_whitespace().collect::<Vec<_>>().join(" "),

@@ -10,9 +10,19 @@ use super::value::Answer;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     /// Some answer of the item equals one of the values (a Coding matches its code or map key).
-    AnyOf { item: String, values: Vec<Value> },
-    Answered { item: String, answered: bool },
-    Compare { item: String, op: Cmp, value: f64 },
+    AnyOf {
+        item: String,
+        values: Vec<Value>,
+    },
+    Answered {
+        item: String,
+        answered: bool,
+    },
+    Compare {
+        item: String,
+        op: Cmp,
+        value: f64,
+    },
     Any(Vec<Condition>),
     All(Vec<Condition>),
     Not(Box<Condition>),
@@ -33,9 +43,9 @@ impl Condition {
     pub fn eval(&self, answers: &Answers<'_>) -> bool {
         let of = |item: &str| answers.get(item).map(Vec::as_slice).unwrap_or(&[]);
         match self {
-            Condition::AnyOf { item, values } => of(item)
-                .iter()
-                .any(|a| values.iter().any(|v| a.matches(v))),
+            Condition::AnyOf { item, values } => {
+                of(item).iter().any(|a| values.iter().any(|v| a.matches(v)))
+            }
             Condition::Answered { item, answered } => of(item).is_empty() != *answered,
             Condition::Compare { item, op, value } => of(item)
                 .iter()
@@ -58,7 +68,9 @@ impl Condition {
             Condition::AnyOf { item, .. }
             | Condition::Answered { item, .. }
             | Condition::Compare { item, .. } => vec![item.as_str()],
-            Condition::Any(cs) | Condition::All(cs) => cs.iter().flat_map(Condition::items).collect(),
+            Condition::Any(cs) | Condition::All(cs) => {
+                cs.iter().flat_map(Condition::items).collect()
+            }
             Condition::Not(c) => c.items(),
         }
     }
@@ -74,12 +86,27 @@ mod tests {
         let mut a: Answers = HashMap::new();
         a.insert("fam", vec![Answer::Bool(false)]);
         a.insert("bmi", vec![Answer::Int(31)]);
-        let eq_true = Condition::AnyOf { item: "fam".into(), values: vec![json!(true)] };
-        let eq_false = Condition::AnyOf { item: "fam".into(), values: vec![json!(false)] };
+        let eq_true = Condition::AnyOf {
+            item: "fam".into(),
+            values: vec![json!(true)],
+        };
+        let eq_false = Condition::AnyOf {
+            item: "fam".into(),
+            values: vec![json!(false)],
+        };
         assert!(!eq_true.eval(&a));
         assert!(eq_false.eval(&a));
-        assert!(Condition::Answered { item: "x".into(), answered: false }.eval(&a));
-        assert!(Condition::Compare { item: "bmi".into(), op: Cmp::Gte, value: 30.0 }.eval(&a));
+        assert!(Condition::Answered {
+            item: "x".into(),
+            answered: false
+        }
+        .eval(&a));
+        assert!(Condition::Compare {
+            item: "bmi".into(),
+            op: Cmp::Gte,
+            value: 30.0
+        }
+        .eval(&a));
         assert!(Condition::Any(vec![eq_true.clone(), eq_false]).eval(&a));
         assert!(Condition::Not(Box::new(eq_true)).eval(&a));
     }

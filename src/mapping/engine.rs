@@ -15,7 +15,9 @@ use super::value::{self, Answer};
 use super::{Components, Derivation, Item, ItemType, MapTarget, Mapping, ValueRule};
 use crate::fhir::bundle::reference;
 use crate::fhir::provenance::{provenance, ProvenanceInput};
-use crate::fhir::{identifier_query, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder};
+use crate::fhir::{
+    identifier_query, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder,
+};
 
 /// One submission as received.
 #[derive(Debug, Clone, Copy)]
@@ -97,8 +99,14 @@ struct Run<'m, 'p> {
 
 impl Mapping {
     /// Maps one payload. Pure: same input, same Bundle, byte for byte.
-    pub fn map_submission(&self, input: SubmissionInput<'_>) -> Result<MappedSubmission, MappingFailure> {
-        let fail = |issues| MappingFailure { mapping_id: self.id.clone(), issues };
+    pub fn map_submission(
+        &self,
+        input: SubmissionInput<'_>,
+    ) -> Result<MappedSubmission, MappingFailure> {
+        let fail = |issues| MappingFailure {
+            mapping_id: self.id.clone(),
+            issues,
+        };
         let index = match &self.source.answers {
             None => AnswerIndex::Empty,
             Some(src) => src.index(input.payload).map_err(|e| match e {
@@ -109,25 +117,48 @@ impl Mapping {
                 .at(path)]),
             })?,
         };
-        let mut run = Run { mapping: self, index, issues: Vec::new(), missing: Vec::new() };
+        let mut run = Run {
+            mapping: self,
+            index,
+            issues: Vec::new(),
+            missing: Vec::new(),
+        };
 
         let submission_id = match self.source.submission_id.first(input.payload) {
             Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
             Some(Value::Number(n)) => Some(n.to_string()),
             _ => {
                 run.issues.push(
-                    Issue::error("required", "the submission id (idempotency key) is missing or not a string")
-                        .at(self.source.submission_id.source()),
+                    Issue::error(
+                        "required",
+                        "the submission id (idempotency key) is missing or not a string",
+                    )
+                    .at(self.source.submission_id.source()),
                 );
                 None
             }
         };
-        let patient_value = run.first_string(&self.source.patient.identifier, input.payload, "source.patient.identifier");
+        let patient_value = run.first_string(
+            &self.source.patient.identifier,
+            input.payload,
+            "source.patient.identifier",
+        );
         if patient_value.is_none() {
-            run.issues.push(Issue::error("required", "the patient identifier is missing").at("source.patient.identifier"));
+            run.issues.push(
+                Issue::error("required", "the patient identifier is missing")
+                    .at("source.patient.identifier"),
+            );
         }
         let authored = match &self.source.submitted_at {
-            Some(rule) => match run.values(rule, ItemType::DateTime, input.payload, "source.submitted_at").first() {
+            Some(rule) => match run
+                .values(
+                    rule,
+                    ItemType::DateTime,
+                    input.payload,
+                    "source.submitted_at",
+                )
+                .first()
+            {
                 Some(Answer::DateTime(s)) => s.clone(),
                 _ => input.received_at.to_string(),
             },
@@ -155,14 +186,21 @@ impl Mapping {
             .collect();
         for m in &run.missing {
             run.issues.push(
-                Issue::warning("required", format!("required answer `{}` is missing", m.link_id)).at(m.link_id.clone()),
+                Issue::warning(
+                    "required",
+                    format!("required answer `{}` is missing", m.link_id),
+                )
+                .at(m.link_id.clone()),
             );
         }
         if !run.missing.is_empty() && !flags.iter().any(|f| f == MORE_INFORMATION_NEEDED) {
             flags.push(MORE_INFORMATION_NEEDED.to_string());
         }
 
-        let patient = PatientIdentity { system: self.source.patient.system.clone(), value: patient_value };
+        let patient = PatientIdentity {
+            system: self.source.patient.system.clone(),
+            value: patient_value,
+        };
         let payload_sha256 = crate::fhir::sha256_hex(input.raw);
         let demographics = run.demographics(input.payload);
         let bundle = Resources {
@@ -195,7 +233,9 @@ impl Mapping {
 fn collect<'m>(nodes: &[Node<'m>], flat: &mut Answers<'m>) {
     for n in nodes {
         if !n.answers.is_empty() {
-            flat.entry(n.item.link_id.as_str()).or_default().extend(n.answers.iter().cloned());
+            flat.entry(n.item.link_id.as_str())
+                .or_default()
+                .extend(n.answers.iter().cloned());
         }
         collect(&n.children, flat);
     }
@@ -215,7 +255,11 @@ fn is_blank(v: &Value) -> bool {
     match v {
         Value::Null => true,
         Value::String(s) => s.trim().is_empty(),
-        Value::Object(o) => !o.is_empty() && o.values().all(|x| x.as_str().is_some_and(|s| s.trim().is_empty())),
+        Value::Object(o) => {
+            !o.is_empty()
+                && o.values()
+                    .all(|x| x.as_str().is_some_and(|s| s.trim().is_empty()))
+        }
         _ => false,
     }
 }
@@ -248,22 +292,39 @@ impl<'m, 'p> Run<'m, 'p> {
     }
 
     /// Typed answers of a rule in `ctx`, after every declared transform.
-    fn values(&mut self, rule: &'m ValueRule, ty: ItemType, ctx: &Value, at: &str) -> Vec<Answer<'m>> {
+    fn values(
+        &mut self,
+        rule: &'m ValueRule,
+        ty: ItemType,
+        ctx: &Value,
+        at: &str,
+    ) -> Vec<Answer<'m>> {
         let raws: Vec<Value> = self.raw(rule, ctx).into_iter().cloned().collect();
-        let raws = if raws.is_empty() { rule.default.iter().cloned().collect() } else { raws };
+        let raws = if raws.is_empty() {
+            rule.default.iter().cloned().collect()
+        } else {
+            raws
+        };
         let mut out = Vec::new();
         for raw in raws {
             for part in split(rule, raw) {
                 match self.convert(rule, ty, &part) {
                     Ok(a) => out.push(a),
-                    Err((code, msg)) => self.issues.push(Issue::error(code, msg).at(at.to_string()).at(origin(rule))),
+                    Err((code, msg)) => self
+                        .issues
+                        .push(Issue::error(code, msg).at(at.to_string()).at(origin(rule))),
                 }
             }
         }
         out
     }
 
-    fn convert(&self, rule: &'m ValueRule, ty: ItemType, raw: &Value) -> Result<Answer<'m>, (&'static str, String)> {
+    fn convert(
+        &self,
+        rule: &'m ValueRule,
+        ty: ItemType,
+        raw: &Value,
+    ) -> Result<Answer<'m>, (&'static str, String)> {
         let mapped: &Value;
         let owned;
         if let Some(map) = &rule.map {
@@ -272,7 +333,13 @@ impl<'m, 'p> Run<'m, 'p> {
                 Value::Number(n) => n.to_string(),
                 Value::Bool(b) => b.to_string(),
                 other => {
-                    return Err(("value", format!("expected an option, got {}", crate::fhir::outcome::json_type(other))))
+                    return Err((
+                        "value",
+                        format!(
+                            "expected an option, got {}",
+                            crate::fhir::outcome::json_type(other)
+                        ),
+                    ))
                 }
             };
             match map.get(&key) {
@@ -281,7 +348,10 @@ impl<'m, 'p> Run<'m, 'p> {
                 None => {
                     return Err((
                         "code-invalid",
-                        format!("the answer is not one of the {} options of the value map", map.entries.len()),
+                        format!(
+                            "the answer is not one of the {} options of the value map",
+                            map.entries.len()
+                        ),
                     ))
                 }
             }
@@ -293,7 +363,11 @@ impl<'m, 'p> Run<'m, 'p> {
     }
 
     fn first_string(&mut self, rule: &'m ValueRule, ctx: &Value, at: &str) -> Option<String> {
-        match self.values(rule, ItemType::String, ctx, at).into_iter().next() {
+        match self
+            .values(rule, ItemType::String, ctx, at)
+            .into_iter()
+            .next()
+        {
             Some(Answer::Str(s)) => Some(s),
             _ => None,
         }
@@ -315,10 +389,15 @@ impl<'m, 'p> Run<'m, 'p> {
                     };
                     match item.rule.from_unit.as_deref() {
                         Some(from) if from != unit => {
-                            let x = n.as_f64().and_then(|x| super::units::convert(x, from, unit).ok());
+                            let x = n
+                                .as_f64()
+                                .and_then(|x| super::units::convert(x, from, unit).ok());
                             let n = x.and_then(|x| value::rounded(x, item.precision.unwrap_or(2)));
                             if n.is_none() {
-                                self.issues.push(Issue::error("value", "the number could not be converted").at(key.to_string()));
+                                self.issues.push(
+                                    Issue::error("value", "the number could not be converted")
+                                        .at(key.to_string()),
+                                );
                             }
                             n.map(|n| Answer::Quantity(n, unit))
                         }
@@ -329,9 +408,12 @@ impl<'m, 'p> Run<'m, 'p> {
         }
         if answers.len() > 1 && !item.repeats {
             self.issues.push(
-                Issue::error("structure", format!("{} answers for an item that does not repeat", answers.len()))
-                    .at(key.to_string())
-                    .at(origin(&item.rule)),
+                Issue::error(
+                    "structure",
+                    format!("{} answers for an item that does not repeat", answers.len()),
+                )
+                .at(key.to_string())
+                .at(origin(&item.rule)),
             );
             answers.truncate(1);
         }
@@ -344,10 +426,14 @@ impl<'m, 'p> Run<'m, 'p> {
         let mut total = None::<f64>;
         for (rule, part_unit) in &item.sum {
             if let Some(a) = self.values(rule, ItemType::Decimal, ctx, key).first() {
-                let x = a.as_f64().and_then(|x| super::units::convert(x, part_unit, unit).ok());
+                let x = a
+                    .as_f64()
+                    .and_then(|x| super::units::convert(x, part_unit, unit).ok());
                 match x {
                     Some(x) => total = Some(total.unwrap_or(0.0) + x),
-                    None => self.issues.push(Issue::error("value", "a part could not be converted").at(key.to_string())),
+                    None => self.issues.push(
+                        Issue::error("value", "a part could not be converted").at(key.to_string()),
+                    ),
                 }
             }
         }
@@ -367,7 +453,12 @@ impl<'m, 'p> Run<'m, 'p> {
                 for (i, element) in elements.iter().enumerate() {
                     let children = self.extract(&item.children, element, &format!("{key}[{i}]/"));
                     if !children.is_empty() {
-                        nodes.push(Node { item, key: format!("{key}[{i}]"), answers: Vec::new(), children });
+                        nodes.push(Node {
+                            item,
+                            key: format!("{key}[{i}]"),
+                            answers: Vec::new(),
+                            children,
+                        });
                     }
                 }
                 if nodes.last().is_none_or(|n| n.item.link_id != item.link_id) {
@@ -378,16 +469,31 @@ impl<'m, 'p> Run<'m, 'p> {
                 if children.is_empty() {
                     self.note_missing(item);
                 } else {
-                    nodes.push(Node { item, key, answers: Vec::new(), children });
+                    nodes.push(Node {
+                        item,
+                        key,
+                        answers: Vec::new(),
+                        children,
+                    });
                 }
             } else if item.derive.is_some() {
-                nodes.push(Node { item, key, answers: Vec::new(), children: Vec::new() });
+                nodes.push(Node {
+                    item,
+                    key,
+                    answers: Vec::new(),
+                    children: Vec::new(),
+                });
             } else {
                 let answers = self.item_answers(item, ctx, &key);
                 if answers.is_empty() {
                     self.note_missing(item);
                 } else {
-                    nodes.push(Node { item, key, answers, children: Vec::new() });
+                    nodes.push(Node {
+                        item,
+                        key,
+                        answers,
+                        children: Vec::new(),
+                    });
                 }
             }
         }
@@ -396,7 +502,10 @@ impl<'m, 'p> Run<'m, 'p> {
 
     fn note_missing(&mut self, item: &'m Item) {
         if item.required {
-            self.missing.push(MissingAnswer { link_id: item.link_id.clone(), text: item.text.clone() });
+            self.missing.push(MissingAnswer {
+                link_id: item.link_id.clone(),
+                text: item.text.clone(),
+            });
         }
     }
 
@@ -407,7 +516,9 @@ impl<'m, 'p> Run<'m, 'p> {
             self.derive(&mut node.children, flat);
             let Some(d) = &node.item.derive else { continue };
             if let Some(a) = self.derived_value(node.item, d, flat) {
-                flat.entry(node.item.link_id.as_str()).or_default().push(a.clone());
+                flat.entry(node.item.link_id.as_str())
+                    .or_default()
+                    .push(a.clone());
                 node.answers.push(a);
             } else {
                 self.note_missing(node.item);
@@ -416,7 +527,12 @@ impl<'m, 'p> Run<'m, 'p> {
         nodes.retain(|n| !n.answers.is_empty() || !n.children.is_empty());
     }
 
-    fn derived_value(&mut self, item: &'m Item, d: &Derivation, flat: &Answers<'m>) -> Option<Answer<'m>> {
+    fn derived_value(
+        &mut self,
+        item: &'m Item,
+        d: &Derivation,
+        flat: &Answers<'m>,
+    ) -> Option<Answer<'m>> {
         let first_quantity = |id: &str, to: &str| {
             flat.get(id)?.iter().find_map(|a| match a {
                 Answer::Quantity(n, u) => super::units::convert(n.as_f64()?, u, to).ok(),
@@ -427,7 +543,8 @@ impl<'m, 'p> Run<'m, 'p> {
         let out = |x: f64, places: u32| -> Option<Answer<'m>> {
             match item.item_type {
                 ItemType::Integer if x.fract() == 0.0 => Some(Answer::Int(x as i64)),
-                ItemType::Quantity => value::rounded(x, places).map(|n| Answer::Quantity(n, item.unit.as_deref().unwrap_or("1"))),
+                ItemType::Quantity => value::rounded(x, places)
+                    .map(|n| Answer::Quantity(n, item.unit.as_deref().unwrap_or("1"))),
                 _ => value::rounded(x, places).map(Answer::Dec),
             }
         };
@@ -436,18 +553,28 @@ impl<'m, 'p> Run<'m, 'p> {
                 let kg = first_quantity(weight, "kg")?;
                 let m = first_quantity(height, "m")?;
                 if m <= 0.0 {
-                    self.issues.push(Issue::warning("value", "BMI not computed: height is zero").at(item.link_id.clone()));
+                    self.issues.push(
+                        Issue::warning("value", "BMI not computed: height is zero")
+                            .at(item.link_id.clone()),
+                    );
                     return None;
                 }
                 out(kg / (m * m), places.unwrap_or(1))
             }
             Derivation::SumScores(ids) => {
                 let mut total = 0.0;
-                let unanswered: Vec<&str> = ids.iter().map(String::as_str).filter(|id| !flat.contains_key(id)).collect();
+                let unanswered: Vec<&str> = ids
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|id| !flat.contains_key(id))
+                    .collect();
                 if !unanswered.is_empty() {
                     self.issues.push(
-                        Issue::warning("incomplete", format!("total not computed: {} unanswered", unanswered.join(", ")))
-                            .at(item.link_id.clone()),
+                        Issue::warning(
+                            "incomplete",
+                            format!("total not computed: {} unanswered", unanswered.join(", ")),
+                        )
+                        .at(item.link_id.clone()),
                     );
                     return None;
                 }
@@ -460,7 +587,12 @@ impl<'m, 'p> Run<'m, 'p> {
                 out(total, places.unwrap_or(2))
             }
             Derivation::Sum(ids) => {
-                let values: Vec<f64> = ids.iter().filter_map(|id| flat.get(id.as_str())).flatten().filter_map(Answer::as_f64).collect();
+                let values: Vec<f64> = ids
+                    .iter()
+                    .filter_map(|id| flat.get(id.as_str()))
+                    .flatten()
+                    .filter_map(Answer::as_f64)
+                    .collect();
                 if values.is_empty() {
                     return None;
                 }
@@ -473,7 +605,10 @@ impl<'m, 'p> Run<'m, 'p> {
         for item in items {
             if let Some(c) = &item.required_when {
                 if !flat.contains_key(item.link_id.as_str()) && c.eval(flat) && !item.required {
-                    self.missing.push(MissingAnswer { link_id: item.link_id.clone(), text: item.text.clone() });
+                    self.missing.push(MissingAnswer {
+                        link_id: item.link_id.clone(),
+                        text: item.text.clone(),
+                    });
                 }
             }
             self.required_when(&item.children, flat);
@@ -483,8 +618,14 @@ impl<'m, 'p> Run<'m, 'p> {
     fn demographics(&mut self, payload: &Value) -> Value {
         let p = &self.mapping.source.patient;
         let mut patient = serde_json::Map::new();
-        let given = p.given.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.given"));
-        let family = p.family.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.family"));
+        let given = p
+            .given
+            .as_ref()
+            .and_then(|r| self.first_string(r, payload, "source.patient.given"));
+        let family = p
+            .family
+            .as_ref()
+            .and_then(|r| self.first_string(r, payload, "source.patient.family"));
         if given.is_some() || family.is_some() {
             let mut name = serde_json::Map::new();
             if let Some(f) = family {
@@ -495,16 +636,29 @@ impl<'m, 'p> Run<'m, 'p> {
             }
             patient.insert("name".into(), json!([name]));
         }
-        if let Some(g) = p.gender.as_ref().and_then(|r| self.first_string(r, payload, "source.patient.gender")) {
+        if let Some(g) = p
+            .gender
+            .as_ref()
+            .and_then(|r| self.first_string(r, payload, "source.patient.gender"))
+        {
             match g.to_ascii_lowercase().as_str() {
                 g @ ("male" | "female" | "other" | "unknown") => {
                     patient.insert("gender".into(), json!(g));
                 }
-                _ => self.issues.push(Issue::warning("code-invalid", "gender is not male, female, other or unknown; map it").at("source.patient.gender")),
+                _ => self.issues.push(
+                    Issue::warning(
+                        "code-invalid",
+                        "gender is not male, female, other or unknown; map it",
+                    )
+                    .at("source.patient.gender"),
+                ),
             }
         }
         if let Some(rule) = &p.birth_date {
-            if let Some(Answer::Date(d)) = self.values(rule, ItemType::Date, payload, "source.patient.birth_date").first() {
+            if let Some(Answer::Date(d)) = self
+                .values(rule, ItemType::Date, payload, "source.patient.birth_date")
+                .first()
+            {
                 patient.insert("birthDate".into(), json!(d));
             }
         }
@@ -514,11 +668,20 @@ impl<'m, 'p> Run<'m, 'p> {
 
 /// Splits a raw string into parts as the rule says (after stripping HTML).
 fn split(rule: &ValueRule, raw: Value) -> Vec<Value> {
-    let Value::String(s) = raw else { return vec![raw] };
-    let s = if rule.strip_html { value::strip_html(&s) } else { s };
+    let Value::String(s) = raw else {
+        return vec![raw];
+    };
+    let s = if rule.strip_html {
+        value::strip_html(&s)
+    } else {
+        s
+    };
     let parts: Vec<Value> = match &rule.split {
         Some(sep) => {
-            let parts = s.split(sep.as_str()).map(str::trim).filter(|p| !p.is_empty());
+            let parts = s
+                .split(sep.as_str())
+                .map(str::trim)
+                .filter(|p| !p.is_empty());
             match rule.pick {
                 Some(n) => parts.skip(n).take(1).map(|p| json!(p)).collect(),
                 None => parts.map(|p| json!(p)).collect(),
@@ -560,9 +723,13 @@ impl Resources<'_> {
         if let (Some(p), Value::Object(d)) = (patient.as_object_mut(), demographics) {
             p.extend(d);
         }
-        tx.push(&patient_url, patient, Conditional::Create {
-            if_none_exist: identifier_query(&self.patient.system, &self.patient.value),
-        });
+        tx.push(
+            &patient_url,
+            patient,
+            Conditional::Create {
+                if_none_exist: identifier_query(&self.patient.system, &self.patient.value),
+            },
+        );
 
         let mut qr = json!({
             "resourceType": "QuestionnaireResponse",
@@ -578,16 +745,26 @@ impl Resources<'_> {
         if !items.is_empty() {
             qr["item"] = Value::Array(items);
         }
-        tx.push(&qr_url, qr, Conditional::Create {
-            if_none_exist: identifier_query(system, self.submission_id),
-        });
+        tx.push(
+            &qr_url,
+            qr,
+            Conditional::Create {
+                if_none_exist: identifier_query(system, self.submission_id),
+            },
+        );
 
         let mut observations = Vec::new();
         self.observations(nodes, &patient_url, &qr_url, &mut observations, issues);
         let mut targets = vec![(qr_url.clone(), "QuestionnaireResponse")];
         for (url, ident, obs) in observations {
             targets.push((url.clone(), "Observation"));
-            tx.push(&url, obs, Conditional::Create { if_none_exist: identifier_query(system, &ident) });
+            tx.push(
+                &url,
+                obs,
+                Conditional::Create {
+                    if_none_exist: identifier_query(system, &ident),
+                },
+            );
         }
 
         let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
@@ -606,9 +783,17 @@ impl Resources<'_> {
         // Provenance has no identifier in R4: a tag names its submission so that a re-sent
         // Bundle matches the first one instead of creating a second Provenance.
         prov["meta"] = json!({"tag": [{"system": system, "code": self.submission_id}]});
-        tx.push(&self.url("Provenance", ""), prov, Conditional::Create {
-            if_none_exist: format!("_tag={}|{}", crate::fhir::search_encode(system), crate::fhir::search_encode(self.submission_id)),
-        });
+        tx.push(
+            &self.url("Provenance", ""),
+            prov,
+            Conditional::Create {
+                if_none_exist: format!(
+                    "_tag={}|{}",
+                    crate::fhir::search_encode(system),
+                    crate::fhir::search_encode(self.submission_id)
+                ),
+            },
+        );
         tx.build()
     }
 
@@ -643,7 +828,8 @@ impl Resources<'_> {
                     Components::Split { separator, parts } => {
                         for (i, a) in node.answers.iter().enumerate() {
                             let Answer::Str(s) = a else { continue };
-                            let pieces: Vec<&str> = s.split(separator.as_str()).map(str::trim).collect();
+                            let pieces: Vec<&str> =
+                                s.split(separator.as_str()).map(str::trim).collect();
                             let numbers: Option<Vec<serde_json::Number>> =
                                 pieces.iter().map(|p| value::number(&json!(p))).collect();
                             match numbers {
@@ -655,12 +841,22 @@ impl Resources<'_> {
                                         .collect();
                                     let mut obs = self.observation(node, rule, patient_url, qr_url);
                                     obs["component"] = Value::Array(components);
-                                    out.push(self.keyed(node, (node.answers.len() > 1).then_some(i.to_string()), obs));
+                                    out.push(self.keyed(
+                                        node,
+                                        (node.answers.len() > 1).then_some(i.to_string()),
+                                        obs,
+                                    ));
                                 }
                                 _ => issues.push(
-                                    Issue::error("value", format!("expected {} numbers separated by `{separator}`", parts.len()))
-                                        .at(node.key.clone())
-                                        .at(origin(&node.item.rule)),
+                                    Issue::error(
+                                        "value",
+                                        format!(
+                                            "expected {} numbers separated by `{separator}`",
+                                            parts.len()
+                                        ),
+                                    )
+                                    .at(node.key.clone())
+                                    .at(origin(&node.item.rule)),
                                 ),
                             }
                         }
@@ -674,7 +870,11 @@ impl Resources<'_> {
                             let (k, v) = a.observation_value();
                             let mut obs = self.observation(node, rule, patient_url, qr_url);
                             obs[k] = v;
-                            let suffix = multi.then(|| a.identity().map(str::to_string).unwrap_or_else(|| i.to_string()));
+                            let suffix = multi.then(|| {
+                                a.identity()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| i.to_string())
+                            });
                             out.push(self.keyed(node, suffix, obs));
                         }
                     }
@@ -685,7 +885,12 @@ impl Resources<'_> {
     }
 
     /// Gives an Observation its business identifier and fullUrl.
-    fn keyed(&self, node: &Node<'_>, suffix: Option<String>, mut obs: Value) -> (String, String, Value) {
+    fn keyed(
+        &self,
+        node: &Node<'_>,
+        suffix: Option<String>,
+        mut obs: Value,
+    ) -> (String, String, Value) {
         let key = match suffix {
             Some(s) => format!("{}:{s}", node.key),
             None => node.key.clone(),
@@ -695,7 +900,13 @@ impl Resources<'_> {
         (self.url("Observation", &key), ident, obs)
     }
 
-    fn observation(&self, node: &Node<'_>, rule: &super::ObservationRule, patient_url: &str, qr_url: &str) -> Value {
+    fn observation(
+        &self,
+        node: &Node<'_>,
+        rule: &super::ObservationRule,
+        patient_url: &str,
+        qr_url: &str,
+    ) -> Value {
         let mut obs = json!({"resourceType": "Observation", "status": "final"});
         if !rule.categories.is_empty() {
             obs["category"] = json!(rule.categories);

@@ -34,8 +34,16 @@ impl Mapping {
 
 fn item(i: &Item) -> Value {
     let mut v = json!({"linkId": i.link_id});
-    let obs_codes = i.observation.as_ref().map(|o| o.codes.clone()).unwrap_or_default();
-    let codes: Vec<Value> = if obs_codes.is_empty() { i.code.iter().cloned().collect() } else { obs_codes };
+    let obs_codes = i
+        .observation
+        .as_ref()
+        .map(|o| o.codes.clone())
+        .unwrap_or_default();
+    let codes: Vec<Value> = if obs_codes.is_empty() {
+        i.code.iter().cloned().collect()
+    } else {
+        obs_codes
+    };
     if !codes.is_empty() {
         v["code"] = json!(codes);
     }
@@ -98,7 +106,13 @@ fn item(i: &Item) -> Value {
 /// A FHIR id (`[A-Za-z0-9\-\.]{1,64}`) from a mapping id.
 fn fhir_id(id: &str) -> String {
     id.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect()
 }

@@ -131,7 +131,11 @@ fn simple_steps(path: &str) -> Option<Vec<Step>> {
             }
             let end = r.find(['.', '[']).unwrap_or(r.len());
             let name = &r[..end];
-            if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-') {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+            {
                 return None;
             }
             steps.push(Step::Key(name.to_string()));
@@ -255,8 +259,14 @@ mod tests {
                 .collect();
             assert_eq!(got, reference, "{path} disagrees with jsonpath-rust");
         }
-        assert!(matches!(Selector::compile("$.a.b").unwrap().plan, Plan::Steps(_)));
-        assert!(matches!(Selector::compile("$..c").unwrap().plan, Plan::Query(_)));
+        assert!(matches!(
+            Selector::compile("$.a.b").unwrap().plan,
+            Plan::Steps(_)
+        ));
+        assert!(matches!(
+            Selector::compile("$..c").unwrap().plan,
+            Plan::Query(_)
+        ));
     }
 
     #[test]

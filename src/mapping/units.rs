@@ -26,27 +26,153 @@ struct Unit {
 }
 
 const UNITS: &[Unit] = &[
-    Unit { code: "kg", display: "kg", dim: Dimension::Mass, factor: 1.0, offset: 0.0 },
-    Unit { code: "g", display: "g", dim: Dimension::Mass, factor: 0.001, offset: 0.0 },
-    Unit { code: "[lb_av]", display: "lb", dim: Dimension::Mass, factor: 0.453_592_37, offset: 0.0 },
-    Unit { code: "[oz_av]", display: "oz", dim: Dimension::Mass, factor: 0.028_349_523_125, offset: 0.0 },
-    Unit { code: "m", display: "m", dim: Dimension::Length, factor: 1.0, offset: 0.0 },
-    Unit { code: "cm", display: "cm", dim: Dimension::Length, factor: 0.01, offset: 0.0 },
-    Unit { code: "mm", display: "mm", dim: Dimension::Length, factor: 0.001, offset: 0.0 },
-    Unit { code: "[in_i]", display: "in", dim: Dimension::Length, factor: 0.0254, offset: 0.0 },
-    Unit { code: "[ft_i]", display: "ft", dim: Dimension::Length, factor: 0.3048, offset: 0.0 },
-    Unit { code: "mm[Hg]", display: "mmHg", dim: Dimension::Pressure, factor: 1.0, offset: 0.0 },
-    Unit { code: "Cel", display: "°C", dim: Dimension::Temperature, factor: 1.0, offset: 0.0 },
-    Unit { code: "[degF]", display: "°F", dim: Dimension::Temperature, factor: 5.0 / 9.0, offset: -32.0 * 5.0 / 9.0 },
-    Unit { code: "kg/m2", display: "kg/m2", dim: Dimension::BodyMassIndex, factor: 1.0, offset: 0.0 },
-    Unit { code: "/min", display: "/min", dim: Dimension::Rate, factor: 1.0, offset: 0.0 },
-    Unit { code: "%", display: "%", dim: Dimension::Fraction, factor: 1.0, offset: 0.0 },
-    Unit { code: "{score}", display: "{score}", dim: Dimension::Score, factor: 1.0, offset: 0.0 },
-    Unit { code: "h", display: "h", dim: Dimension::Time, factor: 3600.0, offset: 0.0 },
-    Unit { code: "min", display: "min", dim: Dimension::Time, factor: 60.0, offset: 0.0 },
-    Unit { code: "d", display: "d", dim: Dimension::Time, factor: 86400.0, offset: 0.0 },
-    Unit { code: "wk", display: "wk", dim: Dimension::Time, factor: 604_800.0, offset: 0.0 },
-    Unit { code: "mg", display: "mg", dim: Dimension::Mass, factor: 1e-6, offset: 0.0 },
+    Unit {
+        code: "kg",
+        display: "kg",
+        dim: Dimension::Mass,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "g",
+        display: "g",
+        dim: Dimension::Mass,
+        factor: 0.001,
+        offset: 0.0,
+    },
+    Unit {
+        code: "[lb_av]",
+        display: "lb",
+        dim: Dimension::Mass,
+        factor: 0.453_592_37,
+        offset: 0.0,
+    },
+    Unit {
+        code: "[oz_av]",
+        display: "oz",
+        dim: Dimension::Mass,
+        factor: 0.028_349_523_125,
+        offset: 0.0,
+    },
+    Unit {
+        code: "m",
+        display: "m",
+        dim: Dimension::Length,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "cm",
+        display: "cm",
+        dim: Dimension::Length,
+        factor: 0.01,
+        offset: 0.0,
+    },
+    Unit {
+        code: "mm",
+        display: "mm",
+        dim: Dimension::Length,
+        factor: 0.001,
+        offset: 0.0,
+    },
+    Unit {
+        code: "[in_i]",
+        display: "in",
+        dim: Dimension::Length,
+        factor: 0.0254,
+        offset: 0.0,
+    },
+    Unit {
+        code: "[ft_i]",
+        display: "ft",
+        dim: Dimension::Length,
+        factor: 0.3048,
+        offset: 0.0,
+    },
+    Unit {
+        code: "mm[Hg]",
+        display: "mmHg",
+        dim: Dimension::Pressure,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "Cel",
+        display: "°C",
+        dim: Dimension::Temperature,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "[degF]",
+        display: "°F",
+        dim: Dimension::Temperature,
+        factor: 5.0 / 9.0,
+        offset: -32.0 * 5.0 / 9.0,
+    },
+    Unit {
+        code: "kg/m2",
+        display: "kg/m2",
+        dim: Dimension::BodyMassIndex,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "/min",
+        display: "/min",
+        dim: Dimension::Rate,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "%",
+        display: "%",
+        dim: Dimension::Fraction,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "{score}",
+        display: "{score}",
+        dim: Dimension::Score,
+        factor: 1.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "h",
+        display: "h",
+        dim: Dimension::Time,
+        factor: 3600.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "min",
+        display: "min",
+        dim: Dimension::Time,
+        factor: 60.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "d",
+        display: "d",
+        dim: Dimension::Time,
+        factor: 86400.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "wk",
+        display: "wk",
+        dim: Dimension::Time,
+        factor: 604_800.0,
+        offset: 0.0,
+    },
+    Unit {
+        code: "mg",
+        display: "mg",
+        dim: Dimension::Mass,
+        factor: 1e-6,
+        offset: 0.0,
+    },
 ];
 
 fn find(code: &str) -> Option<&'static Unit> {
@@ -82,9 +208,14 @@ pub enum UnitError {
 impl std::fmt::Display for UnitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            UnitError::Unknown(u) => write!(f, "unknown UCUM unit `{u}` (known: {})", known_codes()),
+            UnitError::Unknown(u) => {
+                write!(f, "unknown UCUM unit `{u}` (known: {})", known_codes())
+            }
             UnitError::Incompatible { from, to } => {
-                write!(f, "cannot convert `{from}` to `{to}`: they measure different things")
+                write!(
+                    f,
+                    "cannot convert `{from}` to `{to}`: they measure different things"
+                )
             }
         }
     }
@@ -133,7 +264,10 @@ mod tests {
 
     #[test]
     fn refuses_what_cannot_be_converted() {
-        assert!(matches!(check("[lb_av]", "cm"), Err(UnitError::Incompatible { .. })));
+        assert!(matches!(
+            check("[lb_av]", "cm"),
+            Err(UnitError::Incompatible { .. })
+        ));
         assert!(matches!(check("stone", "kg"), Err(UnitError::Unknown(_))));
     }
 }

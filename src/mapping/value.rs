@@ -66,7 +66,10 @@ impl Answer<'_> {
     /// The FHIR `value[x]` of an Observation (R4 has no valueDecimal or valueDate).
     pub fn observation_value(&self) -> (&'static str, Value) {
         match self {
-            Answer::Dec(n) => ("valueQuantity", json!({ "value": Value::Number(n.clone()) })),
+            Answer::Dec(n) => (
+                "valueQuantity",
+                json!({ "value": Value::Number(n.clone()) }),
+            ),
             Answer::Date(d) => ("valueDateTime", json!(d)),
             Answer::Coding(c) => ("valueCodeableConcept", json!({ "coding": [c.to_coding()] })),
             other => other.qr_value(),
@@ -157,17 +160,24 @@ pub fn coerce<'m>(
             Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
                 "true" | "yes" | "y" | "1" => Ok(Answer::Bool(true)),
                 "false" | "no" | "n" | "0" => Ok(Answer::Bool(false)),
-                _ => Err(bad("value", "a string that is not yes/no/true/false; add a value map")),
+                _ => Err(bad(
+                    "value",
+                    "a string that is not yes/no/true/false; add a value map",
+                )),
             },
             Value::Number(n) if n.as_f64() == Some(1.0) => Ok(Answer::Bool(true)),
             Value::Number(n) if n.as_f64() == Some(0.0) => Ok(Answer::Bool(false)),
             _ => Err(bad("value", format!("expected a boolean, got {kind}"))),
         },
         ItemType::Integer => {
-            let n = number(raw).ok_or_else(|| bad("value", format!("expected an integer, got {kind}")))?;
+            let n = number(raw)
+                .ok_or_else(|| bad("value", format!("expected an integer, got {kind}")))?;
             let f = n.as_f64().unwrap_or(f64::NAN);
             if f.fract() != 0.0 || !f.is_finite() || f.abs() > 9.0e15 {
-                return Err(bad("value", "expected an integer, got a number with a fraction"));
+                return Err(bad(
+                    "value",
+                    "expected an integer, got a number with a fraction",
+                ));
             }
             Ok(Answer::Int(f as i64))
         }
@@ -198,7 +208,8 @@ pub fn number(raw: &Value) -> Option<Number> {
             let t = s.trim();
             let ok = !t.is_empty()
                 && t.parse::<f64>().map(f64::is_finite).unwrap_or(false)
-                && t.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
+                && t.chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
             if !ok {
                 return None;
             }
@@ -237,10 +248,20 @@ fn date(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
         Value::Object(o) => {
             let part = |k: &str| o.get(k).and_then(|v| number(v)).and_then(|n| n.as_f64());
             match (part("year"), part("month"), part("day")) {
-                (Some(y), Some(m), Some(d)) => NaiveDate::from_ymd_opt(y as i32, m as u32, d as u32)
-                    .map(|d| d.format("%Y-%m-%d").to_string())
-                    .ok_or_else(|| bad("value", "a {month, day, year} object that is not a calendar date")),
-                _ => Err(bad("value", "a date object without numeric month, day and year")),
+                (Some(y), Some(m), Some(d)) => {
+                    NaiveDate::from_ymd_opt(y as i32, m as u32, d as u32)
+                        .map(|d| d.format("%Y-%m-%d").to_string())
+                        .ok_or_else(|| {
+                            bad(
+                                "value",
+                                "a {month, day, year} object that is not a calendar date",
+                            )
+                        })
+                }
+                _ => Err(bad(
+                    "value",
+                    "a date object without numeric month, day and year",
+                )),
             }
         }
         Value::String(s) => {
@@ -248,7 +269,12 @@ fn date(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
             if let Some(f) = format {
                 return NaiveDate::parse_from_str(s, &chrono_format(f))
                     .map(|d| d.format("%Y-%m-%d").to_string())
-                    .map_err(|_| bad("value", format!("a date that does not match the format `{f}`")));
+                    .map_err(|_| {
+                        bad(
+                            "value",
+                            format!("a date that does not match the format `{f}`"),
+                        )
+                    });
             }
             if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
                 return Ok(d.format("%Y-%m-%d").to_string());
@@ -256,11 +282,17 @@ fn date(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
             if let Ok(dt) = DateTime::parse_from_rfc3339(s) {
                 return Ok(dt.format("%Y-%m-%d").to_string());
             }
-            Err(bad("value", "a date that is not YYYY-MM-DD; declare its `format`"))
+            Err(bad(
+                "value",
+                "a date that is not YYYY-MM-DD; declare its `format`",
+            ))
         }
         other => Err(bad(
             "value",
-            format!("expected a date, got {}", crate::fhir::outcome::json_type(other)),
+            format!(
+                "expected a date, got {}",
+                crate::fhir::outcome::json_type(other)
+            ),
         )),
     }
 }
@@ -269,7 +301,10 @@ fn date_time(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
     let Value::String(s) = raw else {
         return Err(bad(
             "value",
-            format!("expected a date-time, got {}", crate::fhir::outcome::json_type(raw)),
+            format!(
+                "expected a date-time, got {}",
+                crate::fhir::outcome::json_type(raw)
+            ),
         ));
     };
     let s = s.trim();
@@ -279,8 +314,13 @@ fn date_time(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
     };
     match parsed {
         Some(dt) => Ok(fhir_instant(&dt)),
-        None if format.is_none() && NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S").is_ok() => {
-            Err(bad("value", "a date-time without a time zone; FHIR needs one"))
+        None if format.is_none()
+            && NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S").is_ok() =>
+        {
+            Err(bad(
+                "value",
+                "a date-time without a time zone; FHIR needs one",
+            ))
         }
         None => Err(bad(
             "value",
@@ -310,7 +350,9 @@ pub fn strip_html(s: &str) -> String {
             break;
         };
         let tag = rest[start + 1..start + end].trim().to_ascii_lowercase();
-        if (tag.starts_with("br") || tag == "/p" || tag == "/div" || tag == "/li") && !out.ends_with('\n') {
+        if (tag.starts_with("br") || tag == "/p" || tag == "/div" || tag == "/li")
+            && !out.ends_with('\n')
+        {
             out.push('\n');
         }
         rest = &rest[start + end + 1..];
@@ -332,9 +374,18 @@ mod tests {
 
     #[test]
     fn false_and_zero_are_answers() {
-        assert_eq!(coerce(&json!(false), ItemType::Boolean, None), Ok(Answer::Bool(false)));
-        assert_eq!(coerce(&json!(0), ItemType::Integer, None), Ok(Answer::Int(0)));
-        assert_eq!(coerce(&json!("No"), ItemType::Boolean, None), Ok(Answer::Bool(false)));
+        assert_eq!(
+            coerce(&json!(false), ItemType::Boolean, None),
+            Ok(Answer::Bool(false))
+        );
+        assert_eq!(
+            coerce(&json!(0), ItemType::Integer, None),
+            Ok(Answer::Int(0))
+        );
+        assert_eq!(
+            coerce(&json!("No"), ItemType::Boolean, None),
+            Ok(Answer::Bool(false))
+        );
     }
 
     #[test]
@@ -355,7 +406,10 @@ mod tests {
     #[test]
     fn dates_from_vendor_forms() {
         let obj = json!({"month": "11", "day": "02", "year": "1979"});
-        assert_eq!(coerce(&obj, ItemType::Date, None), Ok(Answer::Date("1979-11-02".into())));
+        assert_eq!(
+            coerce(&obj, ItemType::Date, None),
+            Ok(Answer::Date("1979-11-02".into()))
+        );
         assert_eq!(
             coerce(&json!("03/14/1986"), ItemType::Date, Some("MM/DD/YYYY")),
             Ok(Answer::Date("1986-03-14".into()))
@@ -363,7 +417,11 @@ mod tests {
         assert!(coerce(&json!("03/14/1986"), ItemType::Date, None).is_err());
         assert!(coerce(&json!("1986-02-30"), ItemType::Date, None).is_err());
         assert_eq!(
-            coerce(&json!("2025-11-18 09:41:07 -0800"), ItemType::DateTime, Some("YYYY-MM-DD HH:mm:ss Z")),
+            coerce(
+                &json!("2025-11-18 09:41:07 -0800"),
+                ItemType::DateTime,
+                Some("YYYY-MM-DD HH:mm:ss Z")
+            ),
             Ok(Answer::DateTime("2025-11-18T09:41:07-08:00".into()))
         );
         assert_eq!(

@@ -46,22 +46,42 @@ impl FhirServer {
             .expect("start tests/fhir-server/start.sh");
         let stdout = child.stdout.take().expect("server stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the server's ready line");
-        let ready: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("FHIR test server did not start (first line {line:?}): {e}"));
-        let url = ready["url"].as_str().expect("url in the ready line").to_string();
-        FhirServer { child, url, http: reqwest::blocking::Client::new() }
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the server's ready line");
+        let ready: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!("FHIR test server did not start (first line {line:?}): {e}")
+        });
+        let url = ready["url"]
+            .as_str()
+            .expect("url in the ready line")
+            .to_string();
+        FhirServer {
+            child,
+            url,
+            http: reqwest::blocking::Client::new(),
+        }
     }
 
     /// Drops all data.
     pub fn reset(&self) {
-        let r = self.http.post(format!("{}/$reset", self.url)).send().expect("reset");
+        let r = self
+            .http
+            .post(format!("{}/$reset", self.url))
+            .send()
+            .expect("reset");
         assert!(r.status().is_success(), "reset: {}", r.status());
     }
 
     /// Resource counts by type.
     pub fn counts(&self) -> Value {
-        let v: Value = self.http.get(format!("{}/$health", self.url)).send().expect("health").json().expect("health json");
+        let v: Value = self
+            .http
+            .get(format!("{}/$health", self.url))
+            .send()
+            .expect("health")
+            .json()
+            .expect("health json");
         v["counts"].clone()
     }
 
@@ -83,7 +103,12 @@ impl FhirServer {
     }
 
     pub fn search(&self, query: &str) -> Value {
-        self.http.get(format!("{}/{query}", self.url)).send().expect("search").json().expect("search json")
+        self.http
+            .get(format!("{}/{query}", self.url))
+            .send()
+            .expect("search")
+            .json()
+            .expect("search json")
     }
 }
 
