@@ -72,6 +72,46 @@ fn golden_bundles_are_accepted_and_reposting_creates_nothing() {
 }
 
 #[test]
+fn golden_bundles_and_questionnaires_pass_the_offline_validator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut files = Vec::new();
+    for m in mapping::load_dir(&root().join("mappings")).expect("mappings load") {
+        let q = dir.path().join(format!("{}.questionnaire.json", m.id));
+        std::fs::write(&q, m.questionnaire().to_string()).expect("write");
+        files.push(q);
+        for input in golden::cases(&root().join("fixtures"), &m.id) {
+            let raw = std::fs::read(&input).expect("read fixture");
+            let rendered = golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render");
+            if let Some(bundle) = rendered.get("bundle") {
+                let name = input
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("case")
+                    .replace(".input.json", ".bundle.json");
+                let path = dir.path().join(format!("{}.{name}", m.id));
+                std::fs::write(&path, bundle.to_string()).expect("write");
+                files.push(path);
+            }
+        }
+    }
+    let out = std::process::Command::new("bash")
+        .arg(root().join("tests/fhir-server/validate.sh"))
+        .args(&files)
+        .output()
+        .expect("run validate.sh");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "validator found errors:\n{report}");
+    assert_eq!(
+        report
+            .lines()
+            .filter(|l| l.contains("\"valid\":true"))
+            .count(),
+        files.len(),
+        "{report}"
+    );
+}
+
+#[test]
 fn the_server_rejects_an_invalid_bundle_atomically() {
     // A guard that the server really validates: a broken Observation fails the whole Bundle.
     let server = FhirServer::start();

@@ -2,6 +2,8 @@
 
 use serde_json::{json, Value};
 
+use super::object;
+
 /// How an entry is written so that a retried or re-sent Bundle never duplicates anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Conditional {
@@ -30,21 +32,21 @@ impl TransactionBuilder {
             .unwrap_or("Resource")
             .to_string();
         let request = match conditional {
-            Conditional::Create { if_none_exist } => json!({
-                "method": "POST",
-                "url": resource_type,
-                "ifNoneExist": if_none_exist,
-            }),
-            Conditional::Update { query } => json!({
-                "method": "PUT",
-                "url": format!("{resource_type}?{query}"),
-            }),
+            Conditional::Create { if_none_exist } => object([
+                ("method", "POST".into()),
+                ("url", resource_type.into()),
+                ("ifNoneExist", if_none_exist.into()),
+            ]),
+            Conditional::Update { query } => object([
+                ("method", "PUT".into()),
+                ("url", format!("{resource_type}?{query}").into()),
+            ]),
         };
-        self.entries.push(json!({
-            "fullUrl": full_url,
-            "resource": resource,
-            "request": request,
-        }));
+        self.entries.push(object([
+            ("fullUrl", full_url.into()),
+            ("resource", resource),
+            ("request", request),
+        ]));
     }
 
     pub fn len(&self) -> usize {
@@ -67,7 +69,10 @@ impl TransactionBuilder {
 /// A typed reference to another entry of the same Bundle (`type` lets validators check it
 /// before the server has rewritten the `urn:uuid`).
 pub fn reference(full_url: &str, resource_type: &str) -> Value {
-    json!({ "reference": full_url, "type": resource_type })
+    object([
+        ("reference", full_url.into()),
+        ("type", resource_type.into()),
+    ])
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@ pub const LOINC: &str = "http://loinc.org";
 /// HL7 observation categories.
 pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 
+/// A JSON object from owned values. Unlike `json!`, which runs every interpolated `Value`
+/// through the serializer (a deep copy), this moves them: it matters on the per-payload path.
+pub fn object<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> serde_json::Value {
+    serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
 /// The SHA-256 of `bytes` as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))

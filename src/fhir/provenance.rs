@@ -56,9 +56,7 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
         .iter()
         .map(|(t, kind)| super::bundle::reference(t, kind))
         .collect();
-    json!({
-        "resourceType": "Provenance",
-        "target": targets,
+    let rest = json!({
         "recorded": p.recorded,
         "activity": {"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
@@ -91,7 +89,16 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
                 "identifier": {"system": URI_SYSTEM, "value": named_information(p.mapping_sha256)},
                 "display": "SHA-256 of the mapping file"}}
         ]
-    })
+    });
+    // Targets are moved in, not serialised again as `json!` would.
+    let mut prov = super::object([
+        ("resourceType", "Provenance".into()),
+        ("target", Value::Array(targets)),
+    ]);
+    if let (Some(p), Value::Object(rest)) = (prov.as_object_mut(), rest) {
+        p.extend(rest);
+    }
+    prov
 }
 
 #[cfg(test)]

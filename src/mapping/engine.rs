@@ -5,6 +5,7 @@
 //! are built directly as JSON. Errors are collected, never thrown: a payload that does not fit
 //! its map yields every problem at once, each with the linkId and path, never the value.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use super::{Components, Derivation, Item, ItemType, MapTarget, Mapping, ValueRul
 use crate::fhir::bundle::reference;
 use crate::fhir::provenance::{provenance, ProvenanceInput};
 use crate::fhir::{
-    identifier_query, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder,
+    identifier_query, object, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder,
 };
 
 /// One submission as received.
@@ -267,28 +268,7 @@ fn is_blank(v: &Value) -> bool {
 impl<'m, 'p> Run<'m, 'p> {
     /// The raw JSON values a rule selects in `ctx` (arrays flattened one level, blanks dropped).
     fn raw<'a>(&'a self, rule: &ValueRule, ctx: &'a Value) -> Vec<&'a Value> {
-        let selected: Vec<&Value> = if let Some(key) = &rule.answer {
-            match self.index.get(key) {
-                None => Vec::new(),
-                Some(element) => match &rule.value {
-                    Some(sel) => sel.select(element),
-                    None => vec![element],
-                },
-            }
-        } else if let Some(path) = &rule.path {
-            path.select(ctx)
-        } else {
-            Vec::new()
-        };
-        let mut out = Vec::with_capacity(selected.len());
-        for v in selected {
-            match v {
-                Value::Array(items) => out.extend(items.iter().filter(|x| !is_blank(x))),
-                v if !is_blank(v) => out.push(v),
-                _ => {}
-            }
-        }
-        out
+        raw(&self.index, rule, ctx)
     }
 
     /// Typed answers of a rule in `ctx`, after every declared transform.
@@ -299,67 +279,25 @@ impl<'m, 'p> Run<'m, 'p> {
         ctx: &Value,
         at: &str,
     ) -> Vec<Answer<'m>> {
-        let raws: Vec<Value> = self.raw(rule, ctx).into_iter().cloned().collect();
-        let raws = if raws.is_empty() {
-            rule.default.iter().cloned().collect()
-        } else {
-            raws
-        };
         let mut out = Vec::new();
-        for raw in raws {
+        let issues = &mut self.issues;
+        let mut convert_all = |raw: &Value| {
             for part in split(rule, raw) {
-                match self.convert(rule, ty, &part) {
+                match convert(rule, ty, &part) {
                     Ok(a) => out.push(a),
-                    Err((code, msg)) => self
-                        .issues
-                        .push(Issue::error(code, msg).at(at.to_string()).at(origin(rule))),
+                    Err((code, msg)) => {
+                        issues.push(Issue::error(code, msg).at(at.to_string()).at(origin(rule)))
+                    }
                 }
             }
+        };
+        let raws = raw(&self.index, rule, ctx);
+        if raws.is_empty() {
+            rule.default.iter().for_each(&mut convert_all);
+        } else {
+            raws.into_iter().for_each(&mut convert_all);
         }
         out
-    }
-
-    fn convert(
-        &self,
-        rule: &'m ValueRule,
-        ty: ItemType,
-        raw: &Value,
-    ) -> Result<Answer<'m>, (&'static str, String)> {
-        let mapped: &Value;
-        let owned;
-        if let Some(map) = &rule.map {
-            let key = match raw {
-                Value::String(s) => s.trim().to_string(),
-                Value::Number(n) => n.to_string(),
-                Value::Bool(b) => b.to_string(),
-                other => {
-                    return Err((
-                        "value",
-                        format!(
-                            "expected an option, got {}",
-                            crate::fhir::outcome::json_type(other)
-                        ),
-                    ))
-                }
-            };
-            match map.get(&key) {
-                Some(MapTarget::Coding(c)) => return Ok(Answer::Coding(c)),
-                Some(MapTarget::Value(v)) => mapped = v,
-                None => {
-                    return Err((
-                        "code-invalid",
-                        format!(
-                            "the answer is not one of the {} options of the value map",
-                            map.entries.len()
-                        ),
-                    ))
-                }
-            }
-        } else {
-            owned = raw.clone();
-            mapped = &owned;
-        }
-        value::coerce(mapped, ty, rule.format.as_deref()).map_err(|e| (e.code, e.message))
     }
 
     fn first_string(&mut self, rule: &'m ValueRule, ctx: &Value, at: &str) -> Option<String> {
@@ -465,7 +403,7 @@ impl<'m, 'p> Run<'m, 'p> {
                     self.note_missing(item);
                 }
             } else if item.item_type == ItemType::Group {
-                let children = self.extract(&item.children, ctx, &format!("{prefix}"));
+                let children = self.extract(&item.children, ctx, prefix);
                 if children.is_empty() {
                     self.note_missing(item);
                 } else {
@@ -666,31 +604,96 @@ impl<'m, 'p> Run<'m, 'p> {
     }
 }
 
-/// Splits a raw string into parts as the rule says (after stripping HTML).
-fn split(rule: &ValueRule, raw: Value) -> Vec<Value> {
-    let Value::String(s) = raw else {
-        return vec![raw];
-    };
-    let s = if rule.strip_html {
-        value::strip_html(&s)
+/// The raw JSON values a rule selects in `ctx` (arrays flattened one level, blanks dropped).
+fn raw<'a>(index: &'a AnswerIndex<'_>, rule: &ValueRule, ctx: &'a Value) -> Vec<&'a Value> {
+    let selected: Vec<&Value> = if let Some(key) = &rule.answer {
+        match index.get(key) {
+            None => Vec::new(),
+            Some(element) => match &rule.value {
+                Some(sel) => sel.select(element),
+                None => vec![element],
+            },
+        }
+    } else if let Some(path) = &rule.path {
+        path.select(ctx)
     } else {
-        s
+        Vec::new()
     };
-    let parts: Vec<Value> = match &rule.split {
+    let mut out = Vec::with_capacity(selected.len());
+    for v in selected {
+        match v {
+            Value::Array(items) => out.extend(items.iter().filter(|x| !is_blank(x))),
+            v if !is_blank(v) => out.push(v),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// One raw value through the value map (if any) and coercion to the item's type.
+fn convert<'m>(
+    rule: &'m ValueRule,
+    ty: ItemType,
+    raw: &Value,
+) -> Result<Answer<'m>, (&'static str, String)> {
+    let mapped = match &rule.map {
+        None => raw,
+        Some(map) => {
+            let key: Cow<'_, str> = match raw {
+                Value::String(s) => Cow::Borrowed(s.trim()),
+                Value::Number(n) => Cow::Owned(n.to_string()),
+                Value::Bool(b) => Cow::Owned(b.to_string()),
+                other => {
+                    let kind = crate::fhir::outcome::json_type(other);
+                    return Err(("value", format!("expected an option, got {kind}")));
+                }
+            };
+            match map.get(&key) {
+                Some(MapTarget::Coding(c)) => return Ok(Answer::Coding(c)),
+                Some(MapTarget::Value(v)) => v,
+                None => {
+                    let n = map.entries.len();
+                    let msg = format!("the answer is not one of the {n} options of the value map");
+                    return Err(("code-invalid", msg));
+                }
+            }
+        }
+    };
+    value::coerce(mapped, ty, rule.format.as_deref()).map_err(|e| (e.code, e.message))
+}
+
+/// Splits a raw string into parts as the rule says (after stripping HTML); other values pass.
+fn split<'a>(rule: &ValueRule, raw: &'a Value) -> Vec<Cow<'a, Value>> {
+    let Value::String(s) = raw else {
+        return vec![Cow::Borrowed(raw)];
+    };
+    if !rule.strip_html && rule.split.is_none() {
+        return if s.trim().is_empty() {
+            Vec::new()
+        } else {
+            vec![Cow::Borrowed(raw)]
+        };
+    }
+    let s: Cow<'_, str> = if rule.strip_html {
+        Cow::Owned(value::strip_html(s))
+    } else {
+        Cow::Borrowed(s.as_str())
+    };
+    match &rule.split {
         Some(sep) => {
             let parts = s
                 .split(sep.as_str())
                 .map(str::trim)
                 .filter(|p| !p.is_empty());
+            let owned = |p: &str| Cow::Owned(Value::String(p.to_string()));
             match rule.pick {
-                Some(n) => parts.skip(n).take(1).map(|p| json!(p)).collect(),
-                None => parts.map(|p| json!(p)).collect(),
+                Some(n) => parts.skip(n).take(1).map(owned).collect(),
+                None => parts.map(owned).collect(),
             }
         }
         None if s.trim().is_empty() => Vec::new(),
-        None => vec![Value::String(s)],
-    };
-    parts
+        None => vec![Cow::Owned(Value::String(s.into_owned()))],
+    }
 }
 
 /// Everything that names the resources of one submission.
@@ -731,16 +734,22 @@ impl Resources<'_> {
             },
         );
 
-        let mut qr = json!({
-            "resourceType": "QuestionnaireResponse",
-            "identifier": {"system": system, "value": self.submission_id},
-            "questionnaire": m.canonical(),
-            "status": "completed",
-            "subject": patient_ref(),
-            "authored": self.authored,
-            "author": patient_ref(),
-            "source": patient_ref(),
-        });
+        let mut qr = object([
+            ("resourceType", "QuestionnaireResponse".into()),
+            (
+                "identifier",
+                object([
+                    ("system", system.into()),
+                    ("value", self.submission_id.into()),
+                ]),
+            ),
+            ("questionnaire", m.canonical().into()),
+            ("status", "completed".into()),
+            ("subject", patient_ref()),
+            ("authored", self.authored.into()),
+            ("author", patient_ref()),
+            ("source", patient_ref()),
+        ]);
         let items = qr_items(nodes);
         if !items.is_empty() {
             qr["item"] = Value::Array(items);
@@ -782,7 +791,11 @@ impl Resources<'_> {
         });
         // Provenance has no identifier in R4: a tag names its submission so that a re-sent
         // Bundle matches the first one instead of creating a second Provenance.
-        prov["meta"] = json!({"tag": [{"system": system, "code": self.submission_id}]});
+        let tag = object([
+            ("system", system.into()),
+            ("code", self.submission_id.into()),
+        ]);
+        prov["meta"] = object([("tag", Value::Array(vec![tag]))]);
         tx.push(
             &self.url("Provenance", ""),
             prov,
@@ -814,9 +827,8 @@ impl Resources<'_> {
                             .filter_map(|id| node.children.iter().find(|c| &c.item.link_id == id))
                             .filter_map(|c| {
                                 let (k, v) = c.answers.first()?.observation_value();
-                                let mut comp = json!({"code": {"coding": [c.item.code.clone()?]}});
-                                comp[k] = v;
-                                Some(comp)
+                                let coding = Value::Array(vec![c.item.code.clone()?]);
+                                Some(object([("code", object([("coding", coding)])), (k, v)]))
                             })
                             .collect();
                         if !components.is_empty() {
@@ -837,7 +849,13 @@ impl Resources<'_> {
                                     let components: Vec<Value> = ns
                                         .iter()
                                         .zip(parts)
-                                        .map(|(n, (code, unit))| json!({"code": {"coding": [code]}, "valueQuantity": value::quantity(n, unit)}))
+                                        .map(|(n, (code, unit))| {
+                                            let coding = Value::Array(vec![code.clone()]);
+                                            object([
+                                                ("code", object([("coding", coding)])),
+                                                ("valueQuantity", value::quantity(n, unit)),
+                                            ])
+                                        })
                                         .collect();
                                     let mut obs = self.observation(node, rule, patient_url, qr_url);
                                     obs["component"] = Value::Array(components);
@@ -896,7 +914,11 @@ impl Resources<'_> {
             None => node.key.clone(),
         };
         let ident = format!("{}/{key}", self.submission_id);
-        obs["identifier"] = json!([{"system": self.mapping.identifier_system, "value": ident}]);
+        let identifier = object([
+            ("system", self.mapping.identifier_system.as_str().into()),
+            ("value", ident.as_str().into()),
+        ]);
+        obs["identifier"] = Value::Array(vec![identifier]);
         (self.url("Observation", &key), ident, obs)
     }
 
@@ -907,20 +929,23 @@ impl Resources<'_> {
         patient_url: &str,
         qr_url: &str,
     ) -> Value {
-        let mut obs = json!({"resourceType": "Observation", "status": "final"});
+        let mut obs = object([
+            ("resourceType", "Observation".into()),
+            ("status", "final".into()),
+        ]);
         if !rule.categories.is_empty() {
-            obs["category"] = json!(rule.categories);
+            obs["category"] = Value::Array(rule.categories.clone());
         }
-        let mut code = json!({"coding": rule.codes});
+        let mut code = object([("coding", Value::Array(rule.codes.clone()))]);
         if let Some(t) = &node.item.text {
-            code["text"] = json!(t);
+            code["text"] = t.as_str().into();
         }
         obs["code"] = code;
         obs["subject"] = reference(patient_url, "Patient");
-        obs["effectiveDateTime"] = json!(self.authored);
-        obs["issued"] = json!(self.recorded);
-        obs["performer"] = json!([reference(patient_url, "Patient")]);
-        obs["derivedFrom"] = json!([reference(qr_url, "QuestionnaireResponse")]);
+        obs["effectiveDateTime"] = self.authored.into();
+        obs["issued"] = self.recorded.into();
+        obs["performer"] = Value::Array(vec![reference(patient_url, "Patient")]);
+        obs["derivedFrom"] = Value::Array(vec![reference(qr_url, "QuestionnaireResponse")]);
         obs
     }
 }
@@ -929,9 +954,9 @@ fn qr_items(nodes: &[Node<'_>]) -> Vec<Value> {
     nodes
         .iter()
         .map(|n| {
-            let mut item = json!({"linkId": n.item.link_id});
+            let mut item = object([("linkId", n.item.link_id.as_str().into())]);
             if let Some(t) = &n.item.text {
-                item["text"] = json!(t);
+                item["text"] = t.as_str().into();
             }
             if !n.answers.is_empty() {
                 let answers: Vec<Value> = n
@@ -939,7 +964,7 @@ fn qr_items(nodes: &[Node<'_>]) -> Vec<Value> {
                     .iter()
                     .map(|a| {
                         let (k, v) = a.qr_value();
-                        json!({ k: v })
+                        object([(k, v)])
                     })
                     .collect();
                 item["answer"] = Value::Array(answers);

@@ -2,10 +2,11 @@
 //! the vendor's raw JSON (HTML stripping, splitting, value maps, type coercion, dates, units).
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime};
-use serde_json::{json, Number, Value};
+use serde_json::{Number, Value};
 
 use super::units;
 use super::ItemType;
+use crate::fhir::object;
 
 /// A value-map target that is a Coding (`{system, code, display}`), with what the map adds.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,11 +26,11 @@ impl CodingTarget {
     pub fn to_coding(&self) -> Value {
         let mut c = serde_json::Map::new();
         if let Some(s) = &self.system {
-            c.insert("system".into(), json!(s));
+            c.insert("system".into(), s.as_str().into());
         }
-        c.insert("code".into(), json!(self.code));
+        c.insert("code".into(), self.code.as_str().into());
         if let Some(d) = &self.display {
-            c.insert("display".into(), json!(d));
+            c.insert("display".into(), d.as_str().into());
         }
         Value::Object(c)
     }
@@ -52,12 +53,12 @@ impl Answer<'_> {
     /// The FHIR `value[x]` of a QuestionnaireResponse answer.
     pub fn qr_value(&self) -> (&'static str, Value) {
         match self {
-            Answer::Bool(b) => ("valueBoolean", json!(b)),
-            Answer::Int(i) => ("valueInteger", json!(i)),
+            Answer::Bool(b) => ("valueBoolean", Value::Bool(*b)),
+            Answer::Int(i) => ("valueInteger", Value::from(*i)),
             Answer::Dec(n) => ("valueDecimal", Value::Number(n.clone())),
-            Answer::Str(s) => ("valueString", json!(s)),
-            Answer::Date(d) => ("valueDate", json!(d)),
-            Answer::DateTime(d) => ("valueDateTime", json!(d)),
+            Answer::Str(s) => ("valueString", s.as_str().into()),
+            Answer::Date(d) => ("valueDate", d.as_str().into()),
+            Answer::DateTime(d) => ("valueDateTime", d.as_str().into()),
             Answer::Coding(c) => ("valueCoding", c.to_coding()),
             Answer::Quantity(n, u) => ("valueQuantity", quantity(n, u)),
         }
@@ -68,10 +69,13 @@ impl Answer<'_> {
         match self {
             Answer::Dec(n) => (
                 "valueQuantity",
-                json!({ "value": Value::Number(n.clone()) }),
+                object([("value", Value::Number(n.clone()))]),
             ),
-            Answer::Date(d) => ("valueDateTime", json!(d)),
-            Answer::Coding(c) => ("valueCodeableConcept", json!({ "coding": [c.to_coding()] })),
+            Answer::Date(d) => ("valueDateTime", d.as_str().into()),
+            Answer::Coding(c) => (
+                "valueCodeableConcept",
+                object([("coding", Value::Array(vec![c.to_coding()]))]),
+            ),
             other => other.qr_value(),
         }
     }
@@ -109,12 +113,12 @@ impl Answer<'_> {
 
 /// `{value, unit, system: UCUM, code}`.
 pub fn quantity(n: &Number, unit: &str) -> Value {
-    json!({
-        "value": Value::Number(n.clone()),
-        "unit": units::display(unit),
-        "system": crate::fhir::UCUM,
-        "code": unit,
-    })
+    object([
+        ("value", Value::Number(n.clone())),
+        ("unit", units::display(unit).into()),
+        ("system", crate::fhir::UCUM.into()),
+        ("code", unit.into()),
+    ])
 }
 
 /// A number rounded to `places` decimals, as a JSON number without trailing zeros.
@@ -371,6 +375,7 @@ pub fn strip_html(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn false_and_zero_are_answers() {
