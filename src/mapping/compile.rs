@@ -220,7 +220,7 @@ impl Compiler<'_> {
     /// The line of `key: value` (a top-level section or an item's link_id), searching from the cursor.
     fn find_line(&mut self, key: &str, value: &str) -> usize {
         let matches = |line: &str| {
-            let Some(pos) = line.find(&format!("{key}")) else {
+            let Some(pos) = line.find(key) else {
                 return false;
             };
             let rest = line[pos + key.len()..].trim_start_matches(['"', '\'']);

@@ -250,7 +250,7 @@ pub fn chrono_format(format: &str) -> String {
 fn date(raw: &Value, format: Option<&str>) -> Result<String, CoerceError> {
     match raw {
         Value::Object(o) => {
-            let part = |k: &str| o.get(k).and_then(|v| number(v)).and_then(|n| n.as_f64());
+            let part = |k: &str| o.get(k).and_then(number).and_then(|n| n.as_f64());
             match (part("year"), part("month"), part("day")) {
                 (Some(y), Some(m), Some(d)) => {
                     NaiveDate::from_ymd_opt(y as i32, m as u32, d as u32)
