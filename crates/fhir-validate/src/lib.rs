@@ -66,20 +66,42 @@ pub fn validate_resource(resource: &Value) -> Result<(), FhirError> {
     strict_parse(resource, &root)
 }
 
+/// Reads a single (non-Bundle) resource into fhirbolt's typed R4 model and writes it back:
+/// what a typed FHIR client would see of it.
+pub fn round_trip(resource: &Value) -> Result<Value, FhirError> {
+    let root = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or("Resource")
+        .to_string();
+    find_empty_array(resource, &root)?;
+    typed(resource, &root, true).map(|v| v.unwrap_or(Value::Null))
+}
+
 fn strict_parse(resource: &Value, root: &str) -> Result<(), FhirError> {
+    typed(resource, root, false).map(|_| ())
+}
+
+fn typed(resource: &Value, root: &str, write_back: bool) -> Result<Option<Value>, FhirError> {
     let value = resource.clone();
     let outcome = std::panic::catch_unwind(move || {
-        fhirbolt::json::from_json_value::<Resource>(
+        let typed = fhirbolt::json::from_json_value::<Resource>(
             value,
             Some(DeserializationConfig {
                 mode: DeserializationMode::Strict,
             }),
         )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        if write_back {
+            fhirbolt::json::to_json_value(typed, None)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(None)
+        }
     });
     match outcome {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(message)) => Err(FhirError {
             path: root.to_string(),
             message,
@@ -118,6 +140,13 @@ mod tests {
         let obs = json!({"resourceType": "Observation", "status": "final",
             "code": {"text": "weight"}, "valueQuantity": {"value": 72.5, "unit": "kg"}});
         assert_eq!(validate_resource(&obs), Ok(()));
+    }
+
+    #[test]
+    fn round_trips_a_resource() {
+        let obs = json!({"resourceType": "Observation", "status": "final",
+            "code": {"text": "weight"}, "valueQuantity": {"value": 72.5, "unit": "kg"}});
+        assert_eq!(round_trip(&obs), Ok(obs));
     }
 
     #[test]
