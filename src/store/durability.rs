@@ -1,0 +1,127 @@
+//! Group commit: one sled flush plus one fdatasync covers every write made before it, however
+//! many callers wait. sled's `flush` writes with `sync_file_range`, which is not an fsync, and
+//! `flush_async` deadlocks under concurrency (sled #1308); so a dedicated thread flushes with the
+//! blocking call, then fdatasyncs sled's data file, then wakes every caller it covered.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::StoreError;
+
+#[derive(Default)]
+struct Progress {
+    /// Commits asked for so far (a counter, not a queue).
+    requested: u64,
+    /// Commits made durable so far.
+    done: u64,
+    /// The last flush error and the highest commit it failed, reported to the callers it
+    /// covered (unless a later flush succeeded for them).
+    error: Option<String>,
+    failed_through: u64,
+    shutdown: bool,
+}
+
+pub(crate) struct GroupCommit {
+    state: Arc<(Mutex<Progress>, Condvar)>,
+    /// Joined on drop, so that its handle on the database is gone when the store is.
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GroupCommit {
+    pub(crate) fn start(db: sled::Db, data_file: PathBuf) -> GroupCommit {
+        let state = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
+        let worker = Arc::clone(&state);
+        let spawned = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || flush_loop(&worker, &db, &data_file));
+        let worker = match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                // Without the thread every commit would wait forever: fail them instead.
+                let (lock, cvar) = &*state;
+                if let Ok(mut p) = lock.lock() {
+                    p.error = Some(format!("cannot start the commit thread: {e}"));
+                    p.shutdown = true;
+                }
+                cvar.notify_all();
+                None
+            }
+        };
+        GroupCommit { state, worker }
+    }
+
+    /// Blocks until everything written before the call is on disk.
+    pub(crate) fn wait(&self) -> Result<(), StoreError> {
+        let (lock, cvar) = &*self.state;
+        let poisoned = |_| StoreError::Io {
+            path: PathBuf::from("<store>"),
+            source: std::io::Error::other("commit state poisoned"),
+        };
+        let mut p = lock.lock().map_err(poisoned)?;
+        p.requested += 1;
+        let ticket = p.requested;
+        cvar.notify_all();
+        while p.done < ticket && p.failed_through < ticket && !p.shutdown {
+            p = cvar.wait(p).map_err(poisoned)?;
+        }
+        if p.done >= ticket {
+            return Ok(());
+        }
+        let why = p
+            .error
+            .clone()
+            .unwrap_or_else(|| "the store is closing".to_string());
+        Err(StoreError::Io {
+            path: PathBuf::from("<store>"),
+            source: std::io::Error::other(why),
+        })
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.state;
+        if let Ok(mut p) = lock.lock() {
+            p.shutdown = true;
+        }
+        cvar.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn flush_loop(state: &(Mutex<Progress>, Condvar), db: &sled::Db, data_file: &PathBuf) {
+    let (lock, cvar) = state;
+    loop {
+        let target = {
+            let Ok(mut p) = lock.lock() else { return };
+            while p.requested == p.done && !p.shutdown {
+                p = match cvar.wait(p) {
+                    Ok(p) => p,
+                    Err(_) => return,
+                };
+            }
+            if p.shutdown && p.requested == p.done {
+                let _ = db.flush();
+                return;
+            }
+            p.requested
+        };
+        // Everything written before `target` was requested is covered by this flush.
+        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| {
+            std::fs::File::open(data_file)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| e.to_string())
+        });
+        let Ok(mut p) = lock.lock() else { return };
+        match result {
+            Ok(()) => p.done = target,
+            Err(e) => {
+                p.error = Some(e);
+                p.failed_through = target; // wake them: they see the error
+            }
+        }
+        cvar.notify_all();
+    }
+}

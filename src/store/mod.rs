@@ -1,0 +1,287 @@
+//! The provenance store: every accepted submission, its state transitions, what the EHR answered,
+//! and the outbox of deliveries still to make — embedded, in sled, on disk.
+//!
+//! Knows sled and its own records; nothing of HTTP, mapping files or the EHR's API. A submission
+//! is written with its outbox entry in one multi-tree transaction, and `commit` makes it durable
+//! (sled's flush, then an fdatasync of its data file, grouped across concurrent callers) before
+//! anyone may answer 2xx. Indexes run both ways: submission ↔ EHR resource ↔ patient.
+
+mod durability;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use durability::GroupCommit;
+
+/// Where a submission is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    Received,
+    Mapped,
+    Delivered,
+    Failed,
+    DeadLettered,
+    Acknowledged,
+}
+
+/// One state transition, with when it happened and why (never PHI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    pub state: State,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// A resource as the EHR stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EhrResource {
+    pub resource_type: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// What the store keeps of one submission. The raw payload is not kept (PHI): only its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmissionRecord {
+    pub mapping_id: String,
+    pub mapping_version: String,
+    pub mapping_sha256: String,
+    pub submission_id: String,
+    pub payload_sha256: String,
+    pub patient_system: String,
+    pub patient_value: String,
+    pub flags: Vec<String>,
+    pub missing: Vec<String>,
+    pub transitions: Vec<Transition>,
+    #[serde(default)]
+    pub ehr: Vec<EhrResource>,
+    /// The transaction Bundle to deliver.
+    pub bundle: serde_json::Value,
+}
+
+impl SubmissionRecord {
+    /// The store key: `<mapping id>/<submission id>`.
+    pub fn key(&self) -> String {
+        key(&self.mapping_id, &self.submission_id)
+    }
+
+    pub fn state(&self) -> Option<State> {
+        self.transitions.last().map(|t| t.state)
+    }
+}
+
+pub fn key(mapping_id: &str, submission_id: &str) -> String {
+    format!("{mapping_id}/{submission_id}")
+}
+
+/// What `accept` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Accepted {
+    /// Stored with an outbox entry.
+    New,
+    /// The same submission with the same payload was already stored: nothing written.
+    Duplicate(Box<SubmissionRecord>),
+    /// The same submission id with a different payload: a revision, not handled here.
+    Conflict(Box<SubmissionRecord>),
+}
+
+/// Why the store failed. Always the server's problem, never the client's.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store record {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        }
+    }
+}
+
+/// The sled store.
+pub struct Store {
+    db: sled::Db,
+    submissions: sled::Tree,
+    outbox: sled::Tree,
+    by_resource: sled::Tree,
+    by_patient: sled::Tree,
+    commits: GroupCommit,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let db = sled::open(dir)?;
+        Ok(Store {
+            submissions: db.open_tree("submissions")?,
+            outbox: db.open_tree("outbox")?,
+            by_resource: db.open_tree("by_resource")?,
+            by_patient: db.open_tree("by_patient")?,
+            commits: GroupCommit::start(db.clone(), dir.join("db")),
+            db,
+        })
+    }
+
+    /// Stores a new submission and its outbox entry in one transaction, unless that submission
+    /// is already there. Not durable until `commit` returns.
+    pub fn accept(&self, record: &SubmissionRecord) -> Result<Accepted, StoreError> {
+        let key = record.key();
+        let bytes = encode(record)?;
+        let outbox_key = self.db.generate_id()?.to_be_bytes();
+        let patient_key = format!("{}|{}\0{key}", record.patient_system, record.patient_value);
+        let outcome = (&self.submissions, &self.outbox, &self.by_patient).transaction(
+            |(subs, outbox, patients)| {
+                if let Some(existing) = subs.get(key.as_bytes())? {
+                    let existing =
+                        decode(&key, &existing).map_err(ConflictableTransactionError::Abort)?;
+                    return Ok(if existing.payload_sha256 == record.payload_sha256 {
+                        Accepted::Duplicate(Box::new(existing))
+                    } else {
+                        Accepted::Conflict(Box::new(existing))
+                    });
+                }
+                subs.insert(key.as_bytes(), bytes.as_slice())?;
+                outbox.insert(&outbox_key, key.as_bytes())?;
+                patients.insert(patient_key.as_bytes(), &[])?;
+                Ok(Accepted::New)
+            },
+        )?;
+        Ok(outcome)
+    }
+
+    /// Makes everything written so far durable; concurrent callers share one flush.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.commits.wait()
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<SubmissionRecord>, StoreError> {
+        self.submissions
+            .get(key.as_bytes())?
+            .map(|b| decode(key, &b))
+            .transpose()
+    }
+
+    /// Appends a transition (and, once delivered, the EHR's resources) and, when the
+    /// submission leaves the outbox (delivered or dead-lettered), removes its entry.
+    pub fn transition(
+        &self,
+        key: &str,
+        transition: Transition,
+        ehr: Vec<EhrResource>,
+    ) -> Result<Option<SubmissionRecord>, StoreError> {
+        let leaves_outbox = matches!(
+            transition.state,
+            State::Delivered | State::DeadLettered | State::Acknowledged
+        );
+        let pending: Vec<sled::IVec> = if leaves_outbox {
+            self.outbox
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.as_ref() == key.as_bytes())
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let updated = (&self.submissions, &self.outbox, &self.by_resource).transaction(
+            |(subs, outbox, resources)| {
+                let Some(bytes) = subs.get(key.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut record =
+                    decode(key, &bytes).map_err(ConflictableTransactionError::Abort)?;
+                record.transitions.push(transition.clone());
+                for r in &ehr {
+                    resources.insert(
+                        format!("{}/{}", r.resource_type, r.id).as_bytes(),
+                        key.as_bytes(),
+                    )?;
+                }
+                record.ehr.extend(ehr.iter().cloned());
+                subs.insert(
+                    key.as_bytes(),
+                    encode(&record).map_err(ConflictableTransactionError::Abort)?,
+                )?;
+                for k in &pending {
+                    outbox.remove(k)?;
+                }
+                Ok(Some(record))
+            },
+        )?;
+        Ok(updated)
+    }
+
+    /// Keys of the submissions waiting in the outbox, oldest first.
+    pub fn pending(&self) -> Result<Vec<String>, StoreError> {
+        self.outbox
+            .iter()
+            .values()
+            .map(|v| {
+                v.map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
+    /// The submission that produced an EHR resource (`Observation/123`).
+    pub fn by_resource(&self, reference: &str) -> Result<Option<SubmissionRecord>, StoreError> {
+        match self.by_resource.get(reference.as_bytes())? {
+            Some(key) => self.get(&String::from_utf8_lossy(&key)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys of a patient's submissions.
+    pub fn by_patient(&self, system: &str, value: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{system}|{value}\0");
+        self.by_patient
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| {
+                k.map(|k| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+}
+
+fn encode(record: &SubmissionRecord) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(record).map_err(|source| StoreError::Corrupt {
+        key: record.key(),
+        source,
+    })
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<SubmissionRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: key.to_string(),
+        source,
+    })
+}

@@ -1,0 +1,160 @@
+//! The sled store on a real disk: accept with outbox in one transaction, idempotency, state
+//! transitions, indexes both ways, persistence across reopen, grouped durable commits.
+
+use std::sync::Arc;
+
+use chartbridge::store::{Accepted, EhrResource, State, Store, SubmissionRecord, Transition};
+use serde_json::json;
+
+fn record(submission_id: &str, payload_sha256: &str) -> SubmissionRecord {
+    SubmissionRecord {
+        mapping_id: "glp1-intake-typeform".into(),
+        mapping_version: "3".into(),
+        mapping_sha256: "ab".repeat(32),
+        submission_id: submission_id.into(),
+        payload_sha256: payload_sha256.into(),
+        patient_system: "https://crm.example-clinic.com/patient".into(),
+        patient_value: "pt_8f3c2a91".into(),
+        flags: vec!["contraindication_reported".into()],
+        missing: vec![],
+        transitions: vec![
+            Transition {
+                state: State::Received,
+                at: "2026-01-01T00:00:00Z".into(),
+                detail: None,
+            },
+            Transition {
+                state: State::Mapped,
+                at: "2026-01-01T00:00:00Z".into(),
+                detail: None,
+            },
+        ],
+        ehr: vec![],
+        bundle: json!({"resourceType": "Bundle", "type": "transaction"}),
+    }
+}
+
+#[test]
+fn accept_is_idempotent_and_conflicts_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let r = record("tok-1", "aaaa");
+    assert_eq!(store.accept(&r).unwrap(), Accepted::New);
+    store.commit().unwrap();
+    assert!(matches!(store.accept(&r).unwrap(), Accepted::Duplicate(_)));
+    assert!(matches!(
+        store.accept(&record("tok-1", "bbbb")).unwrap(),
+        Accepted::Conflict(_)
+    ));
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![r.key()],
+        "one outbox entry, not three"
+    );
+    assert_eq!(store.get(&r.key()).unwrap().unwrap(), r);
+}
+
+#[test]
+fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let r = record("tok-2", "aaaa");
+    store.accept(&r).unwrap();
+    let failed = Transition {
+        state: State::Failed,
+        at: "2026-01-01T00:00:01Z".into(),
+        detail: Some("503".into()),
+    };
+    store.transition(&r.key(), failed, vec![]).unwrap();
+    assert_eq!(
+        store.pending().unwrap().len(),
+        1,
+        "a failure stays in the outbox for a retry"
+    );
+    let ehr = vec![
+        EhrResource {
+            resource_type: "QuestionnaireResponse".into(),
+            id: "qr1".into(),
+            version: Some("1".into()),
+            etag: Some("W/\"1\"".into()),
+        },
+        EhrResource {
+            resource_type: "Observation".into(),
+            id: "o1".into(),
+            version: None,
+            etag: None,
+        },
+    ];
+    let delivered = Transition {
+        state: State::Delivered,
+        at: "2026-01-01T00:00:02Z".into(),
+        detail: None,
+    };
+    let updated = store.transition(&r.key(), delivered, ehr).unwrap().unwrap();
+    assert_eq!(updated.state(), Some(State::Delivered));
+    assert_eq!(updated.transitions.len(), 4);
+    assert!(store.pending().unwrap().is_empty());
+    assert_eq!(
+        store
+            .by_resource("Observation/o1")
+            .unwrap()
+            .unwrap()
+            .submission_id,
+        "tok-2"
+    );
+    assert!(store.by_resource("Observation/none").unwrap().is_none());
+    assert_eq!(
+        store
+            .by_patient("https://crm.example-clinic.com/patient", "pt_8f3c2a91")
+            .unwrap(),
+        vec![r.key()]
+    );
+    assert!(store
+        .transition(
+            "no/such",
+            Transition {
+                state: State::Delivered,
+                at: "x".into(),
+                detail: None
+            },
+            vec![]
+        )
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn committed_submissions_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.accept(&record("tok-3", "aaaa")).unwrap();
+        store.commit().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.pending().unwrap(),
+        vec!["glp1-intake-typeform/tok-3".to_string()]
+    );
+}
+
+#[test]
+fn concurrent_commits_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    store.accept(&record(&format!("t{t}-{i}"), "aaaa")).unwrap();
+                    store.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(store.pending().unwrap().len(), 16 * 25);
+}
