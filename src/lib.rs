@@ -5,6 +5,7 @@
 //! `fhir` at the bottom. See ARCHITECTURE.md.
 
 pub mod cli;
+pub mod delivery;
 pub mod fhir;
 pub mod golden;
 pub mod mapping;

@@ -140,3 +140,43 @@ fn entry_statuses(response: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+#[test]
+fn delivery_reads_the_servers_transaction_response_and_rejections() {
+    use chartbridge::delivery::{classify, Attempt};
+    let server = FhirServer::start();
+    let m = mapping::load_file(&root().join("mappings/glp1-intake-typeform.yaml")).expect("load");
+    let raw =
+        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
+            .expect("read");
+    let mut rendered = golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render");
+    let (status, body) = server.transaction(&rendered["bundle"]);
+    let Attempt::Delivered(resources) = classify(status, None, &body) else {
+        panic!("not delivered: {status} {body}");
+    };
+    let kinds: Vec<&str> = resources.iter().map(|r| r.resource_type.as_str()).collect();
+    assert_eq!(kinds[..2], ["Patient", "QuestionnaireResponse"]);
+    assert_eq!(
+        kinds.len(),
+        rendered["bundle"]["entry"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    );
+    // The ids are the server's: reading one back works.
+    let qr = server.search(&format!("QuestionnaireResponse/{}", resources[1].id));
+    assert_eq!(
+        qr["identifier"]["value"],
+        "b7e1c9d24f6a38e0c5b1d7f29a4e6c83"
+    );
+
+    // (On a server that already holds the resource, a conditional create matches and is not
+    // validated again: the rejection needs a fresh server.)
+    server.reset();
+    rendered["bundle"]["entry"][3]["resource"]["status"] = Value::from("finalized");
+    let (status, body) = server.transaction(&rendered["bundle"]);
+    match classify(status, None, &body) {
+        Attempt::Reject { reason } => assert!(reason.starts_with("HTTP 400"), "{reason}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}

@@ -1,0 +1,207 @@
+//! Delivery to the EHR: what its answers mean. This part is pure — no sockets: reading a
+//! `transaction-response` into the resources the EHR stored, telling a retryable failure from a
+//! permanent rejection, and when to try again. The HTTP client that uses it comes with `serve`.
+//!
+//! Knows FHIR responses and HTTP status codes; nothing of mapping files or of the store's layout
+//! beyond `EhrResource`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::store::EhrResource;
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// Every entry stored: the resources as the EHR has them.
+    Delivered(Vec<EhrResource>),
+    /// Try again later (network error, 408, 425, 429, 5xx), after at least `retry_after` if the
+    /// EHR said so.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The EHR rejected the Bundle (other 4xx, or a response that is not a transaction-response):
+    /// retrying the same Bundle cannot succeed. `reason` is the OperationOutcome's diagnostics.
+    Reject { reason: String },
+}
+
+/// Classifies the EHR's answer to a `transaction` POST.
+pub fn classify(status: u16, retry_after: Option<&str>, body: &Value) -> Attempt {
+    match status {
+        200..=299 => match read_transaction_response(body) {
+            Ok(resources) => Attempt::Delivered(resources),
+            Err(why) => Attempt::Reject { reason: why },
+        },
+        408 | 425 | 429 | 500..=599 => Attempt::Retry {
+            reason: format!(
+                "HTTP {status}{}",
+                outcome_text(body)
+                    .map(|t| format!(": {t}"))
+                    .unwrap_or_default()
+            ),
+            retry_after: retry_after.and_then(parse_retry_after),
+        },
+        _ => Attempt::Reject {
+            reason: format!(
+                "HTTP {status}: {}",
+                outcome_text(body).unwrap_or_else(|| "no OperationOutcome".to_string())
+            ),
+        },
+    }
+}
+
+/// The resources a `transaction-response` reports, from each entry's `response.location`
+/// (`Observation/123/_history/2`) and `etag` (`W/"2"`).
+pub fn read_transaction_response(body: &Value) -> Result<Vec<EhrResource>, String> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Bundle")
+        || body.get("type").and_then(Value::as_str) != Some("transaction-response")
+    {
+        return Err("the EHR's answer is not a transaction-response Bundle".to_string());
+    }
+    let entries = body
+        .get("entry")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let response = &e["response"];
+            let location = response["location"]
+                .as_str()
+                .or_else(|| e["fullUrl"].as_str())
+                .ok_or_else(|| format!("entry {i} has no location"))?;
+            let mut parts = location.rsplit("/_history/");
+            let (path, version) = match (parts.next(), parts.next()) {
+                (Some(v), Some(p)) => (p, Some(v.to_string())),
+                _ => (location, None),
+            };
+            let mut segments = path.trim_end_matches('/').rsplit('/');
+            let (Some(id), Some(resource_type)) = (segments.next(), segments.next()) else {
+                return Err(format!("entry {i}: location is not Type/id"));
+            };
+            let etag = response["etag"].as_str().map(str::to_string);
+            let version = version.or_else(|| {
+                etag.as_deref()
+                    .map(|t| t.trim_start_matches("W/").trim_matches('"').to_string())
+            });
+            Ok(EhrResource {
+                resource_type: resource_type.to_string(),
+                id: id.to_string(),
+                version,
+                etag,
+            })
+        })
+        .collect()
+}
+
+/// `Retry-After` as seconds (the HTTP-date form is read as "no hint").
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Exponential backoff with full jitter: a delay in `[0, min(cap, base·2^attempt)]`, never
+/// shorter than the EHR's `Retry-After`. `jitter` is a number in `[0, 1)` from the caller.
+pub fn backoff(
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+    jitter: f64,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+        .min(cap);
+    let delay = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
+    retry_after.map_or(delay, |r| delay.max(r))
+}
+
+fn outcome_text(body: &Value) -> Option<String> {
+    let issues = body.get("issue")?.as_array()?;
+    let texts: Vec<String> = issues
+        .iter()
+        .filter_map(|i| {
+            let text = i["diagnostics"]
+                .as_str()
+                .or_else(|| i["details"]["text"].as_str())?;
+            let at = i["expression"][0]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            Some(format!("{text}{at}"))
+        })
+        .collect();
+    (!texts.is_empty()).then(|| texts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn statuses_are_classified() {
+        assert!(
+            matches!(classify(503, Some("7"), &Value::Null), Attempt::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(7))
+        );
+        assert!(matches!(
+            classify(429, None, &Value::Null),
+            Attempt::Retry {
+                retry_after: None,
+                ..
+            }
+        ));
+        let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+            "details": {"text": "Invalid value"}, "expression": ["Bundle.entry[3].resource.status"]}]});
+        assert_eq!(
+            classify(400, None, &oo),
+            Attempt::Reject {
+                reason: "HTTP 400: Invalid value (Bundle.entry[3].resource.status)".into()
+            }
+        );
+        assert!(matches!(
+            classify(200, None, &json!({"resourceType": "OperationOutcome"})),
+            Attempt::Reject { .. }
+        ));
+    }
+
+    #[test]
+    fn locations_and_etags_are_read() {
+        let body = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "201", "location": "Observation/o1/_history/3", "etag": "W/\"3\""}},
+            {"response": {"status": "200", "location": "http://ehr/fhir/Patient/p1", "etag": "W/\"v9\""}}]});
+        let r = read_transaction_response(&body).unwrap();
+        assert_eq!(
+            r[0],
+            EhrResource {
+                resource_type: "Observation".into(),
+                id: "o1".into(),
+                version: Some("3".into()),
+                etag: Some("W/\"3\"".into())
+            }
+        );
+        assert_eq!(
+            (
+                r[1].resource_type.as_str(),
+                r[1].id.as_str(),
+                r[1].version.as_deref()
+            ),
+            ("Patient", "p1", Some("v9"))
+        );
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        let (base, cap) = (Duration::from_millis(500), Duration::from_secs(60));
+        assert_eq!(backoff(0, base, cap, 0.999_999, None).as_millis(), 499);
+        assert_eq!(backoff(3, base, cap, 0.5, None), Duration::from_secs(2));
+        assert_eq!(backoff(40, base, cap, 0.5, None), Duration::from_secs(30));
+        assert_eq!(
+            backoff(0, base, cap, 0.0, Some(Duration::from_secs(9))),
+            Duration::from_secs(9)
+        );
+    }
+}
