@@ -1,5 +1,6 @@
-//! The command line: `check`, `map`, `test`, `questionnaire`. Thin: parses arguments, calls the
-//! library, prints, and turns results into exit codes (0 ok, 1 problems found, 2 usage or I/O).
+//! The command line: `serve`, `check`, `map`, `test`, `questionnaire`, `inspect`, `replay`. Thin:
+//! parses arguments, calls the library, prints, and turns results into exit codes (0 ok,
+//! 1 problems found, 2 usage or I/O).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -56,6 +57,26 @@ enum Command {
         #[arg(long)]
         update: bool,
     },
+    /// Run the gateway (HTTP API, store, outbox).
+    Serve {
+        /// TOML configuration; `CHARTBRIDGE_*` environment variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Show a submission's status, transitions and EHR references (asks the running gateway).
+    Inspect {
+        /// `<mapping id>/<submission id>`
+        key: String,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Deliver a submission again, e.g. after a dead letter's cause was fixed.
+    Replay {
+        /// `<mapping id>/<submission id>`
+        key: String,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Print the FHIR Questionnaire a mapping defines.
     Questionnaire {
         /// A mapping file, or a mapping id found in --mappings.
@@ -92,6 +113,14 @@ pub fn run() -> ExitCode {
             fixtures,
             update,
         } => test(&mappings, &fixtures, update),
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::Inspect { key, url } => {
+            remote(reqwest::Method::GET, &format!("{url}/submissions/{key}"))
+        }
+        Command::Replay { key, url } => remote(
+            reqwest::Method::POST,
+            &format!("{url}/submissions/{key}/replay"),
+        ),
         Command::Questionnaire { mapping, mappings } => match find(&mapping, &mappings) {
             Ok(m) => {
                 print_json(&m.questionnaire());
@@ -289,5 +318,60 @@ fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn serve(config: Option<&Path>) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match crate::config::Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(crate::server::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `inspect` and `replay`: one request to the running gateway, its JSON answer printed.
+fn remote(method: reqwest::Method, url: &str) -> ExitCode {
+    let response = reqwest::blocking::Client::new().request(method, url).send();
+    match response {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let body: Value = r.json().unwrap_or(Value::Null);
+            print_json(&body);
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::from(2)
+        }
     }
 }

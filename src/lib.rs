@@ -1,12 +1,17 @@
 //! chartbridge: a FHIR-native mapping gateway. Intake submissions go through declarative mapping
 //! files into FHIR R4 QuestionnaireResponses, Observations and Provenance.
 //!
-//! Layers, imports pointing down only: `cli` → `mapping` → `fhir`; `store` stands beside
-//! `fhir` at the bottom. See ARCHITECTURE.md.
+//! Layers, imports pointing down only: `cli` → `server` → `http` → `intake`, `delivery` →
+//! `mapping` → `fhir`; `store`, `config` and `metrics` at the bottom. See ARCHITECTURE.md.
 
 pub mod cli;
+pub mod config;
 pub mod delivery;
 pub mod fhir;
 pub mod golden;
+pub mod http;
+pub mod intake;
 pub mod mapping;
+pub mod metrics;
+pub mod server;
 pub mod store;

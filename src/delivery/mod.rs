@@ -1,9 +1,12 @@
-//! Delivery to the EHR: what its answers mean. This part is pure — no sockets: reading a
-//! `transaction-response` into the resources the EHR stored, telling a retryable failure from a
-//! permanent rejection, and when to try again. The HTTP client that uses it comes with `serve`.
+//! Delivery to the EHR. The policy here is pure: reading a `transaction-response` into the
+//! resources the EHR stored, telling a retryable failure from a permanent rejection, and when to
+//! try again. `client` speaks to the EHR's FHIR API; `outbox` runs the deliveries.
 //!
-//! Knows FHIR responses and HTTP status codes; nothing of mapping files or of the store's layout
-//! beyond `EhrResource`.
+//! Knows FHIR responses, HTTP and the store; nothing of mapping files or of the gateway's own
+//! HTTP API.
+
+pub mod client;
+pub mod outbox;
 
 use std::time::Duration;
 

@@ -238,6 +238,39 @@ impl Store {
         Ok(updated)
     }
 
+    /// Puts a submission back in the outbox (a replay), with a transition saying so. `None`
+    /// when there is no such submission; nothing is added if it is already waiting.
+    pub fn requeue(&self, key: &str, at: &str) -> Result<Option<SubmissionRecord>, StoreError> {
+        let waiting = self.pending()?.iter().any(|k| k == key);
+        let outbox_key = self.db.generate_id()?.to_be_bytes();
+        let transition = Transition {
+            state: State::Mapped,
+            at: at.to_string(),
+            detail: Some("replay requested".into()),
+        };
+        let updated = (&self.submissions, &self.outbox).transaction(|(subs, outbox)| {
+            let Some(bytes) = subs.get(key.as_bytes())? else {
+                return Ok(None);
+            };
+            let mut record = decode(key, &bytes).map_err(ConflictableTransactionError::Abort)?;
+            record.transitions.push(transition.clone());
+            subs.insert(
+                key.as_bytes(),
+                encode(&record).map_err(ConflictableTransactionError::Abort)?,
+            )?;
+            if !waiting {
+                outbox.insert(&outbox_key, key.as_bytes())?;
+            }
+            Ok(Some(record))
+        })?;
+        Ok(updated)
+    }
+
+    /// How many deliveries wait in the outbox.
+    pub fn outbox_depth(&self) -> usize {
+        self.outbox.len()
+    }
+
     /// Keys of the submissions waiting in the outbox, oldest first.
     pub fn pending(&self) -> Result<Vec<String>, StoreError> {
         self.outbox

@@ -34,10 +34,18 @@ pub struct FhirServer {
 
 impl FhirServer {
     pub fn start() -> FhirServer {
+        Self::start_with(&[("PORT", "0")])
+    }
+
+    /// Starts it with extra environment (`PORT`, `MAX_STRICT_TX_ENTRIES`, …).
+    pub fn start_with(env: &[(&str, &str)]) -> FhirServer {
         let script = root().join("tests/fhir-server/start.sh");
-        let mut child = Command::new("bash")
-            .arg(&script)
-            .env("PORT", "0")
+        let mut command = Command::new("bash");
+        command.arg(&script).env("PORT", "0");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command
             .env("EXIT_WITH_STDIN", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -116,5 +124,174 @@ impl Drop for FhirServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The gateway itself: `chartbridge serve` as a child process on a random port, with its own
+/// data directory (kept across restarts), stopped when dropped.
+pub struct App {
+    child: Option<Child>,
+    pub url: String,
+    pub config_path: PathBuf,
+    dir: std::sync::Arc<tempfile::TempDir>,
+    http: reqwest::blocking::Client,
+}
+
+pub const TYPEFORM_SECRET: &str = "typeform-test-secret";
+
+impl App {
+    /// Starts the gateway; `ehr` is the FHIR base URL (or none: deliveries wait in the outbox).
+    pub fn start(ehr: Option<&str>) -> App {
+        let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config_path = dir.path().join("chartbridge.toml");
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\n\
+             [sources.glp1-intake-typeform]\ntype = \"hmac\"\nheader = \"typeform-signature\"\nprefix = \"sha256=\"\nsecret = \"{TYPEFORM_SECRET}\"\n\n\
+             [sources.\"*\"]\ntype = \"api_key\"\nkey = \"test-key\"\n",
+            dir.path().join("data"),
+            root().join("mappings"),
+        );
+        if let Some(url) = ehr {
+            config.push_str(&format!("\n[ehr]\nbase_url = \"{url}\"\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\ntimeout_ms = 5000\n"));
+        }
+        std::fs::write(&config_path, config).expect("write config");
+        let mut app = App {
+            child: None,
+            url: String::new(),
+            config_path,
+            dir,
+            http: reqwest::blocking::Client::new(),
+        };
+        app.restart();
+        app
+    }
+
+    /// (Re)starts the process on the same data directory and configuration.
+    pub fn restart(&mut self) {
+        let mut child = chartbridge()
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start chartbridge serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let ready: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("serve did not start ({line:?}): {e}"));
+        self.url = ready["url"].as_str().expect("url").to_string();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what was already durable.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for the graceful exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn post(
+        &self,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, String)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .body(body.to_vec());
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let r = req.send().expect("POST to the gateway");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, r.json().unwrap_or(Value::Null), headers)
+    }
+
+    /// POSTs a Typeform payload signed as Typeform signs it.
+    pub fn post_typeform(&self, body: &[u8]) -> (u16, Value, reqwest::header::HeaderMap) {
+        let sig = chartbridge::http::auth::sign(
+            TYPEFORM_SECRET,
+            body,
+            chartbridge::config::SignatureEncoding::Base64,
+        );
+        self.post(
+            "/submissions/glp1-intake-typeform",
+            body,
+            &[
+                ("typeform-signature", format!("sha256={sig}")),
+                ("content-type", "application/json".into()),
+            ],
+        )
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .expect("GET from the gateway");
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    }
+
+    pub fn get_text(&self, path: &str) -> String {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .and_then(|r| r.text())
+            .expect("GET text")
+    }
+
+    /// Polls a submission's status until `state`, or panics after `secs`.
+    pub fn wait_for_state(&self, key: &str, state: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let (status, body) = self.get(&format!("/submissions/{key}"));
+            if status == 200 && body["state"] == state {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} never reached {state}: {body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,0 +1,268 @@
+//! Configuration of `chartbridge serve`: a TOML file, then environment overrides, then defaults
+//! that run with no configuration at all (127.0.0.1:8080, `./data`, `./mappings`, no EHR: the
+//! deliveries wait in the outbox).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub mappings_dir: PathBuf,
+    pub limits: Limits,
+    pub ehr: Option<EhrConfig>,
+    /// How each intake source authenticates, by mapping id; `"*"` applies to the others.
+    pub sources: HashMap<String, SourceAuth>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("data"),
+            mappings_dir: PathBuf::from("mappings"),
+            limits: Limits::default(),
+            ehr: None,
+            sources: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted body, bytes.
+    pub max_body_bytes: usize,
+    /// Deepest accepted JSON nesting.
+    pub max_json_depth: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1024 * 1024,
+            max_json_depth: 32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EhrConfig {
+    /// FHIR base URL, e.g. `https://ehr.example.com/fhir/R4`.
+    pub base_url: String,
+    #[serde(default)]
+    pub auth: EhrAuth,
+    /// Deliveries in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// First retry delay (ms); doubles per attempt, with full jitter.
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_cap_ms")]
+    pub backoff_cap_ms: u64,
+    /// Per-request timeout (ms).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_backoff_base_ms() -> u64 {
+    500
+}
+fn default_backoff_cap_ms() -> u64 {
+    60_000
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum EhrAuth {
+    #[default]
+    None,
+    Bearer {
+        token: String,
+    },
+}
+
+/// How a source proves a submission is its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum SourceAuth {
+    /// No check (development only; said at start-up).
+    None,
+    /// A shared key in a header (`X-Api-Key` by default).
+    ApiKey {
+        #[serde(default = "default_api_key_header")]
+        header: String,
+        key: String,
+    },
+    /// HMAC-SHA256 of the raw body in a header, as Typeform (`Typeform-Signature: sha256=<base64>`)
+    /// and Tally (`Tally-Signature: <base64>`) send it.
+    Hmac {
+        header: String,
+        secret: String,
+        #[serde(default)]
+        prefix: String,
+        #[serde(default)]
+        encoding: SignatureEncoding,
+    },
+}
+
+fn default_api_key_header() -> String {
+    "x-api-key".to_string()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SignatureEncoding {
+    #[default]
+    Base64,
+    Hex,
+}
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads `path` (if given), then applies `CHARTBRIDGE_*` environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Overrides from the environment: `CHARTBRIDGE_LISTEN`, `CHARTBRIDGE_DATA_DIR`,
+    /// `CHARTBRIDGE_MAPPINGS_DIR`, `CHARTBRIDGE_EHR_URL`, `CHARTBRIDGE_EHR_BEARER_TOKEN`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("CHARTBRIDGE_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "CHARTBRIDGE_LISTEN",
+                message: format!("not an address:port ({e})"),
+            })?;
+        }
+        if let Some(v) = var("CHARTBRIDGE_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("CHARTBRIDGE_MAPPINGS_DIR") {
+            self.mappings_dir = PathBuf::from(v);
+        }
+        if let Some(url) = var("CHARTBRIDGE_EHR_URL") {
+            match &mut self.ehr {
+                Some(ehr) => ehr.base_url = url,
+                None => {
+                    self.ehr = Some(EhrConfig {
+                        base_url: url,
+                        auth: EhrAuth::None,
+                        concurrency: default_concurrency(),
+                        backoff_base_ms: default_backoff_base_ms(),
+                        backoff_cap_ms: default_backoff_cap_ms(),
+                        timeout_ms: default_timeout_ms(),
+                    })
+                }
+            }
+        }
+        if let Some(token) = var("CHARTBRIDGE_EHR_BEARER_TOKEN") {
+            match &mut self.ehr {
+                Some(ehr) => ehr.auth = EhrAuth::Bearer { token },
+                None => {
+                    return Err(ConfigError::Env {
+                        name: "CHARTBRIDGE_EHR_BEARER_TOKEN",
+                        message: "set CHARTBRIDGE_EHR_URL (or [ehr] in the file) too".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The authentication of a mapping's source: its own entry, else `"*"`, else none.
+    pub fn source_auth(&self, mapping_id: &str) -> &SourceAuth {
+        const NONE: &SourceAuth = &SourceAuth::None;
+        self.sources
+            .get(mapping_id)
+            .or_else(|| self.sources.get("*"))
+            .unwrap_or(NONE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_environment() {
+        let mut c: Config = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            [ehr]
+            base_url = "http://ehr/fhir"
+            auth = { type = "bearer", token = "t" }
+            [sources.glp1-intake-typeform]
+            type = "hmac"
+            header = "typeform-signature"
+            prefix = "sha256="
+            secret = "s3cret"
+            [sources."*"]
+            type = "api_key"
+            key = "k"
+            "#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c.source_auth("glp1-intake-typeform"),
+            SourceAuth::Hmac { .. }
+        ));
+        assert!(
+            matches!(c.source_auth("other"), SourceAuth::ApiKey { header, .. } if header == "x-api-key")
+        );
+        c.apply_env(|n| (n == "CHARTBRIDGE_EHR_URL").then(|| "http://other/fhir".to_string()))
+            .unwrap();
+        assert_eq!(c.ehr.as_ref().unwrap().base_url, "http://other/fhir");
+        assert_eq!(c.listen.port(), 9000);
+        assert!(
+            toml::from_str::<Config>("lisen = 1").is_err(),
+            "typos are errors"
+        );
+    }
+
+    #[test]
+    fn defaults_run_without_configuration() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.ehr.is_none());
+        assert!(matches!(c.source_auth("x"), SourceAuth::None));
+    }
+}

@@ -1,0 +1,192 @@
+//! The outbox worker: delivers every pending submission to the EHR, with bounded concurrency,
+//! retries (exponential backoff, full jitter, `Retry-After`), and dead letters for rejections.
+//! Pending entries live in the store, so they resume after a restart or a crash.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify, Semaphore};
+
+use super::client::EhrClient;
+use super::{backoff, Attempt};
+use crate::metrics::Metrics;
+use crate::store::{State, Store, Transition};
+
+pub struct Outbox {
+    pub store: Arc<Store>,
+    pub client: Arc<EhrClient>,
+    pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    pub concurrency: usize,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+#[derive(Default)]
+struct Schedule {
+    in_flight: HashSet<String>,
+    not_before: HashMap<String, Instant>,
+}
+
+impl Outbox {
+    /// Runs until `shutdown` turns true, then waits for the deliveries in flight.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.concurrency.max(1)));
+        let schedule = Arc::new(Mutex::new(Schedule::default()));
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let pending = match this.store.pending() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox: cannot read pending deliveries");
+                    Vec::new()
+                }
+            };
+            let now = Instant::now();
+            for key in pending {
+                let due = match schedule.lock() {
+                    Ok(mut s) => {
+                        let due = !s.in_flight.contains(&key)
+                            && s.not_before.get(&key).is_none_or(|t| *t <= now);
+                        if due {
+                            s.in_flight.insert(key.clone());
+                        }
+                        due
+                    }
+                    Err(_) => false,
+                };
+                if !due {
+                    continue;
+                }
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    break;
+                };
+                let (this, schedule) = (Arc::clone(&this), Arc::clone(&schedule));
+                tokio::spawn(async move {
+                    let next = this.deliver(&key).await;
+                    if let Ok(mut s) = schedule.lock() {
+                        s.in_flight.remove(&key);
+                        match next {
+                            Some(delay) => s.not_before.insert(key, Instant::now() + delay),
+                            None => s.not_before.remove(&key),
+                        };
+                    }
+                    drop(permit);
+                });
+            }
+            tokio::select! {
+                _ = this.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Graceful: every delivery in flight finishes (and is recorded) before we return.
+        let _ = permits.acquire_many(this.concurrency.max(1) as u32).await;
+    }
+
+    /// One attempt; returns the delay before the next one when it should be retried.
+    async fn deliver(&self, key: &str) -> Option<Duration> {
+        let record = match self.store.get(key) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(key, error = %e, "outbox: cannot read submission");
+                return Some(self.backoff_cap);
+            }
+        };
+        let failures = record
+            .transitions
+            .iter()
+            .filter(|t| t.state == State::Failed)
+            .count() as u32;
+        let started = Instant::now();
+        let attempt = self.client.send_transaction(&record.bundle).await;
+        self.metrics.observe_delivery(started.elapsed());
+        let at = now();
+        let (transition, resources, next) = match attempt {
+            Attempt::Delivered(resources) => {
+                Metrics::inc(&self.metrics.deliveries_ok);
+                tracing::info!(key, resources = resources.len(), "delivered");
+                (
+                    Transition {
+                        state: State::Delivered,
+                        at,
+                        detail: None,
+                    },
+                    resources,
+                    None,
+                )
+            }
+            Attempt::Retry {
+                reason,
+                retry_after,
+            } => {
+                Metrics::inc(&self.metrics.delivery_retries);
+                let delay = backoff(
+                    failures,
+                    self.backoff_base,
+                    self.backoff_cap,
+                    jitter(key, failures),
+                    retry_after,
+                );
+                tracing::warn!(key, reason = %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
+                (
+                    Transition {
+                        state: State::Failed,
+                        at,
+                        detail: Some(reason),
+                    },
+                    Vec::new(),
+                    Some(delay),
+                )
+            }
+            Attempt::Reject { reason } => {
+                Metrics::inc(&self.metrics.dead_letters);
+                tracing::warn!(key, reason = %reason, "EHR rejected the submission: dead letter");
+                (
+                    Transition {
+                        state: State::DeadLettered,
+                        at,
+                        detail: Some(reason),
+                    },
+                    Vec::new(),
+                    None,
+                )
+            }
+        };
+        let store = Arc::clone(&self.store);
+        let key = key.to_string();
+        let recorded = tokio::task::spawn_blocking(move || {
+            store.transition(&key, transition, resources)?;
+            store.commit()
+        })
+        .await;
+        match recorded {
+            Ok(Ok(())) => next,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "outbox: cannot record the delivery outcome");
+                Some(self.backoff_base)
+            }
+            Err(_) => Some(self.backoff_base),
+        }
+    }
+}
+
+/// The current time as a FHIR instant.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A number in [0, 1) that differs per submission, attempt and moment: enough to spread retries.
+fn jitter(key: &str, attempt: u32) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    attempt.hash(&mut h);
+    Instant::now().hash(&mut h);
+    (h.finish() % 1_000_000) as f64 / 1_000_000.0
+}

@@ -1,0 +1,90 @@
+//! Every error of the HTTP API, mapped once to a status and a FHIR `OperationOutcome`.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::fhir::{Issue, OperationOutcome};
+use crate::intake::IntakeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the body is nested deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("unsupported content type `{0}`: send application/json")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Intake(#[from] IntakeError),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooDeep(_) | ApiError::NotJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
+            ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
+            ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    pub fn outcome(&self) -> OperationOutcome {
+        let issue = |code, text: String| OperationOutcome::new(vec![Issue::error(code, text)]);
+        match self {
+            ApiError::Intake(IntakeError::Invalid(f)) => f.outcome(),
+            ApiError::NotFound(_) | ApiError::Intake(IntakeError::UnknownMapping(_)) => {
+                issue("not-found", self.to_string())
+            }
+            ApiError::Unauthorized(_) => issue("security", self.to_string()),
+            ApiError::TooLarge(_) => issue("too-costly", self.to_string()),
+            ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::UnsupportedMediaType(_) => {
+                issue("structure", self.to_string())
+            }
+            ApiError::Intake(IntakeError::Revision { .. }) => issue(
+                "conflict",
+                format!("{self}; revisions are not supported yet: send a new submission id"),
+            ),
+            ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => issue(
+                "exception",
+                "the gateway could not store the submission; retry later".into(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            ApiError::Intake(IntakeError::Store(e)) => tracing::error!(error = %e, "store failure"),
+            ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
+            _ => tracing::info!(
+                status = status.as_u16(),
+                "request refused: {}",
+                self.outcome().issues.first().map(|i| i.code).unwrap_or("")
+            ),
+        }
+        let body = self.outcome().to_json().to_string();
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/fhir+json")],
+            body,
+        )
+            .into_response()
+    }
+}

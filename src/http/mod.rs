@@ -1,0 +1,352 @@
+//! The gateway's HTTP API (axum). Thin: it authenticates, enforces size and depth limits, parses,
+//! and hands over to `intake`, the store and the outbox; errors become OperationOutcomes once,
+//! in `error`.
+//!
+//! - `POST /submissions/{mapping_id}` — a submission in → `202` once it is durable
+//! - `GET  /submissions/{mapping_id}/{submission_id}` — status, transitions, EHR references
+//! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
+//! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
+//! - `GET  /health`, `GET /ready`, `GET /metrics`
+
+pub mod auth;
+pub mod error;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::delivery::client::EhrClient;
+use crate::intake::{Intake, IntakeError};
+use crate::metrics::Metrics;
+use crate::store::{self, SubmissionRecord};
+pub use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    pub intake: Intake,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    /// Wakes the outbox when a submission is accepted or replayed.
+    pub outbox: Arc<Notify>,
+    pub ehr: Option<Arc<EhrClient>>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/submissions/{mapping_id}", post(submit))
+        .route("/submissions/{mapping_id}/{submission_id}", get(status))
+        .route(
+            "/submissions/{mapping_id}/{submission_id}/replay",
+            post(replay),
+        )
+        .route("/provenance", get(provenance))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/echo", post(echo))
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn(request_log))
+        .with_state(state)
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Gives each request an id (echoed as `x-request-id`) and logs method, route, status and time —
+/// never bodies or query values.
+async fn request_log(req: Request, next: Next) -> Response {
+    let id = format!("req-{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed));
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = Instant::now();
+    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    let mut response = next.run(req).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "handled"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// Whether JSON text nests deeper than `max` (checked on bytes, before any parser recurses).
+pub fn nests_deeper_than(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > max {
+                        return true;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    false
+}
+
+fn now() -> String {
+    crate::delivery::outbox::now()
+}
+
+async fn submit(
+    State(state): State<Arc<AppState>>,
+    Path(mapping_id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    if state.intake.mapping(&mapping_id).is_none() {
+        return Err(IntakeError::UnknownMapping(mapping_id).into());
+    }
+    let (parts, body) = req.into_parts();
+    let limit = state.config.limits.max_body_bytes;
+    let raw = to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(limit))?;
+    if let Err(why) = auth::verify(state.config.source_auth(&mapping_id), &parts.headers, &raw) {
+        Metrics::inc(&state.metrics.submissions_unauthorized);
+        return Err(ApiError::Unauthorized(why));
+    }
+    check_content_type(&parts.headers)?;
+    let depth = state.config.limits.max_json_depth;
+    if nests_deeper_than(&raw, depth) {
+        return Err(ApiError::TooDeep(depth));
+    }
+    let payload: Value = serde_json::from_slice(&raw).map_err(|e| {
+        ApiError::NotJson(format!(
+            "line {}, column {}: {:?}",
+            e.line(),
+            e.column(),
+            e.classify()
+        ))
+    })?;
+    let received_at = now();
+    let receipt = match state
+        .intake
+        .accept(&mapping_id, &raw, &payload, &received_at)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            Metrics::inc(&state.metrics.submissions_rejected);
+            return Err(e.into());
+        }
+    };
+    // Durable before 2xx — a duplicate too, since its first copy may still be in flight: one
+    // grouped flush + fdatasync covers every concurrent submission.
+    let store = Arc::clone(state.intake.store());
+    tokio::task::spawn_blocking(move || store.commit())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(IntakeError::Store)?;
+    if receipt.new {
+        Metrics::inc(&state.metrics.submissions_accepted);
+        state.outbox.notify_one();
+    } else {
+        Metrics::inc(&state.metrics.submissions_duplicate);
+    }
+    tracing::info!(key = %receipt.key, new = receipt.new, flags = receipt.flags.len(), "submission accepted");
+    let status_url = format!("/submissions/{}", receipt.key);
+    let body = json!({
+        "key": receipt.key,
+        "mapping_id": receipt.mapping_id,
+        "submission_id": receipt.submission_id,
+        "status_url": status_url,
+        "event": receipt.event,
+        "flags": receipt.flags,
+        "missing": receipt.missing,
+    });
+    let mut response = (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, status_url)],
+        Json(body),
+    )
+        .into_response();
+    if !receipt.new {
+        response
+            .headers_mut()
+            .insert("x-chartbridge-duplicate", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => Ok(()),
+        Some(ct) => {
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence == "application/json" || essence.ends_with("+json") {
+                Ok(())
+            } else {
+                Err(ApiError::UnsupportedMediaType(essence))
+            }
+        }
+    }
+}
+
+/// A submission's record without the Bundle or anything from the payload (no PHI).
+fn public_view(r: &SubmissionRecord) -> Value {
+    json!({
+        "key": r.key(),
+        "mapping": {"id": r.mapping_id, "version": r.mapping_version, "sha256": r.mapping_sha256},
+        "submission_id": r.submission_id,
+        "payload_sha256": r.payload_sha256,
+        "state": r.state(),
+        "transitions": r.transitions,
+        "ehr": r.ehr.iter().map(|e| json!({
+            "reference": format!("{}/{}", e.resource_type, e.id),
+            "version": e.version,
+            "etag": e.etag,
+        })).collect::<Vec<_>>(),
+        "flags": r.flags,
+        "missing": r.missing,
+    })
+}
+
+async fn status(
+    State(state): State<Arc<AppState>>,
+    Path((mapping_id, submission_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let key = store::key(&mapping_id, &submission_id);
+    match state.intake.store().get(&key).map_err(IntakeError::Store)? {
+        Some(r) => Ok(Json(public_view(&r))),
+        None => Err(ApiError::NotFound(format!("no submission {key}"))),
+    }
+}
+
+async fn replay(
+    State(state): State<Arc<AppState>>,
+    Path((mapping_id, submission_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let key = store::key(&mapping_id, &submission_id);
+    let store = Arc::clone(state.intake.store());
+    let k = key.clone();
+    let requeued = tokio::task::spawn_blocking(move || {
+        let r = store.requeue(&k, &now())?;
+        store.commit()?;
+        Ok::<_, store::StoreError>(r)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(IntakeError::Store)?;
+    match requeued {
+        Some(r) => {
+            state.outbox.notify_one();
+            Ok((StatusCode::ACCEPTED, Json(public_view(&r))).into_response())
+        }
+        None => Err(ApiError::NotFound(format!("no submission {key}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ProvenanceQuery {
+    target: String,
+}
+
+async fn provenance(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ProvenanceQuery>,
+) -> Result<Json<Value>, ApiError> {
+    match state
+        .intake
+        .store()
+        .by_resource(&q.target)
+        .map_err(IntakeError::Store)?
+    {
+        Some(r) => Ok(Json(json!({
+            "target": q.target,
+            "submission": r.key(),
+            "payload_sha256": r.payload_sha256,
+            "mapping": {"id": r.mapping_id, "version": r.mapping_version, "sha256": r.mapping_sha256},
+            "recorded": r.transitions.first().map(|t| t.at.clone()),
+        }))),
+        None => Err(ApiError::NotFound(format!(
+            "no submission produced {}",
+            q.target
+        ))),
+    }
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let ehr = match &state.ehr {
+        None => "not configured: submissions are accepted and held in the outbox".to_string(),
+        Some(c) if c.reachable().await => "reachable".to_string(),
+        Some(_) => "unreachable".to_string(),
+    };
+    let mappings = state.intake.mapping_count();
+    let ok = mappings > 0 && ehr != "unreachable";
+    let body = json!({
+        "ready": ok,
+        "store": "open",
+        "mappings": mappings,
+        "outbox_depth": state.intake.store().outbox_depth(),
+        "ehr": ehr,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(state.intake.store().outbox_depth());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// The bare baseline of the load benchmark: reads the body and answers, nothing else.
+async fn echo(body: Body) -> Response {
+    match to_bytes(body, 1024 * 1024).await {
+        Ok(b) => (StatusCode::ACCEPTED, Json(json!({"bytes": b.len()}))).into_response(),
+        Err(_) => ApiError::TooLarge(1024 * 1024).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_is_measured_outside_strings() {
+        assert!(!nests_deeper_than(br#"{"a": [1, {"b": 2}]}"#, 3));
+        assert!(nests_deeper_than(br#"{"a": [1, {"b": [2]}]}"#, 3));
+        assert!(!nests_deeper_than(br#"{"a": "[[[[[[[[\"{{{{"}"#, 1));
+        assert!(nests_deeper_than(&[b'['; 100], 32));
+    }
+}

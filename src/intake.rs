@@ -1,0 +1,129 @@
+//! Intake: one submission from arrival to acceptance — map it through its `Mapping`, record it
+//! with its outbox entry, and say what happened. Durability (`Store::commit`) and transport are
+//! the caller's: this module knows neither HTTP nor threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::mapping::{Mapping, MappingFailure, SubmissionInput};
+use crate::store::{self, Accepted, State, Store, StoreError, SubmissionRecord, Transition};
+
+/// The event an accepted submission raises for the CRM.
+pub const INTAKE_SUBMITTED: &str = "intake.submitted";
+
+/// The loaded mappings, by id, and the store they write to.
+pub struct Intake {
+    mappings: HashMap<String, Arc<Mapping>>,
+    store: Arc<Store>,
+}
+
+/// What the gateway tells the source about an accepted submission (no PHI).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Receipt {
+    /// `<mapping id>/<submission id>`: the key of the status URL.
+    pub key: String,
+    pub mapping_id: String,
+    pub submission_id: String,
+    /// `false` when the same submission had already been accepted.
+    pub new: bool,
+    pub event: &'static str,
+    pub flags: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+/// Why a submission was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("no mapping `{0}`")]
+    UnknownMapping(String),
+    #[error(transparent)]
+    Invalid(#[from] MappingFailure),
+    #[error("submission {key} was already accepted with a different payload (a revision)")]
+    Revision { key: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Intake {
+    pub fn new(mappings: Vec<Mapping>, store: Arc<Store>) -> Intake {
+        let mappings = mappings
+            .into_iter()
+            .map(|m| (m.id.clone(), Arc::new(m)))
+            .collect();
+        Intake { mappings, store }
+    }
+
+    pub fn mapping(&self, id: &str) -> Option<&Arc<Mapping>> {
+        self.mappings.get(id)
+    }
+
+    pub fn mapping_count(&self) -> usize {
+        self.mappings.len()
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Maps and records a submission (not yet durable: commit the store before answering).
+    pub fn accept(
+        &self,
+        mapping_id: &str,
+        raw: &[u8],
+        payload: &Value,
+        received_at: &str,
+    ) -> Result<Receipt, IntakeError> {
+        let mapping = self
+            .mappings
+            .get(mapping_id)
+            .ok_or_else(|| IntakeError::UnknownMapping(mapping_id.to_string()))?;
+        let mapped = mapping.map_submission(SubmissionInput {
+            payload,
+            raw,
+            received_at,
+        })?;
+        let record = SubmissionRecord {
+            mapping_id: mapping.id.clone(),
+            mapping_version: mapping.version.clone(),
+            mapping_sha256: mapping.content_sha256.clone(),
+            submission_id: mapped.submission_id.clone(),
+            payload_sha256: mapped.payload_sha256.clone(),
+            patient_system: mapped.patient.system.clone(),
+            patient_value: mapped.patient.value.clone(),
+            flags: mapped.flags.clone(),
+            missing: mapped.missing.iter().map(|m| m.link_id.clone()).collect(),
+            transitions: vec![
+                Transition {
+                    state: State::Received,
+                    at: received_at.to_string(),
+                    detail: None,
+                },
+                Transition {
+                    state: State::Mapped,
+                    at: received_at.to_string(),
+                    detail: None,
+                },
+            ],
+            ehr: Vec::new(),
+            bundle: mapped.bundle,
+        };
+        let key = record.key();
+        let receipt = |r: &SubmissionRecord, new| Receipt {
+            key: store::key(&r.mapping_id, &r.submission_id),
+            mapping_id: r.mapping_id.clone(),
+            submission_id: r.submission_id.clone(),
+            new,
+            event: INTAKE_SUBMITTED,
+            flags: r.flags.clone(),
+            missing: r.missing.clone(),
+        };
+        match self.store.accept(&record)? {
+            Accepted::New => Ok(receipt(&record, true)),
+            Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
+            Accepted::Conflict(_) => Err(IntakeError::Revision { key }),
+        }
+    }
+}

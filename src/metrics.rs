@@ -1,0 +1,137 @@
+//! Counters and a latency histogram, rendered in the Prometheus text format. Lock-free atomics;
+//! knows no other module.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the delivery latency buckets.
+const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub submissions_accepted: AtomicU64,
+    pub submissions_duplicate: AtomicU64,
+    pub submissions_rejected: AtomicU64,
+    pub submissions_unauthorized: AtomicU64,
+    pub deliveries_ok: AtomicU64,
+    pub delivery_retries: AtomicU64,
+    pub dead_letters: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn observe_delivery(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
+            if secs <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus exposition text; `outbox_depth` is read by the caller from the store.
+    pub fn render(&self, outbox_depth: usize) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_submissions_total Submissions received, by outcome."
+        );
+        let _ = writeln!(s, "# TYPE chartbridge_submissions_total counter");
+        for (outcome, c) in [
+            ("accepted", &self.submissions_accepted),
+            ("duplicate", &self.submissions_duplicate),
+            ("rejected", &self.submissions_rejected),
+            ("unauthorized", &self.submissions_unauthorized),
+        ] {
+            let _ = writeln!(
+                s,
+                "chartbridge_submissions_total{{outcome=\"{outcome}\"}} {}",
+                get(c)
+            );
+        }
+        for (name, help, c) in [
+            (
+                "chartbridge_deliveries_total",
+                "Submissions delivered to the EHR.",
+                &self.deliveries_ok,
+            ),
+            (
+                "chartbridge_delivery_retries_total",
+                "Delivery attempts that will be retried.",
+                &self.delivery_retries,
+            ),
+            (
+                "chartbridge_dead_letters_total",
+                "Submissions the EHR rejected for good.",
+                &self.dead_letters,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                get(c)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_outbox_depth Deliveries waiting in the outbox."
+        );
+        let _ = writeln!(
+            s,
+            "# TYPE chartbridge_outbox_depth gauge\nchartbridge_outbox_depth {outbox_depth}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_delivery_seconds Time of one delivery attempt."
+        );
+        let _ = writeln!(s, "# TYPE chartbridge_delivery_seconds histogram");
+        for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(
+                s,
+                "chartbridge_delivery_seconds_bucket{{le=\"{bound}\"}} {}",
+                get(bucket)
+            );
+        }
+        let count = get(&self.latency_count);
+        let _ = writeln!(
+            s,
+            "chartbridge_delivery_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            s,
+            "chartbridge_delivery_seconds_sum {}",
+            get(&self.latency_sum_micros) as f64 / 1e6
+        );
+        let _ = writeln!(s, "chartbridge_delivery_seconds_count {count}");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = Metrics::default();
+        Metrics::inc(&m.submissions_accepted);
+        m.observe_delivery(Duration::from_millis(30));
+        let text = m.render(3);
+        assert!(text.contains("chartbridge_submissions_total{outcome=\"accepted\"} 1"));
+        assert!(text.contains("chartbridge_outbox_depth 3"));
+        assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.025\"} 0"));
+        assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.05\"} 1"));
+        assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"+Inf\"} 1"));
+    }
+}

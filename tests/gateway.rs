@@ -1,0 +1,303 @@
+//! The gateway end to end: `chartbridge serve` as a process on a random port, the real FHIR test
+//! server as the EHR, sled on disk, crashes and restarts.
+
+mod common;
+
+use common::{free_port, root, App, FhirServer};
+use serde_json::Value;
+
+const MAYA: &str = "fixtures/glp1-intake-typeform/maya-happy-path.input.json";
+const KEY: &str = "glp1-intake-typeform/b7e1c9d24f6a38e0c5b1d7f29a4e6c83";
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(root().join(path)).expect("fixture")
+}
+
+fn count(server: &FhirServer, kind: &str) -> u64 {
+    server.counts()[kind].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_typeform_intake_reaches_the_ehr_with_its_identifiers_and_provenance() {
+    let ehr = FhirServer::start();
+    let app = App::start(Some(&ehr.url));
+    let (status, body, headers) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["key"], KEY);
+    assert_eq!(body["status_url"], format!("/submissions/{KEY}"));
+    assert_eq!(body["event"], "intake.submitted");
+    assert_eq!(headers["location"], format!("/submissions/{KEY}").as_str());
+
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    let states: Vec<&str> = view["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["received", "mapped", "delivered"]);
+    assert_eq!(view["mapping"]["id"], "glp1-intake-typeform");
+    assert!(
+        view.get("bundle").is_none() && !view.to_string().contains("Okafor"),
+        "no PHI in the status view"
+    );
+
+    let search = ehr.search("QuestionnaireResponse?identifier=https://forms.example-clinic.com/Questionnaire/glp1-intake/submission|b7e1c9d24f6a38e0c5b1d7f29a4e6c83");
+    assert_eq!(
+        search["entry"].as_array().map(Vec::len),
+        Some(1),
+        "{search}"
+    );
+    let obs = view["ehr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["reference"].as_str().unwrap().starts_with("Observation/"))
+        .unwrap();
+    let (status, prov) = app.get(&format!(
+        "/provenance?target={}",
+        obs["reference"].as_str().unwrap()
+    ));
+    assert_eq!(status, 200, "{prov}");
+    assert_eq!(prov["submission"], KEY);
+    assert_eq!(
+        prov["payload_sha256"],
+        chartbridge::fhir::sha256_hex(&fixture(MAYA))
+    );
+}
+
+#[test]
+fn a_duplicate_post_gets_the_same_answer_and_creates_nothing() {
+    let ehr = FhirServer::start();
+    let app = App::start(Some(&ehr.url));
+    let (s1, first, _) = app.post_typeform(&fixture(MAYA));
+    app.wait_for_state(KEY, "delivered", 30);
+    let counts = ehr.counts();
+    let (s2, second, headers) = app.post_typeform(&fixture(MAYA));
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(first, second);
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(ehr.counts(), counts);
+    let (_, view) = app.get(&format!("/submissions/{KEY}"));
+    assert_eq!(
+        view["transitions"].as_array().unwrap().len(),
+        3,
+        "delivered once"
+    );
+
+    // The same id with another payload is a revision: refused until revisions are supported.
+    let changed = String::from_utf8(fixture(MAYA))
+        .unwrap()
+        .replace("\"number\": 212", "\"number\": 210");
+    let (status, oo, _) = app.post_typeform(changed.as_bytes());
+    assert_eq!(status, 409, "{oo}");
+    assert_eq!(oo["issue"][0]["code"], "conflict");
+}
+
+#[test]
+fn ehr_down_then_up_delivers_and_a_restart_resumes_the_outbox() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/fhir/R4");
+    let mut app = App::start(Some(&url));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    // Failing attempts are recorded while the EHR is down.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, view) = app.get(&format!("/submissions/{KEY}"));
+        if view["state"] == "failed" {
+            assert!(
+                view["transitions"][2]["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("unreachable"),
+                "{view}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed attempt recorded: {view}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Stop the gateway while the delivery is pending; bring the EHR up; restart.
+    app.terminate();
+    let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
+    app.restart();
+    app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+    let metrics = app.get_text("/metrics");
+    assert!(
+        metrics.contains("chartbridge_deliveries_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
+}
+
+#[test]
+fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
+    // Hosted Medplum refuses transactions of more than 8 entries that hold conditional ones.
+    let port = free_port();
+    let strict =
+        FhirServer::start_with(&[("PORT", &port.to_string()), ("MAX_STRICT_TX_ENTRIES", "8")]);
+    let app = App::start(Some(&strict.url));
+    let (status, _, _) = app.post_typeform(&fixture(
+        "fixtures/glp1-intake-typeform/contraindications.input.json",
+    ));
+    assert_eq!(status, 202);
+    let key = "glp1-intake-typeform/e4a91f0c7b2d5836a1c9e07f4b2d8a15";
+    let view = app.wait_for_state(key, "dead-lettered", 30);
+    let reason = view["transitions"][2]["detail"].as_str().unwrap();
+    assert!(reason.starts_with("HTTP 4"), "{reason}");
+    assert_eq!(count(&strict, "QuestionnaireResponse"), 0);
+
+    // The cause is fixed (the EHR lifts the limit); an operator replays it.
+    drop(strict);
+    let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
+    let out = common::chartbridge()
+        .args(["replay", key, "--url", &app.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    app.wait_for_state(key, "delivered", 30);
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+    let out = common::chartbridge()
+        .args(["inspect", key, "--url", &app.url])
+        .output()
+        .unwrap();
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let states: Vec<&str> = view["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["received", "mapped", "dead-lettered", "mapped", "delivered"]
+    );
+}
+
+#[test]
+fn killed_right_after_202_the_submission_is_delivered_exactly_once() {
+    let ehr = FhirServer::start();
+    let mut app = App::start(Some(&ehr.url));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    app.kill();
+    app.restart();
+    app.wait_for_state(KEY, "delivered", 30);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+    assert_eq!(count(&ehr, "Observation"), 5);
+    assert_eq!(count(&ehr, "Provenance"), 1);
+}
+
+#[test]
+fn bad_input_gets_a_4xx_operation_outcome() {
+    let app = App::start(None);
+    let body = fixture(MAYA);
+    let post = |path: &str, body: &[u8], headers: &[(&str, String)]| {
+        let (status, oo, h) = app.post(path, body, headers);
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{path}: {oo}");
+        assert_eq!(h["content-type"], "application/fhir+json");
+        (status, oo)
+    };
+    // Signatures.
+    let (status, oo) = post("/submissions/glp1-intake-typeform", &body, &[]);
+    assert_eq!(status, 401, "{oo}");
+    let (status, _) = post(
+        "/submissions/glp1-intake-typeform",
+        &body,
+        &[("typeform-signature", "sha256=AAAA".into())],
+    );
+    assert_eq!(status, 401);
+    let key = [("x-api-key", "test-key".to_string())];
+    let (status, _) = post(
+        "/submissions/refill-request-portal",
+        b"{}",
+        &[("x-api-key", "wrong".into())],
+    );
+    assert_eq!(status, 401);
+    // Unknown mapping, malformed, oversized, too deep, wrong type, not fitting the map.
+    assert_eq!(post("/submissions/no-such-form", b"{}", &key).0, 404);
+    let (status, oo) = post(
+        "/submissions/refill-request-portal",
+        b"{\"request_id\": ",
+        &key,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("line 1"),
+        "{oo}"
+    );
+    assert_eq!(
+        post(
+            "/submissions/refill-request-portal",
+            &vec![b' '; 2 * 1024 * 1024],
+            &key
+        )
+        .0,
+        413
+    );
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(
+        post("/submissions/refill-request-portal", deep.as_bytes(), &key).0,
+        400
+    );
+    let xml = [
+        ("x-api-key", "test-key".to_string()),
+        ("content-type", "application/xml".to_string()),
+    ];
+    assert_eq!(
+        post("/submissions/refill-request-portal", b"<a/>", &xml).0,
+        415
+    );
+    let (status, oo) = post(
+        "/submissions/refill-request-portal",
+        &fixture("fixtures/refill-request-portal/wrong-types.input.json"),
+        &key,
+    );
+    assert_eq!(status, 422);
+    assert_eq!(oo["issue"].as_array().unwrap().len(), 6);
+    assert!(!oo.to_string().contains("half a milligram"));
+    // Nothing of that reached the store.
+    let metrics = app.get_text("/metrics");
+    assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
+    assert!(
+        metrics.contains("chartbridge_submissions_total{outcome=\"unauthorized\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn without_an_ehr_submissions_wait_in_the_outbox_and_ready_says_so() {
+    let app = App::start(None);
+    let (status, health) = app.get("/health");
+    assert_eq!((status, health["status"].as_str()), (200, Some("ok")));
+    let (status, ready) = app.get("/ready");
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready["ehr"].as_str().unwrap().starts_with("not configured"));
+    let (status, body, _) = app.post(
+        "/submissions/refill-request-portal",
+        &fixture("fixtures/refill-request-portal/missing-inputs.input.json"),
+        &[("x-api-key", "test-key".into())],
+    );
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["flags"][2], "more_information_needed");
+    let (_, view) = app.get("/submissions/refill-request-portal/rf_2025_11_28_0007");
+    assert_eq!(view["state"], "mapped");
+    let (_, ready) = app.get("/ready");
+    assert_eq!(ready["outbox_depth"], 1);
+    assert_eq!(app.get("/submissions/refill-request-portal/nope").0, 404);
+    assert!(app.data_dir().exists());
+}
