@@ -92,6 +92,28 @@ pub enum EhrAuth {
     Bearer {
         token: String,
     },
+    /// SMART Backend Services: client credentials with a signed JWT assertion.
+    SmartBackend(SmartBackend),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmartBackend {
+    pub token_url: String,
+    pub client_id: String,
+    /// PEM file of the private key (PKCS#8) registered with the EHR.
+    pub private_key_pem: PathBuf,
+    /// `RS384` or `ES384`.
+    pub algorithm: String,
+    /// Key id in the EHR's JWKS.
+    pub kid: String,
+    #[serde(default = "default_scope")]
+    pub scope: String,
+}
+
+fn default_scope() -> String {
+    "system/Patient.cru system/QuestionnaireResponse.cru system/Observation.cru system/Provenance.cr"
+        .to_string()
 }
 
 /// How a source proves a submission is its own.

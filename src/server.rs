@@ -23,7 +23,7 @@ pub enum ServeError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("EHR client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] crate::delivery::client::ClientError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,

@@ -5,6 +5,7 @@
 //! Knows FHIR responses, HTTP and the store; nothing of mapping files or of the gateway's own
 //! HTTP API.
 
+pub mod auth;
 pub mod client;
 pub mod outbox;
 

@@ -150,6 +150,11 @@ pub const TYPEFORM_SECRET: &str = "typeform-test-secret";
 impl App {
     /// Starts the gateway; `ehr` is the FHIR base URL (or none: deliveries wait in the outbox).
     pub fn start(ehr: Option<&str>) -> App {
+        Self::start_with(ehr, "")
+    }
+
+    /// Same, with more lines for the `[ehr]` table (e.g. `auth = …`).
+    pub fn start_with(ehr: Option<&str>, ehr_extra: &str) -> App {
         let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
@@ -160,7 +165,7 @@ impl App {
             root().join("mappings"),
         );
         if let Some(url) = ehr {
-            config.push_str(&format!("\n[ehr]\nbase_url = \"{url}\"\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\ntimeout_ms = 5000\n"));
+            config.push_str(&format!("\n[ehr]\nbase_url = \"{url}\"\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\ntimeout_ms = 5000\n{ehr_extra}\n"));
         }
         std::fs::write(&config_path, config).expect("write config");
         let mut app = App {

@@ -1,0 +1,203 @@
+//! Load benchmark of `chartbridge serve` (release build, its own process) on this machine:
+//! accepted submissions per second and p50/p99 latency of `POST /submissions/{id}` with the
+//! durable flush, beside the bare `POST /echo` route of the same server in the same run. The EHR
+//! is a fast local sink that answers every transaction at once, so the outbox drains as it
+//! would against a quick EHR.
+//!
+//!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64)
+//!
+//! Loopback only, bounded in time; it prints a table and stops by itself.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The EHR: answers every transaction with a transaction-response, immediately.
+async fn sink() -> String {
+    let app = Router::new().fallback(post(|| async {
+        Json(
+            json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "201", "location": "QuestionnaireResponse/1/_history/1"}}]}),
+        )
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sink");
+    let url = format!("http://{}/fhir", listener.local_addr().expect("sink addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+struct Run {
+    name: &'static str,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    latencies_us: Vec<u64>,
+}
+
+impl Run {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+async fn load(
+    name: &'static str,
+    url: String,
+    body: Arc<String>,
+    unique: bool,
+    connections: u64,
+    seconds: u64,
+) -> Run {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections as usize)
+        .build()
+        .expect("client");
+    let seq = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (client, url, body, seq, errors) = (
+                client.clone(),
+                url.clone(),
+                Arc::clone(&body),
+                Arc::clone(&seq),
+                Arc::clone(&errors),
+            );
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let n = seq.fetch_add(1, Ordering::Relaxed);
+                    let payload = if unique {
+                        body.replace("b7e1c9d24f6a38e0c5b1d7f29a4e6c83", &format!("load-{n:020}"))
+                    } else {
+                        body.to_string()
+                    };
+                    let t = Instant::now();
+                    let ok = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("x-api-key", "bench")
+                        .body(payload)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16() == 202)
+                        .unwrap_or(false);
+                    if ok {
+                        lat.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut latencies_us = Vec::new();
+    for t in tasks {
+        latencies_us.extend(t.await.unwrap_or_default());
+    }
+    latencies_us.sort_unstable();
+    Run {
+        name,
+        requests: latencies_us.len() as u64,
+        errors: errors.load(Ordering::Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        latencies_us,
+    }
+}
+
+fn main() {
+    let seconds = env_or("LOAD_SECONDS", 10);
+    let connections = env_or("LOAD_CONNECTIONS", 64);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let body = Arc::new(
+        std::fs::read_to_string(
+            root.join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"),
+        )
+        .expect("fixture"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    let runs = runtime.block_on(async {
+        let ehr = sink().await;
+        let config = dir.path().join("load.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n[ehr]\nbase_url = \"{ehr}\"\nconcurrency = 8\n[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
+                dir.path().join("data"),
+                root.join("mappings")
+            ),
+        )
+        .expect("config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chartbridge"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start chartbridge serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+        let ready: Value = serde_json::from_str(&line).expect("ready json");
+        let url = ready["url"].as_str().expect("url").to_string();
+
+        // Warm up both routes, then measure each in turn.
+        load("warm-up", format!("{url}/echo"), Arc::clone(&body), false, connections, 1).await;
+        let echo = load("POST /echo (baseline)", format!("{url}/echo"), Arc::clone(&body), false, connections, seconds).await;
+        let submit = load("POST /submissions (durable)", format!("{url}/submissions/glp1-intake-typeform"), Arc::clone(&body), true, connections, seconds).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        vec![echo, submit]
+    });
+
+    println!("\n{connections} connections, {seconds} s each, 1 client thread; server: release build, 2 cores shared with the client\n");
+    println!(
+        "{:<30} {:>10} {:>8} {:>10} {:>10}",
+        "route", "req/s", "errors", "p50 ms", "p99 ms"
+    );
+    for r in &runs {
+        println!(
+            "{:<30} {:>10.0} {:>8} {:>10.2} {:>10.2}",
+            r.name,
+            r.requests as f64 / r.seconds,
+            r.errors,
+            r.pct(0.5),
+            r.pct(0.99)
+        );
+    }
+    if let [echo, submit] = &runs[..] {
+        let (e, s) = (
+            echo.requests as f64 / echo.seconds,
+            submit.requests as f64 / submit.seconds,
+        );
+        println!("\nsubmissions/s ÷ echo/s = {:.2}", s / e);
+    }
+}

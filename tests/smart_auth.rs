@@ -1,0 +1,227 @@
+//! SMART Backend Services against a token endpoint and an EHR that demands its tokens, both run
+//! by this test (the EHR is a guard in front of the real FHIR test server).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use common::{root, App, FhirServer};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{json, Value};
+
+const CLIENT: &str = "chartbridge-test";
+
+#[derive(Default)]
+struct Auth {
+    token_url: String,
+    fhir_url: String,
+    current: Option<String>,
+    issued: u64,
+    jtis: HashSet<String>,
+    refused: u64,
+    problems: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Auth>>;
+
+async fn token(
+    State(auth): State<Shared>,
+    Form(form): Form<Vec<(String, String)>>,
+) -> impl IntoResponse {
+    let get = |k: &str| {
+        form.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut a = auth.lock().unwrap();
+    let public = std::fs::read(root().join("tests/keys/smart-es384.pub.pem")).unwrap();
+    let mut v = Validation::new(Algorithm::ES384);
+    v.set_audience(&[a.token_url.clone()]);
+    v.set_issuer(&[CLIENT]);
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let checks = (|| {
+        if get("grant_type") != "client_credentials" {
+            return Err("grant_type".to_string());
+        }
+        if get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        {
+            return Err("client_assertion_type".to_string());
+        }
+        let assertion = get("client_assertion");
+        let header = jsonwebtoken::decode_header(&assertion).map_err(|e| e.to_string())?;
+        if header.kid.as_deref() != Some("key-1") {
+            return Err("kid".to_string());
+        }
+        let data = jsonwebtoken::decode::<Value>(
+            &assertion,
+            &DecodingKey::from_ec_pem(&public).unwrap(),
+            &v,
+        )
+        .map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if data.claims["exp"].as_u64().unwrap_or(0) > now + 300 {
+            return Err("exp more than 5 minutes ahead".to_string());
+        }
+        if data.claims["sub"] != CLIENT {
+            return Err("sub".to_string());
+        }
+        Ok(data.claims["jti"].as_str().unwrap_or_default().to_string())
+    })();
+    match checks {
+        Ok(jti) if a.jtis.insert(jti.clone()) => {
+            a.issued += 1;
+            let t = format!("token-{}", a.issued);
+            a.current = Some(t.clone());
+            (
+                StatusCode::OK,
+                Json(
+                    json!({"access_token": t, "token_type": "bearer", "expires_in": 300, "scope": get("scope")}),
+                ),
+            )
+        }
+        Ok(_) => {
+            a.problems.push("jti reused".into());
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_client"})),
+            )
+        }
+        Err(why) => {
+            a.problems.push(why);
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "invalid_client"})),
+            )
+        }
+    }
+}
+
+/// The EHR: requires the current token, then forwards to the FHIR test server.
+async fn fhir(State(auth): State<Shared>, headers: HeaderMap, body: String) -> impl IntoResponse {
+    let (ok, url) = {
+        let mut a = auth.lock().unwrap();
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let ok = a
+            .current
+            .as_ref()
+            .is_some_and(|t| given == format!("Bearer {t}"));
+        if !ok {
+            a.refused += 1;
+        }
+        (ok, a.fhir_url.clone())
+    };
+    if !ok {
+        let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login", "diagnostics": "invalid token"}]});
+        return (StatusCode::UNAUTHORIZED, Json(oo));
+    }
+    let r = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/fhir+json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
+    (status, Json(r.json::<Value>().await.unwrap_or(Value::Null)))
+}
+
+#[test]
+fn tokens_are_fetched_once_cached_and_refreshed_after_a_401() {
+    let server = FhirServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let auth: Shared = Arc::default();
+    let base = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = Router::new()
+            .route("/token", post(token))
+            .route("/fhir", post(fhir))
+            .with_state(auth.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    });
+    {
+        let mut a = auth.lock().unwrap();
+        a.token_url = format!("{base}/token");
+        a.fhir_url = server.url.clone();
+    }
+    let smart = format!(
+        "auth = {{ type = \"smart_backend\", token_url = \"{base}/token\", client_id = \"{CLIENT}\", private_key_pem = {:?}, algorithm = \"ES384\", kid = \"key-1\" }}",
+        root().join("tests/keys/smart-es384.key.pem")
+    );
+    let app = App::start_with(Some(&format!("{base}/fhir")), &smart);
+    let post = |fixture: &str| {
+        let body = std::fs::read(root().join(fixture)).unwrap();
+        let (status, receipt, _) = app.post_typeform(&body);
+        assert_eq!(status, 202, "{receipt}");
+        app.wait_for_state(receipt["key"].as_str().unwrap(), "delivered", 30);
+    };
+    post("fixtures/glp1-intake-typeform/maya-happy-path.input.json");
+    post("fixtures/glp1-intake-typeform/contraindications.input.json");
+    assert_eq!(auth.lock().unwrap().issued, 1, "the token is cached");
+
+    // The EHR revokes the token: the next delivery gets a 401, fetches a new token, succeeds.
+    auth.lock().unwrap().current = Some("revoked".into());
+    post("fixtures/glp1-intake-typeform/missing-required.input.json");
+    let a = auth.lock().unwrap();
+    assert_eq!((a.issued, a.refused), (2, 1));
+    assert!(a.problems.is_empty(), "{:?}", a.problems);
+    assert_eq!(server.counts()["QuestionnaireResponse"], 3);
+}
+
+#[test]
+fn rs384_assertions_verify_with_the_public_key() {
+    use chartbridge::config::SmartBackend;
+    use chartbridge::delivery::auth::TokenSource;
+    let config = SmartBackend {
+        token_url: "https://ehr.example.org/token".into(),
+        client_id: CLIENT.into(),
+        private_key_pem: root().join("tests/keys/smart-rs384.key.pem"),
+        algorithm: "RS384".into(),
+        kid: "rsa-1".into(),
+        scope: "system/Observation.cru".into(),
+    };
+    let source = TokenSource::new(&config, reqwest::Client::new()).unwrap();
+    let (a, b) = (source.assertion().unwrap(), source.assertion().unwrap());
+    let public = std::fs::read(root().join("tests/keys/smart-rs384.pub.pem")).unwrap();
+    let mut v = Validation::new(Algorithm::RS384);
+    v.set_audience(&["https://ehr.example.org/token"]);
+    let claims = |t: &str| {
+        jsonwebtoken::decode::<Value>(t, &DecodingKey::from_rsa_pem(&public).unwrap(), &v)
+            .unwrap()
+            .claims
+    };
+    let (ca, cb) = (claims(&a), claims(&b));
+    assert_ne!(ca["jti"], cb["jti"], "unique jti");
+    assert_eq!(ca["iss"], CLIENT);
+    assert!(ca["exp"].as_u64().unwrap() - ca["iat"].as_u64().unwrap() <= 300);
+    assert_eq!(
+        jsonwebtoken::decode_header(&a).unwrap().kid.as_deref(),
+        Some("rsa-1")
+    );
+
+    let bad = SmartBackend {
+        algorithm: "HS256".into(),
+        ..config.clone()
+    };
+    assert!(TokenSource::new(&bad, reqwest::Client::new()).is_err());
+    let missing = SmartBackend {
+        private_key_pem: root().join("tests/keys/none.pem"),
+        ..config
+    };
+    assert!(TokenSource::new(&missing, reqwest::Client::new()).is_err());
+}
