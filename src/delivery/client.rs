@@ -17,7 +17,7 @@ pub struct EhrClient {
 enum Auth {
     None,
     Bearer(String),
-    Smart(TokenSource),
+    Smart(Box<TokenSource>),
 }
 
 /// Why the client could not be set up.
@@ -38,7 +38,9 @@ impl EhrClient {
         let auth = match &config.auth {
             EhrAuth::None => Auth::None,
             EhrAuth::Bearer { token } => Auth::Bearer(token.clone()),
-            EhrAuth::SmartBackend(smart) => Auth::Smart(TokenSource::new(smart, http.clone())?),
+            EhrAuth::SmartBackend(smart) => {
+                Auth::Smart(Box::new(TokenSource::new(smart, http.clone())?))
+            }
         };
         Ok(EhrClient {
             http,
