@@ -58,6 +58,10 @@ pub struct EhrConfig {
     pub base_url: String,
     #[serde(default)]
     pub auth: EhrAuth,
+    /// `transaction` (one Bundle) or `per_resource` (conditional creates one by one, for EHRs
+    /// without transaction support).
+    #[serde(default)]
+    pub mode: DeliveryMode,
     /// Deliveries in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -82,6 +86,14 @@ fn default_backoff_cap_ms() -> u64 {
 }
 fn default_timeout_ms() -> u64 {
     30_000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    #[default]
+    Transaction,
+    PerResource,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -208,6 +220,7 @@ impl Config {
                     self.ehr = Some(EhrConfig {
                         base_url: url,
                         auth: EhrAuth::None,
+                        mode: DeliveryMode::Transaction,
                         concurrency: default_concurrency(),
                         backoff_base_ms: default_backoff_base_ms(),
                         backoff_cap_ms: default_backoff_cap_ms(),

@@ -301,3 +301,39 @@ fn without_an_ehr_submissions_wait_in_the_outbox_and_ready_says_so() {
     assert_eq!(app.get("/submissions/refill-request-portal/nope").0, 404);
     assert!(app.data_dir().exists());
 }
+
+#[test]
+fn per_resource_mode_creates_each_resource_conditionally_with_rewritten_references() {
+    let ehr = FhirServer::start();
+    let app = App::start_with(Some(&ehr.url), "mode = \"per_resource\"");
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    let refs: Vec<&str> = view["ehr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reference"].as_str().unwrap())
+        .collect();
+    assert_eq!(refs.len(), 8);
+    let (patient, qr) = (refs[0], refs[1]);
+    assert!(
+        patient.starts_with("Patient/") && qr.starts_with("QuestionnaireResponse/"),
+        "{refs:?}"
+    );
+    // References point at the ids the server assigned, not at urn:uuids.
+    let stored_qr = ehr.search(qr);
+    assert_eq!(stored_qr["subject"]["reference"], patient);
+    let obs = ehr.search(&format!("Observation?derived-from={qr}"));
+    assert_eq!(obs["entry"].as_array().map(Vec::len), Some(5), "{obs}");
+    let prov = ehr.search(refs[7]);
+    assert_eq!(prov["target"][0]["reference"], qr);
+
+    // Delivering again (a replay) matches every resource and creates nothing.
+    let counts = ehr.counts();
+    let (status, _, _) = app.post(&format!("/submissions/{KEY}/replay"), b"", &[]);
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(view["transitions"].as_array().unwrap().len(), 5);
+    assert_eq!(ehr.counts(), counts);
+}

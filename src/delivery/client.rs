@@ -6,12 +6,14 @@ use serde_json::Value;
 
 use super::auth::{TokenError, TokenSource};
 use super::{classify, Attempt};
-use crate::config::{EhrAuth, EhrConfig};
+use crate::config::{DeliveryMode, EhrAuth, EhrConfig};
+use crate::store::EhrResource;
 
 pub struct EhrClient {
     http: reqwest::Client,
     base_url: String,
     auth: Auth,
+    mode: DeliveryMode,
 }
 
 enum Auth {
@@ -46,6 +48,7 @@ impl EhrClient {
             http,
             base_url: config.base_url.trim_end_matches('/').to_string(),
             auth,
+            mode: config.mode,
         })
     }
 
@@ -64,34 +67,106 @@ impl EhrClient {
         })
     }
 
-    /// POSTs a `transaction` Bundle to the FHIR base and says what came of it. With SMART auth, a
-    /// 401 drops the cached token and the request is made once more with a new one.
-    pub async fn send_transaction(&self, bundle: &Value) -> Attempt {
-        let body = bundle.to_string();
-        let first = self.post_transaction(&body).await;
+    /// Delivers a `transaction` Bundle as configured (one transaction, or resource by resource)
+    /// and says what came of it. With SMART auth, a 401 drops the cached token and the delivery
+    /// is made once more with a new one.
+    pub async fn deliver(&self, bundle: &Value) -> Attempt {
+        let first = self.deliver_once(bundle).await;
         match (&first, &self.auth) {
             (Attempt::Reject { reason }, Auth::Smart(tokens)) if reason.starts_with("HTTP 401") => {
                 tokens.invalidate().await;
-                self.post_transaction(&body).await
+                self.deliver_once(bundle).await
             }
             _ => first,
         }
     }
 
-    async fn post_transaction(&self, body: &str) -> Attempt {
-        let req = self
+    async fn deliver_once(&self, bundle: &Value) -> Attempt {
+        match self.mode {
+            DeliveryMode::Transaction => {
+                let (status, retry_after, body) =
+                    match self.post(&self.base_url, bundle.to_string(), None).await {
+                        Ok(answer) => answer,
+                        Err(attempt) => return attempt,
+                    };
+                classify(status, retry_after.as_deref(), &body)
+            }
+            DeliveryMode::PerResource => self.per_resource(bundle).await,
+        }
+    }
+
+    /// Conditional create (`If-None-Exist`) of each entry in Bundle order — which is dependency
+    /// order: Patient, QuestionnaireResponse, Observations, Provenance — with `urn:uuid`
+    /// references rewritten to the ids the EHR assigned. A failure stops the walk; what was
+    /// created already is matched, not duplicated, when the delivery is retried.
+    async fn per_resource(&self, bundle: &Value) -> Attempt {
+        let mut assigned: Vec<(String, String)> = Vec::new();
+        let mut stored = Vec::new();
+        let entries = bundle["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        for (i, entry) in entries.iter().enumerate() {
+            let mut resource = entry["resource"].clone();
+            rewrite_references(&mut resource, &assigned);
+            let kind = resource["resourceType"]
+                .as_str()
+                .unwrap_or("Resource")
+                .to_string();
+            let condition = entry["request"]["ifNoneExist"].as_str();
+            let url = format!("{}/{kind}", self.base_url);
+            let (status, retry_after, body) =
+                match self.post(&url, resource.to_string(), condition).await {
+                    Ok(answer) => answer,
+                    Err(attempt) => return attempt,
+                };
+            if !(200..300).contains(&status) {
+                return match classify(status, retry_after.as_deref(), &body) {
+                    Attempt::Reject { reason } => Attempt::Reject {
+                        reason: format!("entry {i} ({kind}): {reason}"),
+                    },
+                    other => other,
+                };
+            }
+            let Some(id) = body["id"].as_str() else {
+                return Attempt::Reject {
+                    reason: format!("entry {i} ({kind}): the EHR's answer has no id"),
+                };
+            };
+            let version = body["meta"]["versionId"].as_str().map(str::to_string);
+            if let Some(full_url) = entry["fullUrl"].as_str() {
+                assigned.push((full_url.to_string(), format!("{kind}/{id}")));
+            }
+            stored.push(EhrResource {
+                resource_type: kind,
+                id: id.to_string(),
+                etag: version.as_ref().map(|v| format!("W/\"{v}\"")),
+                version,
+            });
+        }
+        Attempt::Delivered(stored)
+    }
+
+    /// One authorized POST; the status, `Retry-After` and JSON body, or the attempt it came to.
+    async fn post(
+        &self,
+        url: &str,
+        body: String,
+        if_none_exist: Option<&str>,
+    ) -> Result<(u16, Option<String>, Value), Attempt> {
+        let mut req = self
             .http
-            .post(&self.base_url)
+            .post(url)
             .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
             .header(reqwest::header::ACCEPT, "application/fhir+json")
-            .body(body.to_string());
+            .body(body);
+        if let Some(condition) = if_none_exist {
+            req = req.header("If-None-Exist", condition);
+        }
         let req = match self.authorize(req).await {
             Ok(r) => r,
             Err(e) => {
-                return Attempt::Retry {
+                return Err(Attempt::Retry {
                     reason: format!("no access token: {e}"),
                     retry_after: None,
-                }
+                })
             }
         };
         let resp = match req.send().await {
@@ -104,10 +179,10 @@ impl EhrClient {
                 } else {
                     "request failed"
                 };
-                return Attempt::Retry {
+                return Err(Attempt::Retry {
                     reason: format!("EHR {what}"),
                     retry_after: None,
-                };
+                });
             }
         };
         let status = resp.status().as_u16();
@@ -116,16 +191,17 @@ impl EhrClient {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body: Value = match resp.bytes().await {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
-            Err(_) => {
-                return Attempt::Retry {
-                    reason: format!("HTTP {status}: body not received"),
-                    retry_after: None,
-                }
-            }
-        };
-        classify(status, retry_after.as_deref(), &body)
+        match resp.bytes().await {
+            Ok(b) => Ok((
+                status,
+                retry_after,
+                serde_json::from_slice(&b).unwrap_or(Value::Null),
+            )),
+            Err(_) => Err(Attempt::Retry {
+                reason: format!("HTTP {status}: body not received"),
+                retry_after: None,
+            }),
+        }
     }
 
     /// Whether the EHR answers its capability statement.
@@ -138,5 +214,49 @@ impl EhrClient {
             return false;
         };
         matches!(req.send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+/// Replaces every `reference` that names an entry's fullUrl with the id the EHR gave it.
+fn rewrite_references(value: &mut Value, assigned: &[(String, String)]) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    Value::String(s) if key == "reference" => {
+                        if let Some((_, id)) = assigned.iter().find(|(url, _)| url == s) {
+                            *s = id.clone();
+                        }
+                    }
+                    other => rewrite_references(other, assigned),
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|v| rewrite_references(v, assigned)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn references_are_rewritten_everywhere_but_nothing_else() {
+        let mut v = json!({"subject": {"reference": "urn:uuid:p", "type": "Patient"},
+            "derivedFrom": [{"reference": "urn:uuid:q"}], "note": [{"text": "urn:uuid:p"}]});
+        rewrite_references(
+            &mut v,
+            &[
+                ("urn:uuid:p".into(), "Patient/1".into()),
+                ("urn:uuid:q".into(), "QuestionnaireResponse/2".into()),
+            ],
+        );
+        assert_eq!(v["subject"]["reference"], "Patient/1");
+        assert_eq!(v["derivedFrom"][0]["reference"], "QuestionnaireResponse/2");
+        assert_eq!(v["note"][0]["text"], "urn:uuid:p");
     }
 }

@@ -104,7 +104,7 @@ impl Outbox {
             .filter(|t| t.state == State::Failed)
             .count() as u32;
         let started = Instant::now();
-        let attempt = self.client.send_transaction(&record.bundle).await;
+        let attempt = self.client.deliver(&record.bundle).await;
         self.metrics.observe_delivery(started.elapsed());
         let at = now();
         let (transition, resources, next) = match attempt {
