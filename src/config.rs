@@ -150,6 +150,19 @@ pub enum SourceAuth {
         #[serde(default)]
         encoding: SignatureEncoding,
     },
+    /// The Standard Webhooks scheme (a custom portal): `webhook-id`, `webhook-timestamp` and
+    /// `webhook-signature: v1,<base64>` over `{id}.{timestamp}.{body}`; a timestamp outside
+    /// `tolerance_seconds` is refused, so a captured request cannot be replayed later.
+    StandardWebhooks {
+        /// `whsec_<base64 key>`
+        secret: String,
+        #[serde(default = "default_tolerance")]
+        tolerance_seconds: u64,
+    },
+}
+
+fn default_tolerance() -> u64 {
+    300
 }
 
 fn default_api_key_header() -> String {

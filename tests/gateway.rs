@@ -337,3 +337,38 @@ fn per_resource_mode_creates_each_resource_conditionally_with_rewritten_referenc
     assert_eq!(view["transitions"].as_array().unwrap().len(), 5);
     assert_eq!(ehr.counts(), counts);
 }
+
+#[test]
+fn a_replayed_standard_webhooks_request_is_refused() {
+    use chartbridge::http::auth::sign_standard_webhooks;
+    let app = App::start(None);
+    let body = fixture("fixtures/consult-intake-portal/complex-intake.input.json");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |ts: u64| {
+        vec![
+            ("webhook-id", "msg_2Yk4".to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            (
+                "webhook-signature",
+                sign_standard_webhooks(common::PORTAL_SECRET, "msg_2Yk4", ts, &body),
+            ),
+        ]
+    };
+    let (status, receipt, _) = app.post("/submissions/consult-intake-portal", &body, &signed(now));
+    assert_eq!(status, 202, "{receipt}");
+    assert_eq!(receipt["flags"][0], "medication_reconciliation_needed");
+    // The same request captured and sent again an hour later.
+    let (status, oo, _) = app.post(
+        "/submissions/consult-intake-portal",
+        &body,
+        &signed(now - 3600),
+    );
+    assert_eq!(status, 401, "{oo}");
+    assert!(oo["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("window"));
+}

@@ -131,7 +131,16 @@ async fn submit(
     let raw = to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::TooLarge(limit))?;
-    if let Err(why) = auth::verify(state.config.source_auth(&mapping_id), &parts.headers, &raw) {
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if let Err(why) = auth::verify(
+        state.config.source_auth(&mapping_id),
+        &parts.headers,
+        &raw,
+        unix_now,
+    ) {
         Metrics::inc(&state.metrics.submissions_unauthorized);
         return Err(ApiError::Unauthorized(why));
     }

@@ -146,6 +146,7 @@ pub struct App {
 }
 
 pub const TYPEFORM_SECRET: &str = "typeform-test-secret";
+pub const PORTAL_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 impl App {
     /// Starts the gateway; `ehr` is the FHIR base URL (or none: deliveries wait in the outbox).
@@ -160,6 +161,7 @@ impl App {
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\n\
              [sources.glp1-intake-typeform]\ntype = \"hmac\"\nheader = \"typeform-signature\"\nprefix = \"sha256=\"\nsecret = \"{TYPEFORM_SECRET}\"\n\n\
+             [sources.consult-intake-portal]\ntype = \"standard_webhooks\"\nsecret = \"{PORTAL_SECRET}\"\n\n\
              [sources.\"*\"]\ntype = \"api_key\"\nkey = \"test-key\"\n",
             dir.path().join("data"),
             root().join("mappings"),
