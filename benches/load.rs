@@ -4,7 +4,8 @@
 //! is a fast local sink that answers every transaction at once, so the outbox drains as it
 //! would against a quick EHR.
 //!
-//!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64)
+//!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64),
+//!                                         # LOAD_NO_EHR=1: no EHR, deliveries wait in the outbox
 //!
 //! Loopback only, bounded in time; it prints a table and stops by itself.
 
@@ -130,6 +131,7 @@ async fn load(
 fn main() {
     let seconds = env_or("LOAD_SECONDS", 10);
     let connections = env_or("LOAD_CONNECTIONS", 64);
+    let no_ehr = env_or("LOAD_NO_EHR", 0) == 1;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -150,9 +152,10 @@ fn main() {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n[ehr]\nbase_url = \"{ehr}\"\nconcurrency = 8\n[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
+                "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n{}[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
                 dir.path().join("data"),
-                root.join("mappings")
+                root.join("mappings"),
+                if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = 8\n") },
             ),
         )
         .expect("config");
@@ -178,7 +181,10 @@ fn main() {
         vec![echo, submit]
     });
 
-    println!("\n{connections} connections, {seconds} s each, 1 client thread; server: release build, 2 cores shared with the client\n");
+    println!(
+        "\n{connections} connections, {seconds} s each, 1 client thread; server: release build, 2 cores shared with the client; EHR: {}\n",
+        if no_ehr { "none (outbox holds)" } else { "local sink" }
+    );
     println!(
         "{:<30} {:>10} {:>8} {:>10} {:>10}",
         "route", "req/s", "errors", "p50 ms", "p99 ms"

@@ -39,29 +39,31 @@ impl Outbox {
             if *shutdown.borrow() {
                 break;
             }
-            let pending = match this.store.pending() {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox: cannot read pending deliveries");
-                    Vec::new()
-                }
-            };
+            // Only what can start now: not in flight, not waiting out a backoff; the scan stops
+            // once it has enough, so a long outbox is not re-read on every wake-up.
             let now = Instant::now();
-            for key in pending {
-                let due = match schedule.lock() {
-                    Ok(mut s) => {
-                        let due = !s.in_flight.contains(&key)
-                            && s.not_before.get(&key).is_none_or(|t| *t <= now);
-                        if due {
-                            s.in_flight.insert(key.clone());
+            let due = match schedule.lock() {
+                Ok(mut s) => {
+                    let picked = this
+                        .store
+                        .pending_where(this.concurrency.max(1) * 4, |key| {
+                            !s.in_flight.contains(key)
+                                && s.not_before.get(key).is_none_or(|t| *t <= now)
+                        });
+                    match picked {
+                        Ok(keys) => {
+                            s.in_flight.extend(keys.iter().cloned());
+                            keys
                         }
-                        due
+                        Err(e) => {
+                            tracing::error!(error = %e, "outbox: cannot read pending deliveries");
+                            Vec::new()
+                        }
                     }
-                    Err(_) => false,
-                };
-                if !due {
-                    continue;
                 }
+                Err(_) => Vec::new(),
+            };
+            for key in due {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };

@@ -2,7 +2,8 @@
 //! and the outbox of deliveries still to make — embedded, in sled, on disk.
 //!
 //! Knows sled and its own records; nothing of HTTP, mapping files or the EHR's API. A submission
-//! is written with its outbox entry in one multi-tree transaction, and `commit` makes it durable
+//! is written with its outbox entry (keyed by the submission, so leaving it is O(log n)) in one
+//! multi-tree transaction, and `commit` makes it durable
 //! (sled's flush, then an fdatasync of its data file, grouped across concurrent callers) before
 //! anyone may answer 2xx. Indexes run both ways: submission ↔ EHR resource ↔ patient.
 
@@ -123,7 +124,6 @@ impl From<TransactionError<StoreError>> for StoreError {
 
 /// The sled store.
 pub struct Store {
-    db: sled::Db,
     submissions: sled::Tree,
     outbox: sled::Tree,
     by_resource: sled::Tree,
@@ -144,8 +144,7 @@ impl Store {
             outbox: db.open_tree("outbox")?,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
-            commits: GroupCommit::start(db.clone(), dir.join("db")),
-            db,
+            commits: GroupCommit::start(db, dir.join("db")),
         })
     }
 
@@ -154,7 +153,6 @@ impl Store {
     pub fn accept(&self, record: &SubmissionRecord) -> Result<Accepted, StoreError> {
         let key = record.key();
         let bytes = encode(record)?;
-        let outbox_key = self.db.generate_id()?.to_be_bytes();
         let patient_key = format!("{}|{}\0{key}", record.patient_system, record.patient_value);
         let outcome = (&self.submissions, &self.outbox, &self.by_patient).transaction(
             |(subs, outbox, patients)| {
@@ -168,7 +166,7 @@ impl Store {
                     });
                 }
                 subs.insert(key.as_bytes(), bytes.as_slice())?;
-                outbox.insert(&outbox_key, key.as_bytes())?;
+                outbox.insert(key.as_bytes(), &[])?;
                 patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Accepted::New)
             },
@@ -200,16 +198,6 @@ impl Store {
             transition.state,
             State::Delivered | State::DeadLettered | State::Acknowledged
         );
-        let pending: Vec<sled::IVec> = if leaves_outbox {
-            self.outbox
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(_, v)| v.as_ref() == key.as_bytes())
-                .map(|(k, _)| k)
-                .collect()
-        } else {
-            Vec::new()
-        };
         let updated = (&self.submissions, &self.outbox, &self.by_resource).transaction(
             |(subs, outbox, resources)| {
                 let Some(bytes) = subs.get(key.as_bytes())? else {
@@ -229,8 +217,8 @@ impl Store {
                     key.as_bytes(),
                     encode(&record).map_err(ConflictableTransactionError::Abort)?,
                 )?;
-                for k in &pending {
-                    outbox.remove(k)?;
+                if leaves_outbox {
+                    outbox.remove(key.as_bytes())?;
                 }
                 Ok(Some(record))
             },
@@ -239,10 +227,8 @@ impl Store {
     }
 
     /// Puts a submission back in the outbox (a replay), with a transition saying so. `None`
-    /// when there is no such submission; nothing is added if it is already waiting.
+    /// when there is no such submission; a submission already waiting stays there once.
     pub fn requeue(&self, key: &str, at: &str) -> Result<Option<SubmissionRecord>, StoreError> {
-        let waiting = self.pending()?.iter().any(|k| k == key);
-        let outbox_key = self.db.generate_id()?.to_be_bytes();
         let transition = Transition {
             state: State::Mapped,
             at: at.to_string(),
@@ -258,9 +244,7 @@ impl Store {
                 key.as_bytes(),
                 encode(&record).map_err(ConflictableTransactionError::Abort)?,
             )?;
-            if !waiting {
-                outbox.insert(&outbox_key, key.as_bytes())?;
-            }
+            outbox.insert(key.as_bytes(), &[])?;
             Ok(Some(record))
         })?;
         Ok(updated)
@@ -271,16 +255,28 @@ impl Store {
         self.outbox.len()
     }
 
-    /// Keys of the submissions waiting in the outbox, oldest first.
+    /// Keys of the submissions waiting in the outbox (in key order).
     pub fn pending(&self) -> Result<Vec<String>, StoreError> {
-        self.outbox
-            .iter()
-            .values()
-            .map(|v| {
-                v.map(|v| String::from_utf8_lossy(&v).into_owned())
-                    .map_err(StoreError::from)
-            })
-            .collect()
+        self.pending_where(usize::MAX, |_| true)
+    }
+
+    /// Up to `limit` waiting keys that `want` accepts; stops reading once it has them.
+    pub fn pending_where(
+        &self,
+        limit: usize,
+        mut want: impl FnMut(&str) -> bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for key in self.outbox.iter().keys() {
+            if out.len() >= limit {
+                break;
+            }
+            let key = String::from_utf8_lossy(&key?).into_owned();
+            if want(&key) {
+                out.push(key);
+            }
+        }
+        Ok(out)
     }
 
     /// The submission that produced an EHR resource (`Observation/123`).

@@ -160,6 +160,7 @@ impl App {
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\n\
+             [limits]\nmax_body_bytes = 65536\n\n\
              [sources.glp1-intake-typeform]\ntype = \"hmac\"\nheader = \"typeform-signature\"\nprefix = \"sha256=\"\nsecret = \"{TYPEFORM_SECRET}\"\n\n\
              [sources.consult-intake-portal]\ntype = \"standard_webhooks\"\nsecret = \"{PORTAL_SECRET}\"\n\n\
              [sources.\"*\"]\ntype = \"api_key\"\nkey = \"test-key\"\n",
