@@ -8,6 +8,15 @@ use std::time::Duration;
 /// Upper bounds (seconds) of the delivery latency buckets.
 const BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
+/// What the store reports, handed in by the caller (this module knows no other).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreFigures {
+    pub commits: u64,
+    pub rounds: u64,
+    pub flush_seconds: f64,
+    pub sync_seconds: f64,
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub submissions_accepted: AtomicU64,
@@ -39,8 +48,8 @@ impl Metrics {
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// The Prometheus exposition text; `outbox_depth` is read by the caller from the store.
-    pub fn render(&self, outbox_depth: usize) -> String {
+    /// The Prometheus exposition text; the store's figures are read by the caller.
+    pub fn render(&self, outbox_depth: usize, store: &StoreFigures) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut s = String::new();
         let _ = writeln!(
@@ -91,6 +100,33 @@ impl Metrics {
             s,
             "# TYPE chartbridge_outbox_depth gauge\nchartbridge_outbox_depth {outbox_depth}"
         );
+        for (name, help, value) in [
+            (
+                "chartbridge_store_commits_total",
+                "Durable commits asked for.",
+                store.commits as f64,
+            ),
+            (
+                "chartbridge_store_commit_rounds_total",
+                "Flush + fdatasync rounds (one covers many commits).",
+                store.rounds as f64,
+            ),
+            (
+                "chartbridge_store_flush_seconds_total",
+                "Time in sled's flush.",
+                store.flush_seconds,
+            ),
+            (
+                "chartbridge_store_fdatasync_seconds_total",
+                "Time in fdatasync.",
+                store.sync_seconds,
+            ),
+        ] {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP chartbridge_delivery_seconds Time of one delivery attempt."
@@ -127,9 +163,17 @@ mod tests {
         let m = Metrics::default();
         Metrics::inc(&m.submissions_accepted);
         m.observe_delivery(Duration::from_millis(30));
-        let text = m.render(3);
+        let text = m.render(
+            3,
+            &StoreFigures {
+                commits: 4,
+                rounds: 2,
+                ..Default::default()
+            },
+        );
         assert!(text.contains("chartbridge_submissions_total{outcome=\"accepted\"} 1"));
         assert!(text.contains("chartbridge_outbox_depth 3"));
+        assert!(text.contains("chartbridge_store_commit_rounds_total 2"));
         assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"+Inf\"} 1"));

@@ -335,7 +335,15 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(state.intake.store().outbox_depth());
+    let store = state.intake.store();
+    let c = store.commit_stats();
+    let figures = crate::metrics::StoreFigures {
+        commits: c.commits,
+        rounds: c.rounds,
+        flush_seconds: c.flush_micros as f64 / 1e6,
+        sync_seconds: c.sync_micros as f64 / 1e6,
+    };
+    let text = state.metrics.render(store.outbox_depth(), &figures);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

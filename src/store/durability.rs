@@ -19,6 +19,19 @@ struct Progress {
     error: Option<String>,
     failed_through: u64,
     shutdown: bool,
+    /// Flush rounds made, and the time spent in sled's flush and in fdatasync (µs).
+    rounds: u64,
+    flush_micros: u64,
+    sync_micros: u64,
+}
+
+/// How group commit has gone so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    pub commits: u64,
+    pub rounds: u64,
+    pub flush_micros: u64,
+    pub sync_micros: u64,
 }
 
 pub(crate) struct GroupCommit {
@@ -78,6 +91,20 @@ impl GroupCommit {
     }
 }
 
+impl GroupCommit {
+    pub(crate) fn stats(&self) -> CommitStats {
+        let (lock, _) = &*self.state;
+        lock.lock()
+            .map(|p| CommitStats {
+                commits: p.done,
+                rounds: p.rounds,
+                flush_micros: p.flush_micros,
+                sync_micros: p.sync_micros,
+            })
+            .unwrap_or_default()
+    }
+}
+
 impl Drop for GroupCommit {
     fn drop(&mut self) {
         let (lock, cvar) = &*self.state;
@@ -109,12 +136,19 @@ fn flush_loop(state: &(Mutex<Progress>, Condvar), db: &sled::Db, data_file: &Pat
             p.requested
         };
         // Everything written before `target` was requested is covered by this flush.
-        let result = db.flush().map_err(|e| e.to_string()).and_then(|_| {
+        let started = std::time::Instant::now();
+        let flushed = db.flush().map_err(|e| e.to_string());
+        let flush_time = started.elapsed();
+        let result = flushed.and_then(|_| {
             std::fs::File::open(data_file)
                 .and_then(|f| f.sync_data())
                 .map_err(|e| e.to_string())
         });
+        let sync_time = started.elapsed() - flush_time;
         let Ok(mut p) = lock.lock() else { return };
+        p.rounds += 1;
+        p.flush_micros += flush_time.as_micros() as u64;
+        p.sync_micros += sync_time.as_micros() as u64;
         match result {
             Ok(()) => p.done = target,
             Err(e) => {
