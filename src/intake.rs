@@ -108,8 +108,13 @@ impl Intake {
                 },
             ],
             ehr: Vec::new(),
-            bundle: mapped.bundle,
         };
+        let bundle = serde_json::to_vec(&mapped.bundle).map_err(|e| {
+            IntakeError::Store(StoreError::Corrupt {
+                key: record.key(),
+                source: e,
+            })
+        })?;
         let key = record.key();
         let receipt = |r: &SubmissionRecord, new| Receipt {
             key: store::key(&r.mapping_id, &r.submission_id),
@@ -120,7 +125,7 @@ impl Intake {
             flags: r.flags.clone(),
             missing: r.missing.clone(),
         };
-        match self.store.accept(&record)? {
+        match self.store.accept(&record, &bundle)? {
             Accepted::New => Ok(receipt(&record, true)),
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
             Accepted::Conflict(_) => Err(IntakeError::Revision { key }),

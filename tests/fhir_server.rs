@@ -115,11 +115,7 @@ fn golden_bundles_and_questionnaires_pass_the_offline_validator() {
 fn the_server_rejects_an_invalid_bundle_atomically() {
     // A guard that the server really validates: a broken Observation fails the whole Bundle.
     let server = FhirServer::start();
-    let m = mapping::load_file(&root().join("mappings/glp1-intake-typeform.yaml")).expect("load");
-    let raw =
-        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
-            .expect("read");
-    let mut rendered = golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render");
+    let mut rendered = maya();
     rendered["bundle"]["entry"][3]["resource"]["status"] = Value::from("finalized");
     let (status, _) = server.transaction(&rendered["bundle"]);
     assert_eq!(status, 400);
@@ -145,11 +141,7 @@ fn entry_statuses(response: &Value) -> Vec<String> {
 fn delivery_reads_the_servers_transaction_response_and_rejections() {
     use chartbridge::delivery::{classify, Attempt};
     let server = FhirServer::start();
-    let m = mapping::load_file(&root().join("mappings/glp1-intake-typeform.yaml")).expect("load");
-    let raw =
-        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
-            .expect("read");
-    let mut rendered = golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render");
+    let mut rendered = maya();
     let (status, body) = server.transaction(&rendered["bundle"]);
     let Attempt::Delivered(resources) = classify(status, None, &body) else {
         panic!("not delivered: {status} {body}");
@@ -179,4 +171,13 @@ fn delivery_reads_the_servers_transaction_response_and_rejections() {
         Attempt::Reject { reason } => assert!(reason.starts_with("HTTP 400"), "{reason}"),
         other => panic!("expected a rejection, got {other:?}"),
     }
+}
+
+/// The Typeform happy path as the golden runner renders it.
+fn maya() -> Value {
+    let m = mapping::load_file(&root().join("mappings/glp1-intake-typeform.yaml")).expect("load");
+    let raw =
+        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
+            .expect("read");
+    golden::render(&m, &raw, GOLDEN_RECEIVED_AT).expect("render")
 }

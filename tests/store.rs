@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use chartbridge::store::{Accepted, EhrResource, State, Store, SubmissionRecord, Transition};
-use serde_json::json;
+
+const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
 
 fn record(submission_id: &str, payload_sha256: &str) -> SubmissionRecord {
     SubmissionRecord {
@@ -30,7 +31,6 @@ fn record(submission_id: &str, payload_sha256: &str) -> SubmissionRecord {
             },
         ],
         ehr: vec![],
-        bundle: json!({"resourceType": "Bundle", "type": "transaction"}),
     }
 }
 
@@ -39,11 +39,14 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let r = record("tok-1", "aaaa");
-    assert_eq!(store.accept(&r).unwrap(), Accepted::New);
+    assert_eq!(store.accept(&r, BUNDLE).unwrap(), Accepted::New);
     store.commit().unwrap();
-    assert!(matches!(store.accept(&r).unwrap(), Accepted::Duplicate(_)));
     assert!(matches!(
-        store.accept(&record("tok-1", "bbbb")).unwrap(),
+        store.accept(&r, BUNDLE).unwrap(),
+        Accepted::Duplicate(_)
+    ));
+    assert!(matches!(
+        store.accept(&record("tok-1", "bbbb"), BUNDLE).unwrap(),
         Accepted::Conflict(_)
     ));
     assert_eq!(
@@ -52,6 +55,8 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
         "one outbox entry, not three"
     );
     assert_eq!(store.get(&r.key()).unwrap().unwrap(), r);
+    assert_eq!(store.bundle(&r.key()).unwrap().as_deref(), Some(BUNDLE));
+    assert!(store.bundle("no/such").unwrap().is_none());
 }
 
 #[test]
@@ -59,7 +64,7 @@ fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let r = record("tok-2", "aaaa");
-    store.accept(&r).unwrap();
+    store.accept(&r, BUNDLE).unwrap();
     let failed = Transition {
         state: State::Failed,
         at: "2026-01-01T00:00:01Z".into(),
@@ -128,7 +133,7 @@ fn committed_submissions_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path()).unwrap();
-        store.accept(&record("tok-3", "aaaa")).unwrap();
+        store.accept(&record("tok-3", "aaaa"), BUNDLE).unwrap();
         store.commit().unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
@@ -147,7 +152,9 @@ fn concurrent_commits_all_complete() {
             let store = Arc::clone(&store);
             std::thread::spawn(move || {
                 for i in 0..25 {
-                    store.accept(&record(&format!("t{t}-{i}"), "aaaa")).unwrap();
+                    store
+                        .accept(&record(&format!("t{t}-{i}"), "aaaa"), BUNDLE)
+                        .unwrap();
                     store.commit().unwrap();
                 }
             })

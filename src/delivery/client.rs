@@ -70,7 +70,7 @@ impl EhrClient {
     /// Delivers a `transaction` Bundle as configured (one transaction, or resource by resource)
     /// and says what came of it. With SMART auth, a 401 drops the cached token and the delivery
     /// is made once more with a new one.
-    pub async fn deliver(&self, bundle: &Value) -> Attempt {
+    pub async fn deliver(&self, bundle: &[u8]) -> Attempt {
         let first = self.deliver_once(bundle).await;
         match (&first, &self.auth) {
             (Attempt::Reject { reason }, Auth::Smart(tokens)) if reason.starts_with("HTTP 401") => {
@@ -81,17 +81,22 @@ impl EhrClient {
         }
     }
 
-    async fn deliver_once(&self, bundle: &Value) -> Attempt {
+    async fn deliver_once(&self, bundle: &[u8]) -> Attempt {
         match self.mode {
             DeliveryMode::Transaction => {
                 let (status, retry_after, body) =
-                    match self.post(&self.base_url, bundle.to_string(), None).await {
+                    match self.post(&self.base_url, bundle.to_vec(), None).await {
                         Ok(answer) => answer,
                         Err(attempt) => return attempt,
                     };
                 classify(status, retry_after.as_deref(), &body)
             }
-            DeliveryMode::PerResource => self.per_resource(bundle).await,
+            DeliveryMode::PerResource => match serde_json::from_slice::<Value>(bundle) {
+                Ok(parsed) => self.per_resource(&parsed).await,
+                Err(_) => Attempt::Reject {
+                    reason: "the stored Bundle is not JSON".into(),
+                },
+            },
         }
     }
 
@@ -112,11 +117,13 @@ impl EhrClient {
                 .to_string();
             let condition = entry["request"]["ifNoneExist"].as_str();
             let url = format!("{}/{kind}", self.base_url);
-            let (status, retry_after, body) =
-                match self.post(&url, resource.to_string(), condition).await {
-                    Ok(answer) => answer,
-                    Err(attempt) => return attempt,
-                };
+            let (status, retry_after, body) = match self
+                .post(&url, resource.to_string().into_bytes(), condition)
+                .await
+            {
+                Ok(answer) => answer,
+                Err(attempt) => return attempt,
+            };
             if !(200..300).contains(&status) {
                 return match classify(status, retry_after.as_deref(), &body) {
                     Attempt::Reject { reason } => Attempt::Reject {
@@ -148,7 +155,7 @@ impl EhrClient {
     async fn post(
         &self,
         url: &str,
-        body: String,
+        body: Vec<u8>,
         if_none_exist: Option<&str>,
     ) -> Result<(u16, Option<String>, Value), Attempt> {
         let mut req = self

@@ -100,13 +100,21 @@ impl Outbox {
                 return Some(self.backoff_cap);
             }
         };
+        let bundle = match self.store.bundle(key) {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => {
+                tracing::error!(key, error = %e, "outbox: cannot read the Bundle");
+                return Some(self.backoff_cap);
+            }
+        };
         let failures = record
             .transitions
             .iter()
             .filter(|t| t.state == State::Failed)
             .count() as u32;
         let started = Instant::now();
-        let attempt = self.client.deliver(&record.bundle).await;
+        let attempt = self.client.deliver(&bundle).await;
         self.metrics.observe_delivery(started.elapsed());
         let at = now();
         let (transition, resources, next) = match attempt {

@@ -65,8 +65,6 @@ pub struct SubmissionRecord {
     pub transitions: Vec<Transition>,
     #[serde(default)]
     pub ehr: Vec<EhrResource>,
-    /// The transaction Bundle to deliver.
-    pub bundle: serde_json::Value,
 }
 
 impl SubmissionRecord {
@@ -126,6 +124,9 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// The sled store.
 pub struct Store {
     submissions: sled::Tree,
+    /// The Bundle to deliver, as JSON bytes (LZ4): written once, read once per attempt, never
+    /// decoded and re-encoded with the record's transitions.
+    bundles: sled::Tree,
     outbox: sled::Tree,
     by_resource: sled::Tree,
     by_patient: sled::Tree,
@@ -142,6 +143,7 @@ impl Store {
         let db = sled::open(dir)?;
         Ok(Store {
             submissions: db.open_tree("submissions")?,
+            bundles: db.open_tree("bundles")?,
             outbox: db.open_tree("outbox")?,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
@@ -149,14 +151,20 @@ impl Store {
         })
     }
 
-    /// Stores a new submission and its outbox entry in one transaction, unless that submission
-    /// is already there. Not durable until `commit` returns.
-    pub fn accept(&self, record: &SubmissionRecord) -> Result<Accepted, StoreError> {
+    /// Stores a new submission, its Bundle (JSON bytes) and its outbox entry in one
+    /// transaction, unless that submission is already there. Not durable until `commit` returns.
+    pub fn accept(&self, record: &SubmissionRecord, bundle: &[u8]) -> Result<Accepted, StoreError> {
         let key = record.key();
         let bytes = encode(record)?;
+        let bundle = lz4_flex::compress_prepend_size(bundle);
         let patient_key = format!("{}|{}\0{key}", record.patient_system, record.patient_value);
-        let outcome = (&self.submissions, &self.outbox, &self.by_patient).transaction(
-            |(subs, outbox, patients)| {
+        let outcome = (
+            &self.submissions,
+            &self.bundles,
+            &self.outbox,
+            &self.by_patient,
+        )
+            .transaction(|(subs, bundles, outbox, patients)| {
                 if let Some(existing) = subs.get(key.as_bytes())? {
                     let existing =
                         decode(&key, &existing).map_err(ConflictableTransactionError::Abort)?;
@@ -167,11 +175,11 @@ impl Store {
                     });
                 }
                 subs.insert(key.as_bytes(), bytes.as_slice())?;
+                bundles.insert(key.as_bytes(), bundle.as_slice())?;
                 outbox.insert(key.as_bytes(), &[])?;
                 patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Accepted::New)
-            },
-        )?;
+            })?;
         Ok(outcome)
     }
 
@@ -190,6 +198,19 @@ impl Store {
             .get(key.as_bytes())?
             .map(|b| decode(key, &b))
             .transpose()
+    }
+
+    /// The Bundle of a submission, as the JSON bytes that were accepted.
+    pub fn bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.bundles.get(key.as_bytes())? {
+            None => Ok(None),
+            Some(b) => lz4_flex::decompress_size_prepended(&b)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: key.to_string(),
+                    source: serde::de::Error::custom(format!("bundle is not LZ4: {e}")),
+                }),
+        }
     }
 
     /// Appends a transition (and, once delivered, the EHR's resources) and, when the
@@ -307,8 +328,8 @@ impl Store {
     }
 }
 
-/// Records are stored as LZ4-compressed JSON: a record is mostly its Bundle, FHIR JSON shrinks
-/// about fourfold, and sled's cost (and write amplification) grows with value size.
+/// Records (and Bundles) are stored as LZ4-compressed JSON: it shrinks about fourfold, and
+/// sled's cost (and write amplification) grows with value size.
 fn encode(record: &SubmissionRecord) -> Result<Vec<u8>, StoreError> {
     let json = serde_json::to_vec(record).map_err(|source| StoreError::Corrupt {
         key: record.key(),

@@ -36,11 +36,7 @@ impl std::error::Error for FhirError {}
 /// rejected. A Bundle is validated entry by entry (fhirbolt cannot re-read a transaction Bundle
 /// whose entries carry `resource` before `request`), plus the Bundle shell itself.
 pub fn validate_resource(resource: &Value) -> Result<(), FhirError> {
-    let root = resource
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or("Resource")
-        .to_string();
+    let root = resource_type(resource);
     find_empty_array(resource, &root)?;
     if root == "Bundle" {
         if let Some(entries) = resource.get("entry").and_then(Value::as_array) {
@@ -69,13 +65,17 @@ pub fn validate_resource(resource: &Value) -> Result<(), FhirError> {
 /// Reads a single (non-Bundle) resource into fhirbolt's typed R4 model and writes it back:
 /// what a typed FHIR client would see of it.
 pub fn round_trip(resource: &Value) -> Result<Value, FhirError> {
-    let root = resource
+    let root = resource_type(resource);
+    find_empty_array(resource, &root)?;
+    typed(resource, &root, true).map(|v| v.unwrap_or(Value::Null))
+}
+
+fn resource_type(resource: &Value) -> String {
+    resource
         .get("resourceType")
         .and_then(Value::as_str)
         .unwrap_or("Resource")
-        .to_string();
-    find_empty_array(resource, &root)?;
-    typed(resource, &root, true).map(|v| v.unwrap_or(Value::Null))
+        .to_string()
 }
 
 fn strict_parse(resource: &Value, root: &str) -> Result<(), FhirError> {
