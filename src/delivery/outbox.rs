@@ -168,20 +168,16 @@ impl Outbox {
                 )
             }
         };
-        let store = Arc::clone(&self.store);
-        let key = key.to_string();
-        let recorded = tokio::task::spawn_blocking(move || {
-            store.transition(&key, transition, resources)?;
-            store.commit()
-        })
-        .await;
+        let recorded = match self.store.transition(key, transition, resources) {
+            Ok(_) => self.store.commit_async().await,
+            Err(e) => Err(e),
+        };
         match recorded {
-            Ok(Ok(())) => next,
-            Ok(Err(e)) => {
+            Ok(()) => next,
+            Err(e) => {
                 tracing::error!(error = %e, "outbox: cannot record the delivery outcome");
                 Some(self.backoff_base)
             }
-            Err(_) => Some(self.backoff_base),
         }
     }
 }

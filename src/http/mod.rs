@@ -170,10 +170,11 @@ async fn submit(
     };
     // Durable before 2xx — a duplicate too, since its first copy may still be in flight: one
     // grouped flush + fdatasync covers every concurrent submission.
-    let store = Arc::clone(state.intake.store());
-    tokio::task::spawn_blocking(move || store.commit())
+    state
+        .intake
+        .store()
+        .commit_async()
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(IntakeError::Store)?;
     if receipt.new {
         Metrics::inc(&state.metrics.submissions_accepted);

@@ -1,10 +1,13 @@
 //! Group commit: one sled flush plus one fdatasync covers every write made before it, however
 //! many callers wait. sled's `flush` writes with `sync_file_range`, which is not an fsync, and
 //! `flush_async` deadlocks under concurrency (sled #1308); so a dedicated thread flushes with the
-//! blocking call, then fdatasyncs sled's data file, then wakes every caller it covered.
+//! blocking call, then fdatasyncs sled's data file, then wakes every caller it covered — threads
+//! through a condition variable, async tasks through a `watch` channel (no thread per waiter).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::watch;
 
 use super::StoreError;
 
@@ -25,6 +28,15 @@ struct Progress {
     sync_micros: u64,
 }
 
+/// What async waiters watch.
+#[derive(Debug, Clone, Default)]
+struct Status {
+    done: u64,
+    failed_through: u64,
+    error: Option<String>,
+    closed: bool,
+}
+
 /// How group commit has gone so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CommitStats {
@@ -34,16 +46,37 @@ pub struct CommitStats {
     pub sync_micros: u64,
 }
 
+struct Shared {
+    progress: Mutex<Progress>,
+    /// The flush thread waits here for work …
+    work: Condvar,
+    /// … and blocking callers wait here for their flush.
+    flushed: Condvar,
+    status: watch::Sender<Status>,
+}
+
 pub(crate) struct GroupCommit {
-    state: Arc<(Mutex<Progress>, Condvar)>,
+    shared: Arc<Shared>,
     /// Joined on drop, so that its handle on the database is gone when the store is.
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
+fn io_error(why: String) -> StoreError {
+    StoreError::Io {
+        path: PathBuf::from("<store>"),
+        source: std::io::Error::other(why),
+    }
+}
+
 impl GroupCommit {
     pub(crate) fn start(db: sled::Db, data_file: PathBuf) -> GroupCommit {
-        let state = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
-        let worker = Arc::clone(&state);
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress::default()),
+            work: Condvar::new(),
+            flushed: Condvar::new(),
+            status: watch::Sender::new(Status::default()),
+        });
+        let worker = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || flush_loop(&worker, &db, &data_file));
@@ -51,50 +84,76 @@ impl GroupCommit {
             Ok(handle) => Some(handle),
             Err(e) => {
                 // Without the thread every commit would wait forever: fail them instead.
-                let (lock, cvar) = &*state;
-                if let Ok(mut p) = lock.lock() {
+                if let Ok(mut p) = shared.progress.lock() {
                     p.error = Some(format!("cannot start the commit thread: {e}"));
                     p.shutdown = true;
                 }
-                cvar.notify_all();
+                shared.status.send_modify(|s| s.closed = true);
+                shared.flushed.notify_all();
                 None
             }
         };
-        GroupCommit { state, worker }
+        GroupCommit { shared, worker }
+    }
+
+    /// Takes a ticket: the commit number that must be durable for the caller.
+    fn ticket(&self) -> Result<u64, StoreError> {
+        let mut p = self
+            .shared
+            .progress
+            .lock()
+            .map_err(|_| io_error("commit state poisoned".into()))?;
+        p.requested += 1;
+        self.shared.work.notify_one();
+        Ok(p.requested)
     }
 
     /// Blocks until everything written before the call is on disk.
     pub(crate) fn wait(&self) -> Result<(), StoreError> {
-        let (lock, cvar) = &*self.state;
-        let poisoned = |_| StoreError::Io {
-            path: PathBuf::from("<store>"),
-            source: std::io::Error::other("commit state poisoned"),
-        };
-        let mut p = lock.lock().map_err(poisoned)?;
-        p.requested += 1;
-        let ticket = p.requested;
-        cvar.notify_all();
+        let ticket = self.ticket()?;
+        let poisoned = |_| io_error("commit state poisoned".into());
+        let mut p = self.shared.progress.lock().map_err(poisoned)?;
         while p.done < ticket && p.failed_through < ticket && !p.shutdown {
-            p = cvar.wait(p).map_err(poisoned)?;
+            p = self.shared.flushed.wait(p).map_err(poisoned)?;
         }
         if p.done >= ticket {
             return Ok(());
         }
-        let why = p
-            .error
-            .clone()
-            .unwrap_or_else(|| "the store is closing".to_string());
-        Err(StoreError::Io {
-            path: PathBuf::from("<store>"),
-            source: std::io::Error::other(why),
-        })
+        Err(io_error(
+            p.error
+                .clone()
+                .unwrap_or_else(|| "the store is closing".to_string()),
+        ))
     }
-}
 
-impl GroupCommit {
+    /// The same, for async callers: no thread is parked per waiter.
+    pub(crate) async fn wait_async(&self) -> Result<(), StoreError> {
+        let mut status = self.shared.status.subscribe();
+        let ticket = self.ticket()?;
+        loop {
+            {
+                let s = status.borrow_and_update();
+                if s.done >= ticket {
+                    return Ok(());
+                }
+                if s.failed_through >= ticket || s.closed {
+                    return Err(io_error(
+                        s.error
+                            .clone()
+                            .unwrap_or_else(|| "the store is closing".to_string()),
+                    ));
+                }
+            }
+            if status.changed().await.is_err() {
+                return Err(io_error("the store is closing".to_string()));
+            }
+        }
+    }
+
     pub(crate) fn stats(&self) -> CommitStats {
-        let (lock, _) = &*self.state;
-        lock.lock()
+        self.shared
+            .progress
+            .lock()
             .map(|p| CommitStats {
                 commits: p.done,
                 rounds: p.rounds,
@@ -107,29 +166,32 @@ impl GroupCommit {
 
 impl Drop for GroupCommit {
     fn drop(&mut self) {
-        let (lock, cvar) = &*self.state;
-        if let Ok(mut p) = lock.lock() {
+        if let Ok(mut p) = self.shared.progress.lock() {
             p.shutdown = true;
         }
-        cvar.notify_all();
+        self.shared.work.notify_all();
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
+        self.shared.status.send_modify(|s| s.closed = true);
+        self.shared.flushed.notify_all();
     }
 }
 
-fn flush_loop(state: &(Mutex<Progress>, Condvar), db: &sled::Db, data_file: &PathBuf) {
-    let (lock, cvar) = state;
+fn flush_loop(shared: &Shared, db: &sled::Db, data_file: &PathBuf) {
     loop {
         let target = {
-            let Ok(mut p) = lock.lock() else { return };
-            while p.requested == p.done && !p.shutdown {
-                p = match cvar.wait(p) {
+            let Ok(mut p) = shared.progress.lock() else {
+                return;
+            };
+            // Work is what was asked for beyond what a flush has answered (done or failed).
+            while p.requested == p.done.max(p.failed_through) && !p.shutdown {
+                p = match shared.work.wait(p) {
                     Ok(p) => p,
                     Err(_) => return,
                 };
             }
-            if p.shutdown && p.requested == p.done {
+            if p.shutdown && p.requested == p.done.max(p.failed_through) {
                 let _ = db.flush();
                 return;
             }
@@ -145,7 +207,9 @@ fn flush_loop(state: &(Mutex<Progress>, Condvar), db: &sled::Db, data_file: &Pat
                 .map_err(|e| e.to_string())
         });
         let sync_time = started.elapsed() - flush_time;
-        let Ok(mut p) = lock.lock() else { return };
+        let Ok(mut p) = shared.progress.lock() else {
+            return;
+        };
         p.rounds += 1;
         p.flush_micros += flush_time.as_micros() as u64;
         p.sync_micros += sync_time.as_micros() as u64;
@@ -156,6 +220,14 @@ fn flush_loop(state: &(Mutex<Progress>, Condvar), db: &sled::Db, data_file: &Pat
                 p.failed_through = target; // wake them: they see the error
             }
         }
-        cvar.notify_all();
+        let status = Status {
+            done: p.done,
+            failed_through: p.failed_through,
+            error: p.error.clone(),
+            closed: false,
+        };
+        drop(p);
+        shared.status.send_replace(status);
+        shared.flushed.notify_all();
     }
 }

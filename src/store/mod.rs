@@ -188,6 +188,11 @@ impl Store {
         self.commits.wait()
     }
 
+    /// `commit` for async callers: the task waits, no thread is parked.
+    pub async fn commit_async(&self) -> Result<(), StoreError> {
+        self.commits.wait_async().await
+    }
+
     /// Commits asked for, flush rounds made, time in flush and fdatasync.
     pub fn commit_stats(&self) -> CommitStats {
         self.commits.stats()
