@@ -1,7 +1,10 @@
 //! `Provenance` for what the gateway writes: who (the gateway as device, the patient as author
 //! and source), from what (the submission, its SHA-256, the mapping id, version and hash), when.
 
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use super::bundle::reference;
+use super::object;
 
 const PARTICIPANT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
 /// RFC 6920 "named information" URIs carry a digest as an identifier anyone can recompute.
@@ -49,56 +52,103 @@ fn base64url(bytes: &[u8]) -> String {
     out
 }
 
-/// Builds the Provenance resource.
+/// A CodeableConcept of one Coding.
+fn concept(system: &str, code: &str, display: &str) -> Value {
+    object([(
+        "coding",
+        Value::Array(vec![object([
+            ("system", system.into()),
+            ("code", code.into()),
+            ("display", display.into()),
+        ])]),
+    )])
+}
+
+/// An entity: `role` and what it is, by identifier.
+fn entity(role: &str, system: &str, value: String, display: String) -> Value {
+    object([
+        ("role", role.into()),
+        (
+            "what",
+            object([
+                (
+                    "identifier",
+                    object([("system", system.into()), ("value", value.into())]),
+                ),
+                ("display", display.into()),
+            ]),
+        ),
+    ])
+}
+
+/// Builds the Provenance resource (with `object`, not `json!`: it is built per submission).
 pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
     let targets: Vec<Value> = p
         .targets
         .iter()
-        .map(|(t, kind)| super::bundle::reference(t, kind))
+        .map(|(t, kind)| reference(t, kind))
         .collect();
-    let rest = json!({
-        "recorded": p.recorded,
-        "activity": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-            "code": "CREATE", "display": "create"}]},
-        "agent": [
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "assembler", "display": "Assembler"}]},
-                "who": {"type": "Device", "display": p.software}
-            },
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "author", "display": "Author"}]},
-                "who": super::bundle::reference(p.patient, "Patient")
-            },
-            {
-                "type": {"coding": [{"system": PARTICIPANT_TYPE, "code": "informant", "display": "Informant"}]},
-                "who": super::bundle::reference(p.patient, "Patient")
-            }
-        ],
-        "entity": [
-            {"role": "source", "what": {
-                "identifier": {"system": p.submission_system, "value": p.submission_id},
-                "display": "intake submission"}},
-            {"role": "source", "what": {
-                "identifier": {"system": URI_SYSTEM, "value": named_information(p.payload_sha256)},
-                "display": "SHA-256 of the raw submitted payload"}},
-            {"role": "derivation", "what": {
-                "identifier": {"system": "urn:chartbridge:mapping", "value": format!("{}|{}", p.mapping_id, p.mapping_version)},
-                "display": format!("mapping {} version {}", p.mapping_id, p.mapping_version)}},
-            {"role": "derivation", "what": {
-                "identifier": {"system": URI_SYSTEM, "value": named_information(p.mapping_sha256)},
-                "display": "SHA-256 of the mapping file"}}
-        ]
-    });
-    // Targets are moved in, not serialised again as `json!` would.
-    let mut prov = super::object([
+    let agent = |code: &str, display: &str, who: Value| {
+        object([
+            ("type", concept(PARTICIPANT_TYPE, code, display)),
+            ("who", who),
+        ])
+    };
+    let version = format!("{}|{}", p.mapping_id, p.mapping_version);
+    object([
         ("resourceType", "Provenance".into()),
         ("target", Value::Array(targets)),
-    ]);
-    if let (Some(p), Value::Object(rest)) = (prov.as_object_mut(), rest) {
-        p.extend(rest);
-    }
-    prov
+        ("recorded", p.recorded.into()),
+        (
+            "activity",
+            concept(
+                "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                "CREATE",
+                "create",
+            ),
+        ),
+        (
+            "agent",
+            Value::Array(vec![
+                agent(
+                    "assembler",
+                    "Assembler",
+                    object([("type", "Device".into()), ("display", p.software.into())]),
+                ),
+                agent("author", "Author", reference(p.patient, "Patient")),
+                agent("informant", "Informant", reference(p.patient, "Patient")),
+            ]),
+        ),
+        (
+            "entity",
+            Value::Array(vec![
+                entity(
+                    "source",
+                    p.submission_system,
+                    p.submission_id.to_string(),
+                    "intake submission".into(),
+                ),
+                entity(
+                    "source",
+                    URI_SYSTEM,
+                    named_information(p.payload_sha256),
+                    "SHA-256 of the raw submitted payload".into(),
+                ),
+                entity(
+                    "derivation",
+                    "urn:chartbridge:mapping",
+                    version,
+                    format!("mapping {} version {}", p.mapping_id, p.mapping_version),
+                ),
+                entity(
+                    "derivation",
+                    URI_SYSTEM,
+                    named_information(p.mapping_sha256),
+                    "SHA-256 of the mapping file".into(),
+                ),
+            ]),
+        ),
+    ])
 }
 
 #[cfg(test)]
