@@ -59,12 +59,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_passes_on_the_shipped_mappings() {
-    let out = chartbridge().args(["check", "mappings"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeds(chartbridge().args(["check", "mappings"]));
 }
 
 #[test]
@@ -140,20 +135,12 @@ fn check_of_a_missing_path_is_an_io_error() {
 
 #[test]
 fn map_prints_the_bundle_or_an_operation_outcome() {
-    let out = chartbridge()
-        .args([
-            "map",
-            "-m",
-            "glp1-intake-typeform",
-            "fixtures/glp1-intake-typeform/maya-happy-path.input.json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::succeeds(chartbridge().args([
+        "map",
+        "-m",
+        "glp1-intake-typeform",
+        "fixtures/glp1-intake-typeform/maya-happy-path.input.json",
+    ]));
     let bundle: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(bundle["type"], "transaction");
 
@@ -205,12 +192,7 @@ fn map_report_includes_flags_and_missing_answers() {
 
 #[test]
 fn golden_test_passes_then_shows_a_readable_diff_then_rebless_fixes_it() {
-    let out = chartbridge().args(["test", "mappings"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::succeeds(chartbridge().args(["test", "mappings"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains(" 0 failed"));
 
     // A copy of one mapping and its fixtures, with one expected value changed.

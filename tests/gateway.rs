@@ -159,15 +159,7 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
     // The cause is fixed (the EHR lifts the limit); an operator replays it.
     drop(strict);
     let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
-    let out = common::chartbridge()
-        .args(["replay", key, "--url", &app.url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::succeeds(common::chartbridge().args(["replay", key, "--url", &app.url]));
     app.wait_for_state(key, "delivered", 30);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
     let out = common::chartbridge()

@@ -92,19 +92,11 @@ impl Outbox {
 
     /// One attempt; returns the delay before the next one when it should be retried.
     async fn deliver(&self, key: &str) -> Option<Duration> {
-        let record = match self.store.get(key) {
-            Ok(Some(r)) => r,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::error!(key, error = %e, "outbox: cannot read submission");
-                return Some(self.backoff_cap);
-            }
-        };
-        let bundle = match self.store.bundle(key) {
-            Ok(Some(b)) => b,
-            Ok(None) => return None,
-            Err(e) => {
-                tracing::error!(key, error = %e, "outbox: cannot read the Bundle");
+        let (record, bundle) = match (self.store.get(key), self.store.bundle(key)) {
+            (Ok(Some(record)), Ok(Some(bundle))) => (record, bundle),
+            (Ok(_), Ok(_)) => return None,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(key, error = %e, "outbox: cannot read the submission");
                 return Some(self.backoff_cap);
             }
         };

@@ -24,6 +24,17 @@ pub fn chartbridge() -> Command {
     c
 }
 
+/// Runs a command that must succeed; its output (stderr shown if it does not).
+pub fn succeeds(command: &mut Command) -> std::process::Output {
+    let out = command.output().expect("run the command");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// A running FHIR test server on a free loopback port. Stops when dropped, and by itself when
 /// the test process dies (it exits when its standard input closes).
 pub struct FhirServer {
