@@ -1,6 +1,6 @@
 //! Intake: one submission from arrival to acceptance — map it through its `Mapping`, record it
-//! with its outbox entry, and say what happened. Durability (`Store::commit`) and transport are
-//! the caller's: this module knows neither HTTP nor threads.
+//! with its outbox entry (on disk when `accept` returns), and say what happened. Transport is
+//! the caller's: this module knows nothing of HTTP.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,8 +68,8 @@ impl Intake {
         &self.store
     }
 
-    /// Maps and records a submission (not yet durable: commit the store before answering).
-    pub fn accept(
+    /// Maps and records a submission; durable once this returns.
+    pub async fn accept(
         &self,
         mapping_id: &str,
         raw: &[u8],
@@ -125,7 +125,7 @@ impl Intake {
             flags: r.flags.clone(),
             missing: r.missing.clone(),
         };
-        match self.store.accept(&record, &bundle)? {
+        match self.store.accept_async(&record, &bundle).await? {
             Accepted::New => Ok(receipt(&record, true)),
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
             Accepted::Conflict(_) => Err(IntakeError::Revision { key }),

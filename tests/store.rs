@@ -1,5 +1,5 @@
 //! The sled store on a real disk: accept with outbox in one transaction, idempotency, state
-//! transitions, indexes both ways, persistence across reopen, grouped durable commits.
+//! transitions, indexes both ways, persistence across reopen, writes grouped into durable rounds.
 
 use std::sync::Arc;
 
@@ -164,4 +164,27 @@ fn concurrent_commits_all_complete() {
         t.join().unwrap();
     }
     assert_eq!(store.pending().unwrap().len(), 16 * 25);
+}
+
+#[test]
+fn the_same_submission_from_many_threads_is_new_exactly_once() {
+    // Copies arriving together land in one write round: the round sees its own writes.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.accept(&record("same", "aaaa"), BUNDLE).unwrap())
+        })
+        .collect();
+    let outcomes: Vec<Accepted> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let new = outcomes.iter().filter(|a| **a == Accepted::New).count();
+    assert_eq!(new, 1, "{outcomes:?}");
+    assert!(outcomes
+        .iter()
+        .all(|a| matches!(a, Accepted::New | Accepted::Duplicate(_))));
+    assert_eq!(store.pending().unwrap().len(), 1);
+    let stats = store.commit_stats();
+    assert_eq!(stats.commits, 16);
+    assert!(stats.rounds >= 1 && stats.rounds <= 16);
 }

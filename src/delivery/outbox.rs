@@ -160,12 +160,12 @@ impl Outbox {
                 )
             }
         };
-        let recorded = match self.store.transition(key, transition, resources) {
-            Ok(_) => self.store.commit_async().await,
-            Err(e) => Err(e),
-        };
-        match recorded {
-            Ok(()) => next,
+        match self
+            .store
+            .transition_async(key, transition, resources)
+            .await
+        {
+            Ok(_) => next,
             Err(e) => {
                 tracing::error!(error = %e, "outbox: cannot record the delivery outcome");
                 Some(self.backoff_base)

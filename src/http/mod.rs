@@ -161,6 +161,7 @@ async fn submit(
     let receipt = match state
         .intake
         .accept(&mapping_id, &raw, &payload, &received_at)
+        .await
     {
         Ok(r) => r,
         Err(e) => {
@@ -168,14 +169,6 @@ async fn submit(
             return Err(e.into());
         }
     };
-    // Durable before 2xx — a duplicate too, since its first copy may still be in flight: one
-    // grouped flush + fdatasync covers every concurrent submission.
-    state
-        .intake
-        .store()
-        .commit_async()
-        .await
-        .map_err(IntakeError::Store)?;
     if receipt.new {
         Metrics::inc(&state.metrics.submissions_accepted);
         state.outbox.notify_one();
@@ -264,16 +257,12 @@ async fn replay(
     Path((mapping_id, submission_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let key = store::key(&mapping_id, &submission_id);
-    let store = Arc::clone(state.intake.store());
-    let k = key.clone();
-    let requeued = tokio::task::spawn_blocking(move || {
-        let r = store.requeue(&k, &now())?;
-        store.commit()?;
-        Ok::<_, store::StoreError>(r)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(IntakeError::Store)?;
+    let requeued = state
+        .intake
+        .store()
+        .requeue_async(&key, &now())
+        .await
+        .map_err(IntakeError::Store)?;
     match requeued {
         Some(r) => {
             state.outbox.notify_one();

@@ -7,16 +7,15 @@
 //! (sled's flush, then an fdatasync of its data file, grouped across concurrent callers) before
 //! anyone may answer 2xx. Indexes run both ways: submission ↔ EHR resource ↔ patient.
 
-mod durability;
+mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
-pub use durability::CommitStats;
-use durability::GroupCommit;
+pub use writer::CommitStats;
+use writer::{Trees, Write, Writer, Written};
 
 /// Where a submission is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,27 +109,16 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-impl From<TransactionError<StoreError>> for StoreError {
-    fn from(e: TransactionError<StoreError>) -> Self {
-        match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => StoreError::Sled(e),
-        }
-    }
+    #[error("store: the write round failed: {0}")]
+    Failed(String),
+    #[error("store: closed")]
+    Closed,
 }
 
 /// The sled store.
 pub struct Store {
-    submissions: sled::Tree,
-    /// The Bundle to deliver, as JSON bytes (LZ4): written once, read once per attempt, never
-    /// decoded and re-encoded with the record's transitions.
-    bundles: sled::Tree,
-    outbox: sled::Tree,
-    by_resource: sled::Tree,
-    by_patient: sled::Tree,
-    commits: GroupCommit,
+    trees: Arc<Trees>,
+    writer: Writer,
 }
 
 impl Store {
@@ -141,65 +129,56 @@ impl Store {
             source,
         })?;
         let db = sled::open(dir)?;
-        Ok(Store {
+        let trees = Arc::new(Trees {
             submissions: db.open_tree("submissions")?,
             bundles: db.open_tree("bundles")?,
             outbox: db.open_tree("outbox")?,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
-            commits: GroupCommit::start(db, dir.join("db")),
-        })
+            db,
+        });
+        let writer = Writer::start(Arc::clone(&trees), dir)?;
+        Ok(Store { trees, writer })
     }
 
-    /// Stores a new submission, its Bundle (JSON bytes) and its outbox entry in one
-    /// transaction, unless that submission is already there. Not durable until `commit` returns.
+    /// Stores a new submission, its Bundle (JSON bytes) and its outbox entry together, unless
+    /// that submission is already there, and returns once that is on disk.
     pub fn accept(&self, record: &SubmissionRecord, bundle: &[u8]) -> Result<Accepted, StoreError> {
-        let key = record.key();
-        let bytes = encode(record)?;
-        let bundle = lz4_flex::compress_prepend_size(bundle);
-        let patient_key = format!("{}|{}\0{key}", record.patient_system, record.patient_value);
-        let outcome = (
-            &self.submissions,
-            &self.bundles,
-            &self.outbox,
-            &self.by_patient,
+        accepted(self.writer.write(accept_write(record, bundle)?)?)
+    }
+
+    /// `accept` for async callers: the task waits, no thread is parked.
+    pub async fn accept_async(
+        &self,
+        record: &SubmissionRecord,
+        bundle: &[u8],
+    ) -> Result<Accepted, StoreError> {
+        accepted(
+            self.writer
+                .write_async(accept_write(record, bundle)?)
+                .await?,
         )
-            .transaction(|(subs, bundles, outbox, patients)| {
-                if let Some(existing) = subs.get(key.as_bytes())? {
-                    let existing =
-                        decode(&key, &existing).map_err(ConflictableTransactionError::Abort)?;
-                    return Ok(if existing.payload_sha256 == record.payload_sha256 {
-                        Accepted::Duplicate(Box::new(existing))
-                    } else {
-                        Accepted::Conflict(Box::new(existing))
-                    });
-                }
-                subs.insert(key.as_bytes(), bytes.as_slice())?;
-                bundles.insert(key.as_bytes(), bundle.as_slice())?;
-                outbox.insert(key.as_bytes(), &[])?;
-                patients.insert(patient_key.as_bytes(), &[])?;
-                Ok(Accepted::New)
-            })?;
-        Ok(outcome)
     }
 
-    /// Makes everything written so far durable; concurrent callers share one flush.
+    /// Returns once everything written before the call is on disk (every write already
+    /// waits for that; this is for shutdown).
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.commits.wait()
+        self.writer.write(Write::Barrier).map(|_| ())
     }
 
-    /// `commit` for async callers: the task waits, no thread is parked.
-    pub async fn commit_async(&self) -> Result<(), StoreError> {
-        self.commits.wait_async().await
+    /// Stops taking writes and waits until the queued ones are on disk.
+    pub fn close(&self) {
+        self.writer.close();
     }
 
-    /// Commits asked for, flush rounds made, time in flush and fdatasync.
+    /// Writes made durable, write rounds, time in flush and fdatasync.
     pub fn commit_stats(&self) -> CommitStats {
-        self.commits.stats()
+        self.writer.stats()
     }
 
     pub fn get(&self, key: &str) -> Result<Option<SubmissionRecord>, StoreError> {
-        self.submissions
+        self.trees
+            .submissions
             .get(key.as_bytes())?
             .map(|b| decode(key, &b))
             .transpose()
@@ -207,7 +186,7 @@ impl Store {
 
     /// The Bundle of a submission, as the JSON bytes that were accepted.
     pub fn bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.bundles.get(key.as_bytes())? {
+        match self.trees.bundles.get(key.as_bytes())? {
             None => Ok(None),
             Some(b) => lz4_flex::decompress_size_prepended(&b)
                 .map(Some)
@@ -218,73 +197,50 @@ impl Store {
         }
     }
 
-    /// Appends a transition (and, once delivered, the EHR's resources) and, when the
-    /// submission leaves the outbox (delivered or dead-lettered), removes its entry.
+    /// Appends a transition (and, once delivered, the EHR's resources, indexed) and, when the
+    /// submission leaves the outbox (delivered or dead-lettered), removes its entry. Durable on
+    /// return; `None` when there is no such submission.
     pub fn transition(
         &self,
         key: &str,
         transition: Transition,
         ehr: Vec<EhrResource>,
     ) -> Result<Option<SubmissionRecord>, StoreError> {
-        let leaves_outbox = matches!(
-            transition.state,
-            State::Delivered | State::DeadLettered | State::Acknowledged
-        );
-        let updated = (&self.submissions, &self.outbox, &self.by_resource).transaction(
-            |(subs, outbox, resources)| {
-                let Some(bytes) = subs.get(key.as_bytes())? else {
-                    return Ok(None);
-                };
-                let mut record =
-                    decode(key, &bytes).map_err(ConflictableTransactionError::Abort)?;
-                record.transitions.push(transition.clone());
-                for r in &ehr {
-                    resources.insert(
-                        format!("{}/{}", r.resource_type, r.id).as_bytes(),
-                        key.as_bytes(),
-                    )?;
-                }
-                record.ehr.extend(ehr.iter().cloned());
-                subs.insert(
-                    key.as_bytes(),
-                    encode(&record).map_err(ConflictableTransactionError::Abort)?,
-                )?;
-                if leaves_outbox {
-                    outbox.remove(key.as_bytes())?;
-                }
-                Ok(Some(record))
-            },
-        )?;
-        Ok(updated)
+        record(self.writer.write(transition_write(key, transition, ehr))?)
+    }
+
+    /// `transition` for async callers.
+    pub async fn transition_async(
+        &self,
+        key: &str,
+        transition: Transition,
+        ehr: Vec<EhrResource>,
+    ) -> Result<Option<SubmissionRecord>, StoreError> {
+        record(
+            self.writer
+                .write_async(transition_write(key, transition, ehr))
+                .await?,
+        )
     }
 
     /// Puts a submission back in the outbox (a replay), with a transition saying so. `None`
     /// when there is no such submission; a submission already waiting stays there once.
     pub fn requeue(&self, key: &str, at: &str) -> Result<Option<SubmissionRecord>, StoreError> {
-        let transition = Transition {
-            state: State::Mapped,
-            at: at.to_string(),
-            detail: Some("replay requested".into()),
-        };
-        let updated = (&self.submissions, &self.outbox).transaction(|(subs, outbox)| {
-            let Some(bytes) = subs.get(key.as_bytes())? else {
-                return Ok(None);
-            };
-            let mut record = decode(key, &bytes).map_err(ConflictableTransactionError::Abort)?;
-            record.transitions.push(transition.clone());
-            subs.insert(
-                key.as_bytes(),
-                encode(&record).map_err(ConflictableTransactionError::Abort)?,
-            )?;
-            outbox.insert(key.as_bytes(), &[])?;
-            Ok(Some(record))
-        })?;
-        Ok(updated)
+        record(self.writer.write(requeue_write(key, at))?)
+    }
+
+    /// `requeue` for async callers.
+    pub async fn requeue_async(
+        &self,
+        key: &str,
+        at: &str,
+    ) -> Result<Option<SubmissionRecord>, StoreError> {
+        record(self.writer.write_async(requeue_write(key, at)).await?)
     }
 
     /// How many deliveries wait in the outbox.
     pub fn outbox_depth(&self) -> usize {
-        self.outbox.len()
+        self.trees.outbox.len()
     }
 
     /// Keys of the submissions waiting in the outbox (in key order).
@@ -299,7 +255,7 @@ impl Store {
         mut want: impl FnMut(&str) -> bool,
     ) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        for key in self.outbox.iter().keys() {
+        for key in self.trees.outbox.iter().keys() {
             if out.len() >= limit {
                 break;
             }
@@ -313,7 +269,7 @@ impl Store {
 
     /// The submission that produced an EHR resource (`Observation/123`).
     pub fn by_resource(&self, reference: &str) -> Result<Option<SubmissionRecord>, StoreError> {
-        match self.by_resource.get(reference.as_bytes())? {
+        match self.trees.by_resource.get(reference.as_bytes())? {
             Some(key) => self.get(&String::from_utf8_lossy(&key)),
             None => Ok(None),
         }
@@ -322,7 +278,8 @@ impl Store {
     /// Keys of a patient's submissions.
     pub fn by_patient(&self, system: &str, value: &str) -> Result<Vec<String>, StoreError> {
         let prefix = format!("{system}|{value}\0");
-        self.by_patient
+        self.trees
+            .by_patient
             .scan_prefix(prefix.as_bytes())
             .keys()
             .map(|k| {
@@ -330,6 +287,50 @@ impl Store {
                     .map_err(StoreError::from)
             })
             .collect()
+    }
+}
+
+fn accept_write(record: &SubmissionRecord, bundle: &[u8]) -> Result<Write, StoreError> {
+    let key = record.key();
+    Ok(Write::Accept {
+        record: encode(record)?,
+        payload_sha256: record.payload_sha256.clone(),
+        bundle: lz4_flex::compress_prepend_size(bundle),
+        patient_key: format!("{}|{}\0{key}", record.patient_system, record.patient_value),
+        key,
+    })
+}
+
+fn transition_write(key: &str, transition: Transition, ehr: Vec<EhrResource>) -> Write {
+    Write::Transition {
+        key: key.to_string(),
+        transition,
+        ehr,
+    }
+}
+
+fn requeue_write(key: &str, at: &str) -> Write {
+    Write::Requeue {
+        key: key.to_string(),
+        at: at.to_string(),
+    }
+}
+
+fn accepted(w: Written) -> Result<Accepted, StoreError> {
+    match w {
+        Written::Accepted(a) => Ok(a),
+        _ => Err(StoreError::Failed(
+            "the writer answered another write".into(),
+        )),
+    }
+}
+
+fn record(w: Written) -> Result<Option<SubmissionRecord>, StoreError> {
+    match w {
+        Written::Record(r) => Ok(r.map(|r| *r)),
+        _ => Err(StoreError::Failed(
+            "the writer answered another write".into(),
+        )),
     }
 }
 

@@ -1,0 +1,350 @@
+//! The store's one writer: every change goes through a single thread that takes whatever has
+//! queued up, applies it in **one** sled transaction, makes it durable with **one** flush plus
+//! fdatasync, and only then answers each caller. One thread means sled's global transaction
+//! lock is never contended (under many threads its multi-tree transactions parked the runtime's
+//! workers); one transaction and one flush per round means their cost is shared by everything
+//! that arrived while the previous round was on its way to disk (group commit).
+//!
+//! sled's `flush` writes with `sync_file_range`, which is not an fsync, and `flush_async`
+//! deadlocks under concurrency (sled #1308): the thread calls the blocking flush and then
+//! fdatasyncs sled's data file. Callers encode their values before they queue (that work is
+//! spread over their own threads); the writer only reads, decides and writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use super::{
+    decode, encode, Accepted, EhrResource, State, StoreError, SubmissionRecord, Transition,
+};
+
+/// How many writes one round takes at most (the rest wait for the next round).
+const MAX_ROUND: usize = 512;
+
+/// One change, with its values already encoded by the caller.
+pub(crate) enum Write {
+    Accept {
+        key: String,
+        /// The encoded record.
+        record: Vec<u8>,
+        payload_sha256: String,
+        /// The LZ4 Bundle.
+        bundle: Vec<u8>,
+        patient_key: String,
+    },
+    Transition {
+        key: String,
+        transition: Transition,
+        ehr: Vec<EhrResource>,
+    },
+    Requeue {
+        key: String,
+        at: String,
+    },
+    /// Nothing to write: answered once everything queued before it is durable.
+    Barrier,
+}
+
+/// What a write did.
+pub(crate) enum Written {
+    Accepted(Accepted),
+    Record(Option<Box<SubmissionRecord>>),
+    Barrier,
+}
+
+pub(crate) type Reply = Box<dyn FnOnce(Result<Written, StoreError>) + Send>;
+
+/// How the writer has gone so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Writes made durable.
+    pub commits: u64,
+    /// Rounds (one transaction, one flush, one fdatasync each).
+    pub rounds: u64,
+    /// Time spent in sled's flush and in fdatasync (µs).
+    pub flush_micros: u64,
+    pub sync_micros: u64,
+}
+
+pub(crate) struct Trees {
+    pub db: sled::Db,
+    pub submissions: sled::Tree,
+    pub bundles: sled::Tree,
+    pub outbox: sled::Tree,
+    pub by_resource: sled::Tree,
+    pub by_patient: sled::Tree,
+}
+
+pub(crate) struct Writer {
+    queue: Mutex<Option<mpsc::Sender<(Write, Reply)>>>,
+    stats: Arc<Mutex<CommitStats>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    pub(crate) fn start(trees: Arc<Trees>, dir: &Path) -> Result<Writer, StoreError> {
+        let (tx, rx) = mpsc::channel::<(Write, Reply)>();
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let data_file = dir.join("db");
+        let thread_stats = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(&trees, &data_file, &rx, &thread_stats))
+            .map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Writer {
+            queue: Mutex::new(Some(tx)),
+            stats,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a write; `reply` is called from the writer thread once it is durable (or failed).
+    pub(crate) fn submit(&self, write: Write, reply: Reply) {
+        let closed = || StoreError::Closed;
+        let sender = self.queue.lock().ok().and_then(|q| q.clone());
+        match sender {
+            Some(s) => {
+                if let Err(mpsc::SendError((_, reply))) = s.send((write, reply)) {
+                    reply(Err(closed()));
+                }
+            }
+            None => reply(Err(closed())),
+        }
+    }
+
+    /// Blocks until the write is durable.
+    pub(crate) fn write(&self, write: Write) -> Result<Written, StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(
+            write,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits (as a task: no thread is parked) until the write is durable.
+    pub(crate) async fn write_async(&self, write: Write) -> Result<Written, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(
+            write,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    pub(crate) fn stats(&self) -> CommitStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Stops taking writes, lets the thread finish what is queued (with a last flush), joins it.
+    pub(crate) fn close(&self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.take();
+        }
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_loop(
+    trees: &Trees,
+    data_file: &PathBuf,
+    queue: &mpsc::Receiver<(Write, Reply)>,
+    stats: &Mutex<CommitStats>,
+) {
+    // Ends when every sender is gone (the store is closing) and the queue is empty.
+    while let Ok(first) = queue.recv() {
+        let mut round = vec![first];
+        while round.len() < MAX_ROUND {
+            match queue.try_recv() {
+                Ok(w) => round.push(w),
+                Err(_) => break,
+            }
+        }
+        let (writes, replies): (Vec<Write>, Vec<Reply>) = round.into_iter().unzip();
+        let applied = apply(trees, &writes);
+        let started = Instant::now();
+        let flushed = trees.db.flush().map_err(StoreError::from);
+        let flush_time = started.elapsed();
+        let durable = flushed.and_then(|_| {
+            std::fs::File::open(data_file)
+                .and_then(|f| f.sync_data())
+                .map_err(|source| StoreError::Io {
+                    path: data_file.clone(),
+                    source,
+                })
+        });
+        let sync_time = started.elapsed() - flush_time;
+        if let Ok(mut s) = stats.lock() {
+            s.rounds += 1;
+            s.commits += writes.len() as u64;
+            s.flush_micros += flush_time.as_micros() as u64;
+            s.sync_micros += sync_time.as_micros() as u64;
+        }
+        match (applied, durable) {
+            (Ok(results), Ok(())) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    reply(result);
+                }
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                let why = e.to_string();
+                tracing::error!(error = %why, writes = writes.len(), "store: a write round failed");
+                for reply in replies {
+                    reply(Err(StoreError::Failed(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+type Outcomes = Vec<Result<Written, StoreError>>;
+
+/// Applies a round in one transaction. A write that cannot be applied (an unreadable record)
+/// gets its own error; only a storage error fails the round.
+fn apply(trees: &Trees, writes: &[Write]) -> Result<Outcomes, StoreError> {
+    let outcome = (
+        &trees.submissions,
+        &trees.bundles,
+        &trees.outbox,
+        &trees.by_resource,
+        &trees.by_patient,
+    )
+        .transaction(|(subs, bundles, outbox, resources, patients)| {
+            let t = Tx {
+                subs,
+                bundles,
+                outbox,
+                resources,
+                patients,
+            };
+            // Re-run from the start if sled retries the closure: outcomes are rebuilt.
+            let mut out = Vec::with_capacity(writes.len());
+            for w in writes {
+                out.push(t.apply(w)?);
+            }
+            Ok(out)
+        });
+    outcome.map_err(|e| match e {
+        sled::transaction::TransactionError::Abort(e) => e,
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+struct Tx<'a> {
+    subs: &'a TransactionalTree,
+    bundles: &'a TransactionalTree,
+    outbox: &'a TransactionalTree,
+    resources: &'a TransactionalTree,
+    patients: &'a TransactionalTree,
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+impl Tx<'_> {
+    fn apply(&self, write: &Write) -> TxResult<Result<Written, StoreError>> {
+        Ok(match write {
+            Write::Accept {
+                key,
+                record,
+                payload_sha256,
+                bundle,
+                patient_key,
+            } => {
+                if let Some(existing) = self.subs.get(key.as_bytes())? {
+                    // Transactions see their own writes: a second copy in the same round is a
+                    // duplicate of the first.
+                    return Ok(decode(key, &existing).map(|existing| {
+                        Written::Accepted(if &existing.payload_sha256 == payload_sha256 {
+                            Accepted::Duplicate(Box::new(existing))
+                        } else {
+                            Accepted::Conflict(Box::new(existing))
+                        })
+                    }));
+                }
+                self.subs.insert(key.as_bytes(), record.as_slice())?;
+                self.bundles.insert(key.as_bytes(), bundle.as_slice())?;
+                self.outbox.insert(key.as_bytes(), &[])?;
+                self.patients.insert(patient_key.as_bytes(), &[])?;
+                Ok(Written::Accepted(Accepted::New))
+            }
+            Write::Transition {
+                key,
+                transition,
+                ehr,
+            } => self.update(key, |record| {
+                let leaves_outbox = matches!(
+                    transition.state,
+                    State::Delivered | State::DeadLettered | State::Acknowledged
+                );
+                record.transitions.push(transition.clone());
+                record.ehr.extend(ehr.iter().cloned());
+                (leaves_outbox, false)
+            })?,
+            Write::Requeue { key, at } => self.update(key, |record| {
+                record.transitions.push(Transition {
+                    state: State::Mapped,
+                    at: at.clone(),
+                    detail: Some("replay requested".into()),
+                });
+                (false, true)
+            })?,
+            Write::Barrier => Ok(Written::Barrier),
+        })
+    }
+
+    /// Read-modify-write of one record; `change` says whether the submission leaves the outbox
+    /// or (re-)enters it. New EHR resources are indexed.
+    fn update(
+        &self,
+        key: &str,
+        change: impl FnOnce(&mut SubmissionRecord) -> (bool, bool),
+    ) -> TxResult<Result<Written, StoreError>> {
+        let Some(bytes) = self.subs.get(key.as_bytes())? else {
+            return Ok(Ok(Written::Record(None)));
+        };
+        let mut record = match decode(key, &bytes) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let known = record.ehr.len();
+        let (leaves, enters) = change(&mut record);
+        let encoded = match encode(&record) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        for r in &record.ehr[known..] {
+            self.resources.insert(
+                format!("{}/{}", r.resource_type, r.id).as_bytes(),
+                key.as_bytes(),
+            )?;
+        }
+        self.subs.insert(key.as_bytes(), encoded)?;
+        if leaves {
+            self.outbox.remove(key.as_bytes())?;
+        }
+        if enters {
+            self.outbox.insert(key.as_bytes(), &[])?;
+        }
+        Ok(Ok(Written::Record(Some(Box::new(record)))))
+    }
+}
