@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 const RECEIVED: &str = "2026-01-01T00:00:00Z";
 
 fn map_bytes(m: &Mapping, raw: &[u8]) -> Vec<u8> {
-    let payload: Value = serde_json::from_slice(raw).expect("payload parses");
+    let payload = m.parse_payload(raw).expect("payload parses");
     let out = m
         .map_submission(SubmissionInput {
             payload: &payload,

@@ -231,7 +231,7 @@ fn map(
             return ExitCode::from(2);
         }
     };
-    let parsed: Value = match serde_json::from_slice(&raw) {
+    let parsed = match m.parse_payload(&raw) {
         Ok(v) => v,
         Err(e) => {
             let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(

@@ -34,8 +34,9 @@ pub enum CaseOutcome {
 
 /// Maps one payload and renders the golden document: the decision and the Bundle.
 pub fn render(mapping: &Mapping, raw: &[u8], received_at: &str) -> Result<Value, String> {
-    let payload: Value =
-        serde_json::from_slice(raw).map_err(|e| format!("input is not JSON: {e}"))?;
+    let payload = mapping
+        .parse_payload(raw)
+        .map_err(|e| format!("input is not JSON: {e}"))?;
     Ok(
         match mapping.map_submission(SubmissionInput {
             payload: &payload,

@@ -376,3 +376,46 @@ fn bad_payloads_get_every_problem_without_values() {
         .unwrap_err();
     assert_eq!(f.issues[0].expression, vec!["$.rawRequest"]);
 }
+
+/// Parsing only what a map reads (the `Projection`) must map every fixture exactly as the whole
+/// document does — the Bundle, flags, missing answers, or the same failure.
+#[test]
+fn reading_only_what_the_map_reads_changes_nothing() {
+    let mut compared = 0;
+    for dir in std::fs::read_dir(root().join("fixtures")).unwrap() {
+        let dir = dir.unwrap().path();
+        let id = dir.file_name().unwrap().to_str().unwrap().to_string();
+        let m = load(&id);
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let path = f.unwrap().path();
+            if !path.to_string_lossy().ends_with(".input.json") {
+                continue;
+            }
+            let raw = std::fs::read(&path).unwrap();
+            let whole: Value = serde_json::from_slice(&raw).unwrap();
+            let projected = m.parse_payload(&raw).unwrap();
+            let run = |payload: &Value| {
+                m.map_submission(SubmissionInput {
+                    payload,
+                    raw: &raw,
+                    received_at: "2026-01-01T00:00:00Z",
+                })
+                .map(|s| (s.bundle, s.flags, serde_json::to_value(&s.missing).unwrap()))
+                .map_err(|e| e.to_string())
+            };
+            assert_eq!(run(&projected), run(&whole), "{}", path.display());
+            compared += 1;
+        }
+    }
+    assert!(compared >= 16, "only {compared} fixtures compared");
+
+    // What the Typeform map skips is most of the webhook: the form definition.
+    let m = load("glp1-intake-typeform");
+    let raw =
+        std::fs::read(root().join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
+            .unwrap();
+    let projected = m.parse_payload(&raw).unwrap();
+    assert!(projected["form_response"].get("definition").is_none());
+    assert!(projected["form_response"]["answers"].is_array());
+    assert!(projected.to_string().len() * 2 < raw.len());
+}

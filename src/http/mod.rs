@@ -123,9 +123,9 @@ async fn submit(
     Path(mapping_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    if state.intake.mapping(&mapping_id).is_none() {
+    let Some(mapping) = state.intake.mapping(&mapping_id).cloned() else {
         return Err(IntakeError::UnknownMapping(mapping_id).into());
-    }
+    };
     let (parts, body) = req.into_parts();
     let limit = state.config.limits.max_body_bytes;
     let raw = to_bytes(body, limit)
@@ -149,7 +149,7 @@ async fn submit(
     if nests_deeper_than(&raw, depth) {
         return Err(ApiError::TooDeep(depth));
     }
-    let payload: Value = serde_json::from_slice(&raw).map_err(|e| {
+    let payload = mapping.parse_payload(&raw).map_err(|e| {
         ApiError::NotJson(format!(
             "line {}, column {}: {:?}",
             e.line(),

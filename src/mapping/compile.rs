@@ -319,6 +319,7 @@ impl Compiler<'_> {
 
         let source = self.source(spec.source);
         let flags = self.flags(spec.flags);
+        let projection = super::projection(&source, &items);
         Mapping {
             id: spec.id,
             version,
@@ -331,6 +332,7 @@ impl Compiler<'_> {
             source,
             items,
             flags,
+            projection,
         }
     }
 

@@ -20,7 +20,7 @@ use serde_json::Value;
 pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
 pub use condition::Condition;
 pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
-use select::{AnswerSource, Selector};
+use select::{AnswerSource, Projection, Selector};
 use value::CodingTarget;
 
 /// FHIR R4 `Questionnaire.item.type`s a mapping may use.
@@ -91,12 +91,20 @@ pub struct Mapping {
     pub(crate) source: Source,
     pub items: Vec<Item>,
     pub flags: Vec<Flag>,
+    /// The parts of a payload this mapping reads.
+    pub(crate) projection: Projection,
 }
 
 impl Mapping {
     /// `url|version`: what `QuestionnaireResponse.questionnaire` points at.
     pub fn canonical(&self) -> String {
         format!("{}|{}", self.url, self.version)
+    }
+
+    /// Parses a payload for this mapping: the parts it reads become a `Value`, the rest is
+    /// only checked to be JSON (see `Projection`).
+    pub fn parse_payload(&self, raw: &[u8]) -> Result<Value, serde_json::Error> {
+        self.projection.parse(raw)
     }
 
     pub fn file(&self) -> &Path {
@@ -115,6 +123,50 @@ impl Mapping {
         walk(&self.items, &mut out);
         out
     }
+}
+
+/// What a mapping reads from the payload root: every root selector, built whole where it ends.
+fn projection(source: &Source, items: &[Item]) -> Projection {
+    fn rule(p: &mut Projection, r: &ValueRule) {
+        if let Some(path) = &r.path {
+            p.add_whole(path);
+        }
+    }
+    fn items_at(p: &mut Projection, items: &[Item]) {
+        for item in items {
+            rule(p, &item.rule);
+            item.sum.iter().for_each(|(r, _)| rule(p, r));
+            // A repeating group's children read inside each of its elements, built whole; a
+            // plain group's read where the group does.
+            if !item.is_repeating_group() {
+                items_at(p, &item.children);
+            }
+        }
+    }
+    let mut p = Projection::none();
+    p.add_whole(&source.submission_id);
+    let patient = &source.patient;
+    for r in [
+        source.submitted_at.as_ref(),
+        Some(&patient.identifier),
+        patient.given.as_ref(),
+        patient.family.as_ref(),
+        patient.birth_date.as_ref(),
+        patient.gender.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        rule(&mut p, r);
+    }
+    match &source.answers {
+        Some(AnswerSource::List { list, .. }) => p.add_whole(list),
+        Some(AnswerSource::Object { object, .. }) => p.add_whole(object),
+        None => {}
+    }
+    items_at(&mut p, items);
+    p.finish();
+    p
 }
 
 #[derive(Debug)]

@@ -117,6 +117,199 @@ fn walk<'a>(v: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
     }
 }
 
+/// The parts of a payload a mapping reads, derived at load from every selector that starts at
+/// the payload root. Parsing through it builds only those parts as a `Value` and skips the
+/// rest (still checking that it is JSON): a Typeform webhook carries the whole form definition,
+/// 60 % of its bytes, which no mapping reads. Whatever a selector ends on is built whole, so
+/// every selector selects exactly what it would in the full document. A mapping with any
+/// JSONPath richer than plain steps gets `Projection::All` (the full document).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Projection {
+    /// Build this value whole.
+    all: bool,
+    /// Object members to build, and how.
+    keys: Vec<(String, Projection)>,
+    /// How to build every array element and every object member not in `keys`.
+    any: Option<Box<Projection>>,
+}
+
+impl Projection {
+    /// Nothing yet: add what is read.
+    pub fn none() -> Projection {
+        Projection::default()
+    }
+
+    /// The whole document.
+    pub fn all() -> Projection {
+        Projection {
+            all: true,
+            ..Projection::default()
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.all
+    }
+
+    /// Adds what `selector` reads below this point; returns the node it ends on (to add
+    /// selectors relative to it), or `None` once the projection had to become the whole
+    /// document.
+    pub fn add(&mut self, selector: &Selector) -> Option<&mut Projection> {
+        let Plan::Steps(steps) = &selector.plan else {
+            *self = Projection::all();
+            return None;
+        };
+        let mut node = self;
+        for step in steps {
+            if node.all {
+                return None;
+            }
+            node = match step {
+                Step::Key(k) => match node.keys.iter().position(|(name, _)| name == k) {
+                    Some(i) => &mut node.keys[i].1,
+                    None => {
+                        // A member also reached through `any` must be built for both.
+                        let start = node.any.as_deref().cloned().unwrap_or_default();
+                        node.keys.push((k.clone(), start));
+                        let last = node.keys.len() - 1;
+                        &mut node.keys[last].1
+                    }
+                },
+                // An index keeps every element (projected alike): simpler, and never less.
+                Step::Index(_) | Step::Wildcard => node.any.get_or_insert_with(Default::default),
+            };
+        }
+        Some(node)
+    }
+
+    /// Adds `selector` and builds whatever it ends on whole.
+    pub fn add_whole(&mut self, selector: &Selector) {
+        if let Some(end) = self.add(selector) {
+            *end = Projection::all();
+        }
+    }
+
+    /// `any` now reaches named members too: they must be built for both. Call once the
+    /// projection is complete.
+    pub fn finish(&mut self) {
+        if let Some(any) = self.any.as_deref_mut() {
+            any.finish();
+        }
+        let any = self.any.as_deref().cloned();
+        for (_, node) in &mut self.keys {
+            if let Some(any) = &any {
+                node.merge(any);
+            }
+            node.finish();
+        }
+    }
+
+    fn merge(&mut self, other: &Projection) {
+        if self.all || other.all {
+            *self = Projection::all();
+            return;
+        }
+        for (k, theirs) in &other.keys {
+            match self.keys.iter_mut().find(|(name, _)| name == k) {
+                Some((_, mine)) => mine.merge(theirs),
+                None => self.keys.push((k.clone(), theirs.clone())),
+            }
+        }
+        if let Some(theirs) = &other.any {
+            self.any.get_or_insert_with(Default::default).merge(theirs);
+        }
+    }
+
+    /// Parses `raw` through the projection. Syntax errors are serde_json's, with line and column.
+    pub fn parse(&self, raw: &[u8]) -> Result<Value, serde_json::Error> {
+        if self.all {
+            return serde_json::from_slice(raw);
+        }
+        let mut de = serde_json::Deserializer::from_slice(raw);
+        let value = serde::de::DeserializeSeed::deserialize(self, &mut de)?;
+        de.end()?;
+        Ok(value)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &Projection {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        if self.all {
+            return serde::Deserialize::deserialize(d);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+/// A value the projection does not read into (a scalar where it expected an object or array):
+/// no selector can step into a scalar, so `null` selects the same nothing.
+impl<'de> serde::de::Visitor<'de> for &Projection {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        match self.any.as_deref() {
+            Some(each) => {
+                while let Some(v) = seq.next_element_seed(each)? {
+                    out.push(v);
+                }
+            }
+            None => while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {},
+        }
+        Ok(Value::Array(out))
+    }
+
+    /// Numbers arrive here too (serde_json's `arbitrary_precision` hands them over as a map
+    /// with one private key): that key is not a member we read, so they become `{}` — a
+    /// scalar where an object was expected, which no selector steps into either.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let node = self
+                .keys
+                .iter()
+                .find(|(name, _)| *name == key)
+                .map(|(_, n)| n)
+                .or(self.any.as_deref());
+            match node {
+                Some(node) => {
+                    let v = map.next_value_seed(node)?;
+                    out.insert(key.into_owned(), v);
+                }
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Parses the plain subset of JSONPath; `None` for anything else.
 fn simple_steps(path: &str) -> Option<Vec<Step>> {
     let mut rest = path.strip_prefix('$')?;
@@ -267,6 +460,65 @@ mod tests {
             Selector::compile("$..c").unwrap().plan,
             Plan::Query(_)
         ));
+    }
+
+    fn projection(paths: &[&str]) -> Projection {
+        let mut p = Projection::none();
+        for path in paths {
+            p.add_whole(&Selector::compile(path).unwrap());
+        }
+        p.finish();
+        p
+    }
+
+    #[test]
+    fn projection_builds_what_selectors_read_and_nothing_else() {
+        let p = projection(&["$.a.b", "$.list[*].k", "$.list[0].x"]);
+        let raw = br#"{"skip": {"deep": [1, 2, {"x": "y"}]}, "a": {"b": {"n": 72.50}, "c": 1},
+                       "list": [{"k": [1], "x": 2, "z": 3}, {"k": "v"}]}"#;
+        let v = p.parse(raw).unwrap();
+        assert_eq!(
+            v.to_string(),
+            r#"{"a":{"b":{"n":72.50}},"list":[{"k":[1],"x":2},{"k":"v"}]}"#
+        );
+        let whole: Value = serde_json::from_slice(raw).unwrap();
+        for path in ["$.a.b", "$.list[*].k", "$.list[0].x", "$.a.b.n"] {
+            let s = Selector::compile(path).unwrap();
+            assert_eq!(s.select(&v), s.select(&whole), "{path}");
+        }
+    }
+
+    #[test]
+    fn projection_still_rejects_what_is_not_json() {
+        let p = projection(&["$.a"]);
+        for bad in [
+            &br#"{"a": 1, "skip": [1, }"#[..],
+            br#"{"a": 1} trailing"#,
+            br#"{"skip": {"x": nul}, "a": 1}"#,
+            b"",
+        ] {
+            assert!(p.parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn scalars_where_objects_were_expected_select_nothing_either_way() {
+        let p = projection(&["$.a.b", "$.n.m[*]"]);
+        let raw = br#"{"a": 12.5, "n": "text"}"#;
+        let v = p.parse(raw).unwrap();
+        let whole: Value = serde_json::from_slice(raw).unwrap();
+        for path in ["$.a.b", "$.n.m[*]"] {
+            let s = Selector::compile(path).unwrap();
+            assert!(s.select(&v).is_empty() && s.select(&whole).is_empty());
+        }
+    }
+
+    #[test]
+    fn rich_paths_read_the_whole_document() {
+        let p = projection(&["$.a", "$..c"]);
+        assert!(p.is_all());
+        let p = projection(&["$.a[?(@.x == 1)]"]);
+        assert!(p.is_all());
     }
 
     #[test]
