@@ -26,8 +26,25 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The EHR: answers every transaction with a transaction-response, immediately.
-async fn sink() -> String {
+/// The EHR: answers every transaction with a transaction-response, immediately, on a thread
+/// and runtime of its own (so that the load client does not slow it down).
+fn sink() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("sink runtime");
+        runtime.block_on(async move {
+            let url = serve_sink().await;
+            tx.send(url).expect("sink url");
+            std::future::pending::<()>().await
+        })
+    });
+    rx.recv().expect("sink started")
+}
+
+async fn serve_sink() -> String {
     let app = Router::new().fallback(post(|| async {
         Json(
             json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
@@ -147,7 +164,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
 
     let runs = runtime.block_on(async {
-        let ehr = sink().await;
+        let ehr = sink();
         let config = dir.path().join("load.toml");
         std::fs::write(
             &config,
@@ -176,6 +193,10 @@ fn main() {
         load("warm-up", format!("{url}/echo"), Arc::clone(&body), false, connections, 1).await;
         let echo = load("POST /echo (baseline)", format!("{url}/echo"), Arc::clone(&body), false, connections, seconds).await;
         let submit = load("POST /submissions (durable)", format!("{url}/submissions/glp1-intake-typeform"), Arc::clone(&body), true, connections, seconds).await;
+        // What the outbox did meanwhile: delivered, and still waiting, when the load stopped.
+        let metrics = reqwest::get(format!("{url}/metrics")).await.expect("metrics").text().await.expect("metrics text");
+        let figure = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
+        println!("\noutbox when the load stopped: {} delivered (mean EHR round trip {:.1} ms), {} waiting; store: {} writes in {} rounds", figure("chartbridge_deliveries_total "), 1000.0 * figure("chartbridge_delivery_seconds_sum ") / figure("chartbridge_delivery_seconds_count "), figure("chartbridge_outbox_depth "), figure("chartbridge_store_commits_total "), figure("chartbridge_store_commit_rounds_total "));
         let _ = child.kill();
         let _ = child.wait();
         vec![echo, submit]

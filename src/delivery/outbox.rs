@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::client::EhrClient;
 use super::{backoff, Attempt};
 use crate::metrics::Metrics;
-use crate::store::{State, Store, Transition};
+use crate::store::{EhrResource, State, Store, Transition};
 
 pub struct Outbox {
     pub store: Arc<Store>,
@@ -35,6 +35,7 @@ impl Outbox {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.concurrency.max(1)));
         let schedule = Arc::new(Mutex::new(Schedule::default()));
+        let mut tasks = tokio::task::JoinSet::new();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -63,13 +64,25 @@ impl Outbox {
                 }
                 Err(_) => Vec::new(),
             };
+            while tasks.try_join_next().is_some() {}
             for key in due {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };
                 let (this, schedule) = (Arc::clone(&this), Arc::clone(&schedule));
-                tokio::spawn(async move {
-                    let next = this.deliver(&key).await;
+                tasks.spawn(async move {
+                    // The permit bounds requests to the EHR, not the bookkeeping after them.
+                    let outcome = this.attempt(&key).await;
+                    drop(permit);
+                    let next = match outcome {
+                        Ok(Some((transition, resources, next))) => {
+                            this.record(&key, transition, resources, next).await
+                        }
+                        Ok(None) => None,
+                        Err(delay) => Some(delay),
+                    };
+                    // Out of flight only once the outcome is recorded: until then the entry is
+                    // still in the outbox and must not be picked again.
                     if let Ok(mut s) = schedule.lock() {
                         s.in_flight.remove(&key);
                         match next {
@@ -77,7 +90,6 @@ impl Outbox {
                             None => s.not_before.remove(&key),
                         };
                     }
-                    drop(permit);
                 });
             }
             tokio::select! {
@@ -87,17 +99,19 @@ impl Outbox {
             }
         }
         // Graceful: every delivery in flight finishes (and is recorded) before we return.
-        let _ = permits.acquire_many(this.concurrency.max(1) as u32).await;
+        while tasks.join_next().await.is_some() {}
     }
 
-    /// One attempt; returns the delay before the next one when it should be retried.
-    async fn deliver(&self, key: &str) -> Option<Duration> {
+    /// One attempt: what to record, and the delay before the next attempt when it should be
+    /// retried. `Ok(None)` when there is nothing to deliver; `Err(delay)` when the submission
+    /// could not be read (nothing to record; try again after `delay`).
+    async fn attempt(&self, key: &str) -> Result<Option<Outcome>, Duration> {
         let (record, bundle) = match (self.store.get(key), self.store.bundle(key)) {
             (Ok(Some(record)), Ok(Some(bundle))) => (record, bundle),
-            (Ok(_), Ok(_)) => return None,
+            (Ok(_), Ok(_)) => return Ok(None),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(key, error = %e, "outbox: cannot read the submission");
-                return Some(self.backoff_cap);
+                return Err(self.backoff_cap);
             }
         };
         let failures = record
@@ -160,6 +174,17 @@ impl Outbox {
                 )
             }
         };
+        Ok(Some((transition, resources, next)))
+    }
+
+    /// Records an attempt's outcome (durably); returns when to try again, if ever.
+    async fn record(
+        &self,
+        key: &str,
+        transition: Transition,
+        resources: Vec<EhrResource>,
+        next: Option<Duration>,
+    ) -> Option<Duration> {
         match self
             .store
             .transition_async(key, transition, resources)
@@ -173,6 +198,10 @@ impl Outbox {
         }
     }
 }
+
+/// What one attempt leads to: the transition to record, the EHR's resources, and the delay
+/// before the next attempt (if it is to be retried).
+type Outcome = (Transition, Vec<EhrResource>, Option<Duration>);
 
 /// The current time as a FHIR instant.
 pub fn now() -> String {
