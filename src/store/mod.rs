@@ -7,6 +7,7 @@
 //! (sled's flush, then an fdatasync of its data file, grouped across concurrent callers) before
 //! anyone may answer 2xx. Indexes run both ways: submission ↔ EHR resource ↔ patient.
 
+mod bundles;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -128,16 +129,24 @@ impl Store {
             path: dir.to_path_buf(),
             source,
         })?;
-        let db = sled::open(dir)?;
+        // Every write goes through the writer, which flushes after each round: sled's own
+        // background flusher has nothing left to do.
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open()?;
+        let (bundles, appender) = bundles::BundleLog::open(&dir.join("bundles.log"))?;
         let trees = Arc::new(Trees {
             submissions: db.open_tree("submissions")?,
-            bundles: db.open_tree("bundles")?,
+            bundle_at: db.open_tree("bundle_at")?,
+            bundles,
             outbox: db.open_tree("outbox")?,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
             db,
         });
-        let writer = Writer::start(Arc::clone(&trees), dir)?;
+        let writer = Writer::start(Arc::clone(&trees), appender, dir)?;
         Ok(Store { trees, writer })
     }
 
@@ -186,15 +195,19 @@ impl Store {
 
     /// The Bundle of a submission, as the JSON bytes that were accepted.
     pub fn bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.trees.bundles.get(key.as_bytes())? {
-            None => Ok(None),
-            Some(b) => lz4_flex::decompress_size_prepended(&b)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    key: key.to_string(),
-                    source: serde::de::Error::custom(format!("bundle is not LZ4: {e}")),
-                }),
-        }
+        let corrupt = |why: String| StoreError::Corrupt {
+            key: key.to_string(),
+            source: serde::de::Error::custom(why),
+        };
+        let Some(at) = self.trees.bundle_at.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let at = bundles::BundleAt::from_bytes(&at)
+            .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))?;
+        let lz4 = self.trees.bundles.read(key, at)?;
+        lz4_flex::decompress_size_prepended(&lz4)
+            .map(Some)
+            .map_err(|e| corrupt(format!("bundle is not LZ4: {e}")))
     }
 
     /// Appends a transition (and, once delivered, the EHR's resources, indexed) and, when the

@@ -18,6 +18,7 @@ use std::time::Instant;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
+use super::bundles::{BundleAppender, BundleAt, BundleLog};
 use super::{
     decode, encode, Accepted, EhrResource, State, StoreError, SubmissionRecord, Transition,
 };
@@ -73,7 +74,9 @@ pub struct CommitStats {
 pub(crate) struct Trees {
     pub db: sled::Db,
     pub submissions: sled::Tree,
-    pub bundles: sled::Tree,
+    /// Where each submission's Bundle is in the Bundle log.
+    pub bundle_at: sled::Tree,
+    pub bundles: BundleLog,
     pub outbox: sled::Tree,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
@@ -86,14 +89,18 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn start(trees: Arc<Trees>, dir: &Path) -> Result<Writer, StoreError> {
+    pub(crate) fn start(
+        trees: Arc<Trees>,
+        mut appender: BundleAppender,
+        dir: &Path,
+    ) -> Result<Writer, StoreError> {
         let (tx, rx) = mpsc::channel::<(Write, Reply)>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let data_file = dir.join("db");
         let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(&trees, &data_file, &rx, &thread_stats))
+            .spawn(move || write_loop(&trees, &mut appender, &data_file, &rx, &thread_stats))
             .map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
                 source,
@@ -167,6 +174,7 @@ impl Drop for Writer {
 
 fn write_loop(
     trees: &Trees,
+    appender: &mut BundleAppender,
     data_file: &PathBuf,
     queue: &mpsc::Receiver<(Write, Reply)>,
     stats: &Mutex<CommitStats>,
@@ -181,7 +189,8 @@ fn write_loop(
             }
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = round.into_iter().unzip();
-        let applied = apply(trees, &writes);
+        // Bundles first, on disk before any sled write that points at them can be.
+        let applied = bundle_places(appender, &writes).and_then(|at| apply(trees, &writes, &at));
         let started = Instant::now();
         let flushed = trees.db.flush().map_err(StoreError::from);
         let flush_time = started.elapsed();
@@ -219,12 +228,38 @@ fn write_loop(
 
 type Outcomes = Vec<Result<Written, StoreError>>;
 
+/// Appends the round's Bundles to the log; one place per write (`None` for other writes).
+fn bundle_places(
+    appender: &mut BundleAppender,
+    writes: &[Write],
+) -> Result<Vec<Option<BundleAt>>, StoreError> {
+    let bundles: Vec<&[u8]> = writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Accept { bundle, .. } => Some(bundle.as_slice()),
+            _ => None,
+        })
+        .collect();
+    let mut places = appender.append(&bundles)?.into_iter();
+    Ok(writes
+        .iter()
+        .map(|w| match w {
+            Write::Accept { .. } => places.next(),
+            _ => None,
+        })
+        .collect())
+}
+
 /// Applies a round in one transaction. A write that cannot be applied (an unreadable record)
 /// gets its own error; only a storage error fails the round.
-fn apply(trees: &Trees, writes: &[Write]) -> Result<Outcomes, StoreError> {
+fn apply(
+    trees: &Trees,
+    writes: &[Write],
+    places: &[Option<BundleAt>],
+) -> Result<Outcomes, StoreError> {
     let outcome = (
         &trees.submissions,
-        &trees.bundles,
+        &trees.bundle_at,
         &trees.outbox,
         &trees.by_resource,
         &trees.by_patient,
@@ -239,8 +274,8 @@ fn apply(trees: &Trees, writes: &[Write]) -> Result<Outcomes, StoreError> {
             };
             // Re-run from the start if sled retries the closure: outcomes are rebuilt.
             let mut out = Vec::with_capacity(writes.len());
-            for w in writes {
-                out.push(t.apply(w)?);
+            for (w, at) in writes.iter().zip(places) {
+                out.push(t.apply(w, *at)?);
             }
             Ok(out)
         });
@@ -261,14 +296,14 @@ struct Tx<'a> {
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 impl Tx<'_> {
-    fn apply(&self, write: &Write) -> TxResult<Result<Written, StoreError>> {
+    fn apply(&self, write: &Write, at: Option<BundleAt>) -> TxResult<Result<Written, StoreError>> {
         Ok(match write {
             Write::Accept {
                 key,
                 record,
                 payload_sha256,
-                bundle,
                 patient_key,
+                ..
             } => {
                 if let Some(existing) = self.subs.get(key.as_bytes())? {
                     // Transactions see their own writes: a second copy in the same round is a
@@ -282,7 +317,10 @@ impl Tx<'_> {
                     }));
                 }
                 self.subs.insert(key.as_bytes(), record.as_slice())?;
-                self.bundles.insert(key.as_bytes(), bundle.as_slice())?;
+                let Some(at) = at else {
+                    return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
+                };
+                self.bundles.insert(key.as_bytes(), &at.to_bytes())?;
                 self.outbox.insert(key.as_bytes(), &[])?;
                 self.patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Written::Accepted(Accepted::New))
