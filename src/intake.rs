@@ -68,12 +68,13 @@ impl Intake {
         &self.store
     }
 
-    /// Maps and records a submission; durable once this returns.
+    /// Maps and records a submission; durable once this returns. The payload and everything
+    /// built from it are dropped before the wait for the disk, on the thread that made them.
     pub async fn accept(
         &self,
         mapping_id: &str,
-        raw: &[u8],
-        payload: &Value,
+        raw: impl AsRef<[u8]>,
+        payload: Value,
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
         let mapping = self
@@ -81,8 +82,8 @@ impl Intake {
             .get(mapping_id)
             .ok_or_else(|| IntakeError::UnknownMapping(mapping_id.to_string()))?;
         let mapped = mapping.map_submission(SubmissionInput {
-            payload,
-            raw,
+            payload: &payload,
+            raw: raw.as_ref(),
             received_at,
         })?;
         let record = SubmissionRecord {
@@ -125,7 +126,9 @@ impl Intake {
             flags: r.flags.clone(),
             missing: r.missing.clone(),
         };
-        match self.store.accept_async(&record, &bundle).await? {
+        let written = self.store.accept_async(&record, &bundle);
+        drop((mapped, bundle, payload, raw));
+        match written.await? {
             Accepted::New => Ok(receipt(&record, true)),
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
             Accepted::Conflict(_) => Err(IntakeError::Revision { key }),

@@ -144,16 +144,25 @@ fn committed_submissions_survive_reopening() {
     // The Bundle lives in the Bundle log, found again through sled after reopening; later
     // appends go after it.
     assert_eq!(
-        store.bundle("glp1-intake-typeform/tok-3").unwrap().as_deref(),
+        store
+            .bundle("glp1-intake-typeform/tok-3")
+            .unwrap()
+            .as_deref(),
         Some(BUNDLE)
     );
     store.accept(&record("tok-4", "aaaa"), b"{}").unwrap();
     assert_eq!(
-        store.bundle("glp1-intake-typeform/tok-4").unwrap().as_deref(),
+        store
+            .bundle("glp1-intake-typeform/tok-4")
+            .unwrap()
+            .as_deref(),
         Some(&b"{}"[..])
     );
     assert_eq!(
-        store.bundle("glp1-intake-typeform/tok-3").unwrap().as_deref(),
+        store
+            .bundle("glp1-intake-typeform/tok-3")
+            .unwrap()
+            .as_deref(),
         Some(BUNDLE)
     );
 }

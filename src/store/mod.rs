@@ -156,17 +156,16 @@ impl Store {
         accepted(self.writer.write(accept_write(record, bundle)?)?)
     }
 
-    /// `accept` for async callers: the task waits, no thread is parked.
-    pub async fn accept_async(
+    /// `accept` for async callers: the task waits, no thread is parked. The values are
+    /// encoded when this is called, not when the future is first polled, so that the caller
+    /// may drop what it built them from before it waits.
+    pub fn accept_async(
         &self,
         record: &SubmissionRecord,
         bundle: &[u8],
-    ) -> Result<Accepted, StoreError> {
-        accepted(
-            self.writer
-                .write_async(accept_write(record, bundle)?)
-                .await?,
-        )
+    ) -> impl std::future::Future<Output = Result<Accepted, StoreError>> + Send + '_ {
+        let write = accept_write(record, bundle);
+        async move { accepted(self.writer.write_async(write?).await?) }
     }
 
     /// Returns once everything written before the call is on disk (every write already
