@@ -5,6 +5,7 @@
 //! would against a quick EHR.
 //!
 //!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64),
+//!                                         # LOAD_EHR_CONCURRENCY (8): deliveries at once,
 //!                                         # LOAD_NO_EHR=1: no EHR, deliveries wait in the outbox
 //!
 //! Loopback only, bounded in time; it prints a table and stops by itself.
@@ -149,6 +150,7 @@ fn main() {
     let seconds = env_or("LOAD_SECONDS", 10);
     let connections = env_or("LOAD_CONNECTIONS", 64);
     let no_ehr = env_or("LOAD_NO_EHR", 0) == 1;
+    let ehr_concurrency = env_or("LOAD_EHR_CONCURRENCY", 8);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -172,7 +174,7 @@ fn main() {
                 "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n{}[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
                 dir.path().join("data"),
                 root.join("mappings"),
-                if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = 8\n") },
+                if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = {ehr_concurrency}\n") },
             ),
         )
         .expect("config");
