@@ -1,11 +1,11 @@
 //! The provenance store: every accepted submission, its state transitions, what the EHR answered,
 //! and the outbox of deliveries still to make — embedded, in sled, on disk.
 //!
-//! Knows sled and its own records; nothing of HTTP, mapping files or the EHR's API. A submission
-//! is written with its outbox entry (keyed by the submission, so leaving it is O(log n)) in one
-//! multi-tree transaction, and `commit` makes it durable
-//! (sled's flush, then an fdatasync of its data file, grouped across concurrent callers) before
-//! anyone may answer 2xx. Indexes run both ways: submission ↔ EHR resource ↔ patient.
+//! Knows sled and its own records; nothing of HTTP, mapping files or the EHR's API. Every write
+//! goes through one writer thread (`writer`) and returns once it is on disk: a submission with
+//! its outbox entry (keyed by the submission, so leaving it is O(log n)) and patient index in
+//! one transaction, its Bundle in the append-only Bundle log (`bundles`) beside sled. Indexes
+//! run both ways: submission ↔ EHR resource ↔ patient.
 
 mod bundles;
 mod writer;

@@ -205,7 +205,9 @@ fn write_loop(
         let sync_time = started.elapsed() - flush_time;
         if let Ok(mut s) = stats.lock() {
             s.rounds += 1;
-            s.commits += writes.len() as u64;
+            if applied.is_ok() && durable.is_ok() {
+                s.commits += writes.len() as u64;
+            }
             s.flush_micros += flush_time.as_micros() as u64;
             s.sync_micros += sync_time.as_micros() as u64;
         }
@@ -215,6 +217,8 @@ fn write_loop(
                     reply(result);
                 }
             }
+            // Whatever the round wrote stays in sled, unacknowledged: a caller that retries finds
+            // it (a duplicate) and is answered after a round that does reach the disk.
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let why = e.to_string();
                 tracing::error!(error = %why, writes = writes.len(), "store: a write round failed");
