@@ -167,26 +167,32 @@ fn committed_submissions_survive_reopening() {
     );
 }
 
+/// Runs `f(store, thread number)` on 16 threads at once; their results in thread order.
+fn on_16_threads<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl Fn(&Store, usize) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let store = Arc::clone(store);
+            std::thread::spawn(move || f(&store, t))
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
 #[test]
 fn concurrent_commits_all_complete() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let threads: Vec<_> = (0..16)
-        .map(|t| {
-            let store = Arc::clone(&store);
-            std::thread::spawn(move || {
-                for i in 0..25 {
-                    store
-                        .accept(&record(&format!("t{t}-{i}"), "aaaa"), BUNDLE)
-                        .unwrap();
-                    store.commit().unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    on_16_threads(&store, |store, t| {
+        for i in 0..25 {
+            store
+                .accept(&record(&format!("t{t}-{i}"), "aaaa"), BUNDLE)
+                .unwrap();
+            store.commit().unwrap();
+        }
+    });
     assert_eq!(store.pending().unwrap().len(), 16 * 25);
 }
 
@@ -195,13 +201,9 @@ fn the_same_submission_from_many_threads_is_new_exactly_once() {
     // Copies arriving together land in one write round: the round sees its own writes.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
-    let threads: Vec<_> = (0..16)
-        .map(|_| {
-            let store = Arc::clone(&store);
-            std::thread::spawn(move || store.accept(&record("same", "aaaa"), BUNDLE).unwrap())
-        })
-        .collect();
-    let outcomes: Vec<Accepted> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let outcomes = on_16_threads(&store, |store, _| {
+        store.accept(&record("same", "aaaa"), BUNDLE).unwrap()
+    });
     let new = outcomes.iter().filter(|a| **a == Accepted::New).count();
     assert_eq!(new, 1, "{outcomes:?}");
     assert!(outcomes
