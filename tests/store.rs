@@ -214,3 +214,26 @@ fn the_same_submission_from_many_threads_is_new_exactly_once() {
     assert_eq!(stats.commits, 16);
     assert!(stats.rounds >= 1 && stats.rounds <= 16);
 }
+
+#[test]
+fn bundles_kept_in_sled_by_an_earlier_version_are_still_found() {
+    // Before the Bundle log, a Bundle was an LZ4 value in sled's `bundles` tree: deliveries
+    // still waiting in such a store must not be lost after an upgrade.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("bundles")
+            .unwrap()
+            .insert(
+                "glp1-intake-typeform/old",
+                lz4_flex::compress_prepend_size(BUNDLE),
+            )
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.bundle("glp1-intake-typeform/old").unwrap().as_deref(),
+        Some(BUNDLE)
+    );
+}

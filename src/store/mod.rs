@@ -141,6 +141,7 @@ impl Store {
             submissions: db.open_tree("submissions")?,
             bundle_at: db.open_tree("bundle_at")?,
             bundles,
+            legacy_bundles: db.open_tree("bundles")?,
             outbox: db.open_tree("outbox")?,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
@@ -198,12 +199,18 @@ impl Store {
             key: key.to_string(),
             source: serde::de::Error::custom(why),
         };
-        let Some(at) = self.trees.bundle_at.get(key.as_bytes())? else {
-            return Ok(None);
+        let lz4 = match self.trees.bundle_at.get(key.as_bytes())? {
+            Some(at) => {
+                let at = bundles::BundleAt::from_bytes(&at)
+                    .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))?;
+                self.trees.bundles.read(key, at)?
+            }
+            // Accepted before the Bundle log existed: the Bundle is in sled itself.
+            None => match self.trees.legacy_bundles.get(key.as_bytes())? {
+                Some(lz4) => lz4.to_vec(),
+                None => return Ok(None),
+            },
         };
-        let at = bundles::BundleAt::from_bytes(&at)
-            .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))?;
-        let lz4 = self.trees.bundles.read(key, at)?;
         lz4_flex::decompress_size_prepended(&lz4)
             .map(Some)
             .map_err(|e| corrupt(format!("bundle is not LZ4: {e}")))

@@ -77,6 +77,8 @@ pub(crate) struct Trees {
     /// Where each submission's Bundle is in the Bundle log.
     pub bundle_at: sled::Tree,
     pub bundles: BundleLog,
+    /// Bundles accepted before the Bundle log existed (read only).
+    pub legacy_bundles: sled::Tree,
     pub outbox: sled::Tree,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
