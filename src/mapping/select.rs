@@ -243,6 +243,9 @@ impl<'de> serde::de::DeserializeSeed<'de> for &Projection {
     }
 }
 
+/// How serde_json (`arbitrary_precision`) presents a number to a visitor: a one-entry map.
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
 /// A value the projection does not read into (a scalar where it expected an object or array):
 /// no selector can step into a scalar, so `null` selects the same nothing.
 impl<'de> serde::de::Visitor<'de> for &Projection {
@@ -284,12 +287,15 @@ impl<'de> serde::de::Visitor<'de> for &Projection {
         Ok(Value::Array(out))
     }
 
-    /// Numbers arrive here too (serde_json's `arbitrary_precision` hands them over as a map
-    /// with one private key): that key is not a member we read, so they become `{}` — a
-    /// scalar where an object was expected, which no selector steps into either.
+    /// Numbers arrive here too: serde_json's `arbitrary_precision` hands them over as a map
+    /// with one private key. They are scalars where an object or array was expected: `null`.
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if out.is_empty() && key == NUMBER_TOKEN {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                return Ok(Value::Null);
+            }
             let node = self
                 .keys
                 .iter()
@@ -503,11 +509,12 @@ mod tests {
 
     #[test]
     fn scalars_where_objects_were_expected_select_nothing_either_way() {
-        let p = projection(&["$.a.b", "$.n.m[*]"]);
-        let raw = br#"{"a": 12.5, "n": "text"}"#;
+        let paths = ["$.a.b", "$.n.m[*]", "$.x[*]", "$.y.*", "$.z[0]"];
+        let p = projection(&paths);
+        let raw = br#"{"a": 12.5, "n": "text", "x": 5, "y": 7.25, "z": true}"#;
         let v = p.parse(raw).unwrap();
         let whole: Value = serde_json::from_slice(raw).unwrap();
-        for path in ["$.a.b", "$.n.m[*]"] {
+        for path in paths {
             let s = Selector::compile(path).unwrap();
             assert!(s.select(&v).is_empty() && s.select(&whole).is_empty());
         }
