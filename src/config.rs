@@ -40,6 +40,9 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Deepest accepted JSON nesting.
     pub max_json_depth: usize,
+    /// Deliveries the outbox may hold: beyond it new submissions get `503` with `Retry-After`
+    /// (sources retry; nothing is stored, so nothing is lost) until the EHR catches up.
+    pub max_outbox: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: 1024 * 1024,
             max_json_depth: 32,
+            max_outbox: 100_000,
         }
     }
 }

@@ -362,3 +362,37 @@ fn a_replayed_standard_webhooks_request_is_refused() {
         .unwrap()
         .contains("window"));
 }
+
+#[test]
+fn a_full_outbox_refuses_new_submissions_with_retry_after_and_stores_nothing() {
+    let app = App::start_configured(None, "", "max_outbox = 1");
+    let first = fixture("fixtures/refill-request-portal/missing-inputs.input.json");
+    let key = [("x-api-key", "test-key".to_string())];
+    let (status, body, _) = app.post("/submissions/refill-request-portal", &first, &key);
+    assert_eq!(status, 202, "{body}");
+
+    let second = String::from_utf8(first)
+        .unwrap()
+        .replace("rf_2025_11_28_0007", "rf_2025_11_28_0008");
+    let (status, outcome, headers) = app.post(
+        "/submissions/refill-request-portal",
+        second.as_bytes(),
+        &key,
+    );
+    assert_eq!(status, 503, "{outcome}");
+    assert_eq!(headers["retry-after"], "30");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "throttled");
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("1 deliveries"));
+    assert_eq!(
+        app.get("/submissions/refill-request-portal/rf_2025_11_28_0008")
+            .0,
+        404,
+        "nothing of a refused submission is stored"
+    );
+    let (_, ready) = app.get("/ready");
+    assert_eq!(ready["outbox_depth"], 1);
+}

@@ -237,3 +237,33 @@ fn bundles_kept_in_sled_by_an_earlier_version_are_still_found() {
         Some(BUNDLE)
     );
 }
+
+#[test]
+fn outbox_depth_follows_every_write_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let delivered = Transition {
+        state: State::Delivered,
+        at: "2026-01-01T00:00:01Z".into(),
+        detail: None,
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.outbox_depth(), 0);
+        let (a, b) = (record("d-1", "aaaa"), record("d-2", "aaaa"));
+        store.accept(&a, BUNDLE).unwrap();
+        store.accept(&b, BUNDLE).unwrap();
+        store.accept(&a, BUNDLE).unwrap(); // a duplicate adds nothing
+        assert_eq!(store.outbox_depth(), 2);
+        store
+            .transition(&a.key(), delivered.clone(), vec![])
+            .unwrap();
+        store.transition(&a.key(), delivered, vec![]).unwrap(); // already out
+        assert_eq!(store.outbox_depth(), 1);
+        store.requeue(&a.key(), "2026-01-01T00:00:02Z").unwrap();
+        store.requeue(&a.key(), "2026-01-01T00:00:03Z").unwrap(); // already in
+        assert_eq!(store.outbox_depth(), 2);
+        assert_eq!(store.outbox_depth(), store.pending().unwrap().len());
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.outbox_depth(), 2);
+}

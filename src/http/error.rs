@@ -22,9 +22,14 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error(transparent)]
     Intake(#[from] IntakeError),
+    #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
+    Overloaded(usize),
     #[error("internal error")]
     Internal(String),
 }
+
+/// What `Retry-After` says to a source refused because the outbox is full (seconds).
+pub const OVERLOADED_RETRY_AFTER: &str = "30";
 
 impl ApiError {
     fn status(&self) -> StatusCode {
@@ -37,6 +42,7 @@ impl ApiError {
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
             ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -51,6 +57,7 @@ impl ApiError {
                 issue("not-found", self.to_string())
             }
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
+            ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::TooLarge(_) => issue("too-costly", self.to_string()),
             ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::UnsupportedMediaType(_) => {
                 issue("structure", self.to_string())
@@ -80,11 +87,18 @@ impl IntoResponse for ApiError {
             ),
         }
         let body = self.outcome().to_json().to_string();
-        (
+        let mut response = (
             status,
             [(header::CONTENT_TYPE, "application/fhir+json")],
             body,
         )
-            .into_response()
+            .into_response();
+        if matches!(self, ApiError::Overloaded(_)) {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(OVERLOADED_RETRY_AFTER),
+            );
+        }
+        response
     }
 }

@@ -145,6 +145,11 @@ async fn submit(
         return Err(ApiError::Unauthorized(why));
     }
     check_content_type(&parts.headers)?;
+    let waiting = state.intake.store().outbox_depth();
+    if waiting >= state.config.limits.max_outbox {
+        Metrics::inc(&state.metrics.submissions_rejected);
+        return Err(ApiError::Overloaded(waiting));
+    }
     let depth = state.config.limits.max_json_depth;
     if nests_deeper_than(&raw, depth) {
         return Err(ApiError::TooDeep(depth));

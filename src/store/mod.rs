@@ -137,12 +137,14 @@ impl Store {
             .flush_every_ms(None)
             .open()?;
         let (bundles, appender) = bundles::BundleLog::open(&dir.join("bundles.log"))?;
+        let outbox = db.open_tree("outbox")?;
         let trees = Arc::new(Trees {
             submissions: db.open_tree("submissions")?,
             bundle_at: db.open_tree("bundle_at")?,
             bundles,
             legacy_bundles: db.open_tree("bundles")?,
-            outbox: db.open_tree("outbox")?,
+            outbox_depth: std::sync::atomic::AtomicI64::new(outbox.len() as i64),
+            outbox,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
             db,
@@ -259,7 +261,11 @@ impl Store {
 
     /// How many deliveries wait in the outbox.
     pub fn outbox_depth(&self) -> usize {
-        self.trees.outbox.len()
+        let depth = self
+            .trees
+            .outbox_depth
+            .load(std::sync::atomic::Ordering::Relaxed);
+        usize::try_from(depth).unwrap_or(0)
     }
 
     /// Keys of the submissions waiting in the outbox (in key order).

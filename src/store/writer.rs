@@ -80,6 +80,8 @@ pub(crate) struct Trees {
     /// Bundles accepted before the Bundle log existed (read only).
     pub legacy_bundles: sled::Tree,
     pub outbox: sled::Tree,
+    /// Entries in `outbox`, kept by the writer (sled's `len` reads the whole tree).
+    pub outbox_depth: std::sync::atomic::AtomicI64,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
 }
@@ -256,13 +258,26 @@ fn bundle_places(
         .collect())
 }
 
-/// Applies a round in one transaction. A write that cannot be applied (an unreadable record)
-/// gets its own error; only a storage error fails the round.
+/// Applies a round in one transaction and keeps the outbox depth. A write that cannot be
+/// applied (an unreadable record) gets its own error; only a storage error fails the round.
 fn apply(
     trees: &Trees,
     writes: &[Write],
     places: &[Option<BundleAt>],
 ) -> Result<Outcomes, StoreError> {
+    let (outcomes, delta) = transact(trees, writes, places)?;
+    trees
+        .outbox_depth
+        .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    Ok(outcomes)
+}
+
+/// The round's transaction: what each write did, and how the outbox's size changed.
+fn transact(
+    trees: &Trees,
+    writes: &[Write],
+    places: &[Option<BundleAt>],
+) -> Result<(Outcomes, i64), StoreError> {
     let outcome = (
         &trees.submissions,
         &trees.bundle_at,
@@ -277,13 +292,14 @@ fn apply(
                 outbox,
                 resources,
                 patients,
+                outbox_delta: std::cell::Cell::new(0),
             };
             // Re-run from the start if sled retries the closure: outcomes are rebuilt.
             let mut out = Vec::with_capacity(writes.len());
             for (w, at) in writes.iter().zip(places) {
                 out.push(t.apply(w, *at)?);
             }
-            Ok(out)
+            Ok((out, t.outbox_delta.get()))
         });
     outcome.map_err(|e| match e {
         sled::transaction::TransactionError::Abort(e) => e,
@@ -297,6 +313,8 @@ struct Tx<'a> {
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
+    /// Entries added to the outbox minus entries removed, in this run of the transaction.
+    outbox_delta: std::cell::Cell<i64>,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -327,7 +345,9 @@ impl Tx<'_> {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
                 self.bundles.insert(key.as_bytes(), &at.to_bytes())?;
-                self.outbox.insert(key.as_bytes(), &[])?;
+                if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
+                    self.outbox_delta.set(self.outbox_delta.get() + 1);
+                }
                 self.patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Written::Accepted(Accepted::New))
             }
@@ -383,11 +403,11 @@ impl Tx<'_> {
             )?;
         }
         self.subs.insert(key.as_bytes(), encoded)?;
-        if leaves {
-            self.outbox.remove(key.as_bytes())?;
+        if leaves && self.outbox.remove(key.as_bytes())?.is_some() {
+            self.outbox_delta.set(self.outbox_delta.get() - 1);
         }
-        if enters {
-            self.outbox.insert(key.as_bytes(), &[])?;
+        if enters && self.outbox.insert(key.as_bytes(), &[])?.is_none() {
+            self.outbox_delta.set(self.outbox_delta.get() + 1);
         }
         Ok(Ok(Written::Record(Some(Box::new(record)))))
     }

@@ -167,11 +167,16 @@ impl App {
 
     /// Same, with more lines for the `[ehr]` table (e.g. `auth = …`).
     pub fn start_with(ehr: Option<&str>, ehr_extra: &str) -> App {
+        Self::start_configured(ehr, ehr_extra, "")
+    }
+
+    /// Same, with more lines for the `[limits]` table too.
+    pub fn start_configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str) -> App {
         let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\n\
-             [limits]\nmax_body_bytes = 65536\n\n\
+             [limits]\nmax_body_bytes = 65536\n{limits_extra}\n\n\
              [sources.glp1-intake-typeform]\ntype = \"hmac\"\nheader = \"typeform-signature\"\nprefix = \"sha256=\"\nsecret = \"{TYPEFORM_SECRET}\"\n\n\
              [sources.consult-intake-portal]\ntype = \"standard_webhooks\"\nsecret = \"{PORTAL_SECRET}\"\n\n\
              [sources.\"*\"]\ntype = \"api_key\"\nkey = \"test-key\"\n",
