@@ -151,26 +151,23 @@ impl Projection {
         self.all
     }
 
-    /// Adds what `selector` reads below this point; returns the node it ends on (to add
-    /// selectors relative to it), or `None` once the projection had to become the whole
-    /// document.
-    pub fn add(&mut self, selector: &Selector) -> Option<&mut Projection> {
+    /// Adds what `selector` reads, and builds whatever it ends on whole. A selector richer
+    /// than plain steps makes the projection the whole document.
+    pub fn add_whole(&mut self, selector: &Selector) {
         let Plan::Steps(steps) = &selector.plan else {
             *self = Projection::all();
-            return None;
+            return;
         };
         let mut node = self;
         for step in steps {
             if node.all {
-                return None;
+                return;
             }
             node = match step {
                 Step::Key(k) => match node.keys.iter().position(|(name, _)| name == k) {
                     Some(i) => &mut node.keys[i].1,
                     None => {
-                        // A member also reached through `any` must be built for both.
-                        let start = node.any.as_deref().cloned().unwrap_or_default();
-                        node.keys.push((k.clone(), start));
+                        node.keys.push((k.clone(), Projection::default()));
                         let last = node.keys.len() - 1;
                         &mut node.keys[last].1
                     }
@@ -179,18 +176,11 @@ impl Projection {
                 Step::Index(_) | Step::Wildcard => node.any.get_or_insert_with(Default::default),
             };
         }
-        Some(node)
+        *node = Projection::all();
     }
 
-    /// Adds `selector` and builds whatever it ends on whole.
-    pub fn add_whole(&mut self, selector: &Selector) {
-        if let Some(end) = self.add(selector) {
-            *end = Projection::all();
-        }
-    }
-
-    /// `any` now reaches named members too: they must be built for both. Call once the
-    /// projection is complete.
+    /// A member named in `keys` is also reached through `any`: it must be built for both.
+    /// Call once every selector is added.
     pub fn finish(&mut self) {
         if let Some(any) = self.any.as_deref_mut() {
             any.finish();
@@ -492,6 +482,16 @@ mod tests {
             let s = Selector::compile(path).unwrap();
             assert_eq!(s.select(&v), s.select(&whole), "{path}");
         }
+    }
+
+    #[test]
+    fn a_member_named_and_reached_by_a_wildcard_is_built_for_both() {
+        let p = projection(&["$.m.*.a", "$.m.b.c"]);
+        let raw = br#"{"m": {"b": {"a": 1, "c": 2, "z": 3}, "d": {"a": 4, "c": 5}}}"#;
+        assert_eq!(
+            p.parse(raw).unwrap().to_string(),
+            r#"{"m":{"b":{"a":1,"c":2},"d":{"a":4}}}"#
+        );
     }
 
     #[test]

@@ -89,6 +89,29 @@ impl BundleLog {
             BundleAppender { path, append, end },
         ))
     }
+
+    /// Reads (and checks) the Bundle at `at`.
+    pub(crate) fn read(&self, key: &str, at: BundleAt) -> Result<Vec<u8>, StoreError> {
+        let mut frame = vec![0u8; HEADER + at.len as usize];
+        self.read
+            .read_exact_at(&mut frame, at.offset)
+            .map_err(io(&self.path))?;
+        let (header, payload) = frame.split_at(HEADER);
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len != at.len || crc != crc32fast::hash(payload) {
+            return Err(StoreError::Corrupt {
+                key: key.to_string(),
+                source: serde::de::Error::custom(format!(
+                    "the Bundle at offset {} of {} fails its check",
+                    at.offset,
+                    self.path.display()
+                )),
+            });
+        }
+        frame.drain(..HEADER);
+        Ok(frame)
+    }
 }
 
 impl BundleAppender {
@@ -122,30 +145,6 @@ impl BundleAppender {
         }
         self.end = offset;
         Ok(at)
-    }
-}
-
-impl BundleLog {
-    /// Reads (and checks) the Bundle at `at`.
-    pub(crate) fn read(&self, key: &str, at: BundleAt) -> Result<Vec<u8>, StoreError> {
-        let mut frame = vec![0u8; HEADER + at.len as usize];
-        self.read
-            .read_exact_at(&mut frame, at.offset)
-            .map_err(io(&self.path))?;
-        let (header, payload) = frame.split_at(HEADER);
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len != at.len || crc != crc32fast::hash(payload) {
-            return Err(StoreError::Corrupt {
-                key: key.to_string(),
-                source: serde::de::Error::custom(format!(
-                    "the Bundle at offset {} of {} fails its check",
-                    at.offset,
-                    self.path.display()
-                )),
-            });
-        }
-        Ok(payload.to_vec())
     }
 }
 

@@ -177,11 +177,6 @@ impl Store {
         self.writer.write(Write::Barrier).map(|_| ())
     }
 
-    /// Stops taking writes and waits until the queued ones are on disk.
-    pub fn close(&self) {
-        self.writer.close();
-    }
-
     /// Writes made durable, write rounds, time in flush and fdatasync.
     pub fn commit_stats(&self) -> CommitStats {
         self.writer.stats()

@@ -10,7 +10,7 @@
 //! fdatasyncs sled's data file. Callers encode their values before they queue (that work is
 //! spread over their own threads); the writer only reads, decides and writes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -87,9 +87,10 @@ pub(crate) struct Trees {
 }
 
 pub(crate) struct Writer {
-    queue: Mutex<Option<mpsc::Sender<(Write, Reply)>>>,
+    /// `None` only while dropping: the thread ends once the queue is closed and drained.
+    queue: Option<mpsc::Sender<(Write, Reply)>>,
     stats: Arc<Mutex<CommitStats>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
@@ -100,33 +101,44 @@ impl Writer {
     ) -> Result<Writer, StoreError> {
         let (tx, rx) = mpsc::channel::<(Write, Reply)>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
-        let data_file = dir.join("db");
+        // sled's data file, opened once: every round ends with its fdatasync.
+        let path = dir.join("db");
+        let data_file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let thread_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(&trees, &mut appender, &data_file, &rx, &thread_stats))
+            .spawn(move || {
+                write_loop(
+                    &trees,
+                    &mut appender,
+                    (&path, &data_file),
+                    &rx,
+                    &thread_stats,
+                )
+            })
             .map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
                 source,
             })?;
         Ok(Writer {
-            queue: Mutex::new(Some(tx)),
+            queue: Some(tx),
             stats,
-            thread: Mutex::new(Some(thread)),
+            thread: Some(thread),
         })
     }
 
     /// Queues a write; `reply` is called from the writer thread once it is durable (or failed).
     pub(crate) fn submit(&self, write: Write, reply: Reply) {
-        let closed = || StoreError::Closed;
-        let sender = self.queue.lock().ok().and_then(|q| q.clone());
-        match sender {
-            Some(s) => {
-                if let Err(mpsc::SendError((_, reply))) = s.send((write, reply)) {
-                    reply(Err(closed()));
+        match &self.queue {
+            Some(queue) => {
+                if let Err(mpsc::SendError((_, reply))) = queue.send((write, reply)) {
+                    reply(Err(StoreError::Closed));
                 }
             }
-            None => reply(Err(closed())),
+            None => reply(Err(StoreError::Closed)),
         }
     }
 
@@ -157,29 +169,22 @@ impl Writer {
     pub(crate) fn stats(&self) -> CommitStats {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
-
-    /// Stops taking writes, lets the thread finish what is queued (with a last flush), joins it.
-    pub(crate) fn close(&self) {
-        if let Ok(mut q) = self.queue.lock() {
-            q.take();
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(handle) = handle {
-            let _ = handle.join();
-        }
-    }
 }
 
 impl Drop for Writer {
+    /// Stops taking writes, lets the thread finish what is queued (with a last flush), joins it.
     fn drop(&mut self) {
-        self.close();
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
 fn write_loop(
     trees: &Trees,
     appender: &mut BundleAppender,
-    data_file: &PathBuf,
+    (data_path, data_file): (&Path, &std::fs::File),
     queue: &mpsc::Receiver<(Write, Reply)>,
     stats: &Mutex<CommitStats>,
 ) {
@@ -199,12 +204,10 @@ fn write_loop(
         let flushed = trees.db.flush().map_err(StoreError::from);
         let flush_time = started.elapsed();
         let durable = flushed.and_then(|_| {
-            std::fs::File::open(data_file)
-                .and_then(|f| f.sync_data())
-                .map_err(|source| StoreError::Io {
-                    path: data_file.clone(),
-                    source,
-                })
+            data_file.sync_data().map_err(|source| StoreError::Io {
+                path: data_path.to_path_buf(),
+                source,
+            })
         });
         let sync_time = started.elapsed() - flush_time;
         if let Ok(mut s) = stats.lock() {
@@ -285,10 +288,10 @@ fn transact(
         &trees.by_resource,
         &trees.by_patient,
     )
-        .transaction(|(subs, bundles, outbox, resources, patients)| {
+        .transaction(|(subs, bundle_at, outbox, resources, patients)| {
             let t = Tx {
                 subs,
-                bundles,
+                bundle_at,
                 outbox,
                 resources,
                 patients,
@@ -309,7 +312,7 @@ fn transact(
 
 struct Tx<'a> {
     subs: &'a TransactionalTree,
-    bundles: &'a TransactionalTree,
+    bundle_at: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
@@ -318,6 +321,13 @@ struct Tx<'a> {
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// What a change does to a submission's outbox entry.
+enum Outbox {
+    Leave,
+    Enter,
+    Stay,
+}
 
 impl Tx<'_> {
     fn apply(&self, write: &Write, at: Option<BundleAt>) -> TxResult<Result<Written, StoreError>> {
@@ -340,11 +350,11 @@ impl Tx<'_> {
                         })
                     }));
                 }
-                self.subs.insert(key.as_bytes(), record.as_slice())?;
                 let Some(at) = at else {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
-                self.bundles.insert(key.as_bytes(), &at.to_bytes())?;
+                self.subs.insert(key.as_bytes(), record.as_slice())?;
+                self.bundle_at.insert(key.as_bytes(), &at.to_bytes())?;
                 if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
                     self.outbox_delta.set(self.outbox_delta.get() + 1);
                 }
@@ -356,13 +366,12 @@ impl Tx<'_> {
                 transition,
                 ehr,
             } => self.update(key, |record| {
-                let leaves_outbox = matches!(
-                    transition.state,
-                    State::Delivered | State::DeadLettered | State::Acknowledged
-                );
                 record.transitions.push(transition.clone());
                 record.ehr.extend(ehr.iter().cloned());
-                (leaves_outbox, false)
+                match transition.state {
+                    State::Delivered | State::DeadLettered | State::Acknowledged => Outbox::Leave,
+                    _ => Outbox::Stay,
+                }
             })?,
             Write::Requeue { key, at } => self.update(key, |record| {
                 record.transitions.push(Transition {
@@ -370,18 +379,18 @@ impl Tx<'_> {
                     at: at.clone(),
                     detail: Some("replay requested".into()),
                 });
-                (false, true)
+                Outbox::Enter
             })?,
             Write::Barrier => Ok(Written::Barrier),
         })
     }
 
-    /// Read-modify-write of one record; `change` says whether the submission leaves the outbox
-    /// or (re-)enters it. New EHR resources are indexed.
+    /// Read-modify-write of one record; `change` says what becomes of its outbox entry. New EHR
+    /// resources are indexed.
     fn update(
         &self,
         key: &str,
-        change: impl FnOnce(&mut SubmissionRecord) -> (bool, bool),
+        change: impl FnOnce(&mut SubmissionRecord) -> Outbox,
     ) -> TxResult<Result<Written, StoreError>> {
         let Some(bytes) = self.subs.get(key.as_bytes())? else {
             return Ok(Ok(Written::Record(None)));
@@ -391,7 +400,7 @@ impl Tx<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let known = record.ehr.len();
-        let (leaves, enters) = change(&mut record);
+        let outbox = change(&mut record);
         let encoded = match encode(&record) {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
@@ -403,11 +412,14 @@ impl Tx<'_> {
             )?;
         }
         self.subs.insert(key.as_bytes(), encoded)?;
-        if leaves && self.outbox.remove(key.as_bytes())?.is_some() {
-            self.outbox_delta.set(self.outbox_delta.get() - 1);
-        }
-        if enters && self.outbox.insert(key.as_bytes(), &[])?.is_none() {
-            self.outbox_delta.set(self.outbox_delta.get() + 1);
+        match outbox {
+            Outbox::Leave if self.outbox.remove(key.as_bytes())?.is_some() => {
+                self.outbox_delta.set(self.outbox_delta.get() - 1)
+            }
+            Outbox::Enter if self.outbox.insert(key.as_bytes(), &[])?.is_none() => {
+                self.outbox_delta.set(self.outbox_delta.get() + 1)
+            }
+            _ => {}
         }
         Ok(Ok(Written::Record(Some(Box::new(record)))))
     }
