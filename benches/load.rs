@@ -21,6 +21,14 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+/// The bench cannot go on without `r`: say why and stop (no panic, no backtrace).
+fn or_exit<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("load bench: {what}: {e}");
+        std::process::exit(1)
+    })
+}
+
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -158,12 +166,12 @@ fn main() {
         .build()
         .expect("runtime");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let body = Arc::new(
+    let body = Arc::new(or_exit(
         std::fs::read_to_string(
             root.join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"),
-        )
-        .expect("fixture"),
-    );
+        ),
+        "the fixture",
+    ));
     let dir = tempfile::tempdir().expect("tempdir");
 
     let runs = runtime.block_on(async {
@@ -179,25 +187,33 @@ fn main() {
             ),
         )
         .expect("config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chartbridge"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start chartbridge serve");
+        let mut child = or_exit(
+            Command::new(env!("CARGO_BIN_EXE_chartbridge"))
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "error")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn(),
+            "starting chartbridge serve",
+        );
+        // `serve` prints one JSON line with its URL once it listens.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
-        let ready: Value = serde_json::from_str(&line).expect("ready json");
-        let url = ready["url"].as_str().expect("url").to_string();
+        if let Some(stdout) = child.stdout.take() {
+            or_exit(BufReader::new(stdout).read_line(&mut line), "reading serve's first line");
+        }
+        let ready: Value = or_exit(serde_json::from_str(&line), "serve's first line");
+        let url = or_exit(ready["url"].as_str().ok_or("no `url`"), "serve's first line").to_string();
 
         // Warm up both routes, then measure each in turn.
         load("warm-up", format!("{url}/echo"), Arc::clone(&body), false, connections, 1).await;
         let echo = load("POST /echo (baseline)", format!("{url}/echo"), Arc::clone(&body), false, connections, seconds).await;
         let submit = load("POST /submissions (durable)", format!("{url}/submissions/glp1-intake-typeform"), Arc::clone(&body), true, connections, seconds).await;
         // What the outbox did meanwhile: delivered, and still waiting, when the load stopped.
-        let metrics = reqwest::get(format!("{url}/metrics")).await.expect("metrics").text().await.expect("metrics text");
+        let metrics = match reqwest::get(format!("{url}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => format!("# unavailable: {e}"),
+        };
         let figure = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
         println!("\noutbox when the load stopped: {} delivered (mean EHR round trip {:.1} ms), {} waiting; store: {} writes in {} rounds", figure("chartbridge_deliveries_total "), 1000.0 * figure("chartbridge_delivery_seconds_sum ") / figure("chartbridge_delivery_seconds_count "), figure("chartbridge_outbox_depth "), figure("chartbridge_store_commits_total "), figure("chartbridge_store_commit_rounds_total "));
         let _ = child.kill();

@@ -70,17 +70,14 @@ impl Intake {
 
     /// Maps and records a submission; durable once this returns. The payload and everything
     /// built from it are dropped before the wait for the disk, on the thread that made them.
+    /// `mapping` is one of `self.mapping(…)`; `payload` was parsed through its projection.
     pub async fn accept(
         &self,
-        mapping_id: &str,
+        mapping: &Mapping,
         raw: impl AsRef<[u8]>,
         payload: Value,
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
-        let mapping = self
-            .mappings
-            .get(mapping_id)
-            .ok_or_else(|| IntakeError::UnknownMapping(mapping_id.to_string()))?;
         let mapped = mapping.map_submission(SubmissionInput {
             payload: &payload,
             raw: raw.as_ref(),

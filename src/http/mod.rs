@@ -168,7 +168,7 @@ async fn submit(
     drop(parts);
     let receipt = match state
         .intake
-        .accept(&mapping_id, raw, payload, &received_at)
+        .accept(&mapping, raw, payload, &received_at)
         .await
     {
         Ok(r) => r,
@@ -230,11 +230,16 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Which mapping produced a submission: id, version, and the SHA-256 of its file.
+fn mapping_view(r: &SubmissionRecord) -> Value {
+    json!({"id": r.mapping_id, "version": r.mapping_version, "sha256": r.mapping_sha256})
+}
+
 /// A submission's record without the Bundle or anything from the payload (no PHI).
 fn public_view(r: &SubmissionRecord) -> Value {
     json!({
         "key": r.key(),
-        "mapping": {"id": r.mapping_id, "version": r.mapping_version, "sha256": r.mapping_sha256},
+        "mapping": mapping_view(r),
         "submission_id": r.submission_id,
         "payload_sha256": r.payload_sha256,
         "state": r.state(),
@@ -299,7 +304,7 @@ async fn provenance(
             "target": q.target,
             "submission": r.key(),
             "payload_sha256": r.payload_sha256,
-            "mapping": {"id": r.mapping_id, "version": r.mapping_version, "sha256": r.mapping_sha256},
+            "mapping": mapping_view(&r),
             "recorded": r.transitions.first().map(|t| t.at.clone()),
         }))),
         None => Err(ApiError::NotFound(format!(
