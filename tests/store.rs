@@ -143,28 +143,11 @@ fn committed_submissions_survive_reopening() {
     );
     // The Bundle lives in the Bundle log, found again through sled after reopening; later
     // appends go after it.
-    assert_eq!(
-        store
-            .bundle("glp1-intake-typeform/tok-3")
-            .unwrap()
-            .as_deref(),
-        Some(BUNDLE)
-    );
+    let bundle = |id: &str| store.bundle(&format!("glp1-intake-typeform/{id}")).unwrap();
+    assert_eq!(bundle("tok-3").as_deref(), Some(BUNDLE));
     store.accept(&record("tok-4", "aaaa"), b"{}").unwrap();
-    assert_eq!(
-        store
-            .bundle("glp1-intake-typeform/tok-4")
-            .unwrap()
-            .as_deref(),
-        Some(&b"{}"[..])
-    );
-    assert_eq!(
-        store
-            .bundle("glp1-intake-typeform/tok-3")
-            .unwrap()
-            .as_deref(),
-        Some(BUNDLE)
-    );
+    assert_eq!(bundle("tok-4").as_deref(), Some(&b"{}"[..]));
+    assert_eq!(bundle("tok-3").as_deref(), Some(BUNDLE));
 }
 
 /// Runs `f(store, thread number)` on 16 threads at once; their results in thread order.
