@@ -260,7 +260,7 @@ fn map(
             if report {
                 print_json(&serde_json::to_value(&mapped).unwrap_or_default());
             } else {
-                print_json(&mapped.bundle);
+                print_json(&mapped.bundle_json().unwrap_or_default());
             }
             ExitCode::SUCCESS
         }

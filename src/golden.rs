@@ -43,13 +43,18 @@ pub fn render(mapping: &Mapping, raw: &[u8], received_at: &str) -> Result<Value,
             raw,
             received_at,
         }) {
-            Ok(m) => json!({
-                "outcome": "mapped",
-                "submission_id": m.submission_id,
-                "flags": m.flags,
-                "missing": m.missing,
-                "bundle": m.bundle,
-            }),
+            Ok(m) => {
+                let bundle = m
+                    .bundle_json()
+                    .map_err(|e| format!("the Bundle is not JSON: {e}"))?;
+                json!({
+                    "outcome": "mapped",
+                    "submission_id": m.submission_id,
+                    "flags": m.flags,
+                    "missing": m.missing,
+                    "bundle": bundle,
+                })
+            }
             Err(f) => json!({"outcome": "rejected", "operationOutcome": f.outcome().to_json()}),
         },
     )

@@ -107,12 +107,6 @@ impl Intake {
             ],
             ehr: Vec::new(),
         };
-        let bundle = serde_json::to_vec(&mapped.bundle).map_err(|e| {
-            IntakeError::Store(StoreError::Corrupt {
-                key: record.key(),
-                source: e,
-            })
-        })?;
         let key = record.key();
         let receipt = |r: &SubmissionRecord, new| Receipt {
             key: store::key(&r.mapping_id, &r.submission_id),
@@ -123,8 +117,8 @@ impl Intake {
             flags: r.flags.clone(),
             missing: r.missing.clone(),
         };
-        let written = self.store.accept_async(&record, &bundle);
-        drop((mapped, bundle, payload, raw));
+        let written = self.store.accept_async(&record, &mapped.bundle);
+        drop((mapped, payload, raw));
         match written.await? {
             Accepted::New => Ok(receipt(&record, true)),
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),

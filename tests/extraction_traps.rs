@@ -12,14 +12,30 @@ fn load(id: &str) -> Mapping {
     mapping::load_file(&root().join(format!("mappings/{id}.yaml"))).expect("mapping loads")
 }
 
-fn map(m: &Mapping, payload: &Value) -> MappedSubmission {
+/// A mapped submission with its Bundle read back as a `Value` (`out.bundle`).
+struct Mapped {
+    bundle: Value,
+    submission: MappedSubmission,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = MappedSubmission;
+    fn deref(&self) -> &MappedSubmission {
+        &self.submission
+    }
+}
+
+fn map(m: &Mapping, payload: &Value) -> Mapped {
     let raw = payload.to_string();
-    m.map_submission(SubmissionInput {
-        payload,
-        raw: raw.as_bytes(),
-        received_at: "2026-01-01T00:00:00Z",
-    })
-    .unwrap_or_else(|f| panic!("{f}"))
+    let submission = m
+        .map_submission(SubmissionInput {
+            payload,
+            raw: raw.as_bytes(),
+            received_at: "2026-01-01T00:00:00Z",
+        })
+        .unwrap_or_else(|f| panic!("{f}"));
+    let bundle = submission.bundle_json().expect("the Bundle is JSON");
+    Mapped { bundle, submission }
 }
 
 fn fixture(path: &str) -> Value {
@@ -274,11 +290,12 @@ fn provenance_names_submission_payload_hash_and_mapping() {
             received_at: "2026-01-01T00:00:00Z",
         })
         .unwrap();
-    let prov = &resources(&out.bundle, "Provenance")[0];
+    let bundle = out.bundle_json().unwrap();
+    let prov = &resources(&bundle, "Provenance")[0];
     let targets = prov["target"].as_array().unwrap().len();
     assert_eq!(
         targets,
-        1 + resources(&out.bundle, "Observation").len(),
+        1 + resources(&bundle, "Observation").len(),
         "QR and every Observation"
     );
     assert_eq!(prov["agent"][0]["who"]["type"], "Device");

@@ -1,8 +1,8 @@
 //! FHIR `transaction` Bundles: entries with `urn:uuid` fullUrls and conditional requests.
 
-use serde_json::{json, Value};
+use std::borrow::Cow;
 
-use super::object;
+use super::json::Json;
 
 /// How an entry is written so that a retried or re-sent Bundle never duplicates anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,35 +15,39 @@ pub enum Conditional {
 
 /// Builds a `transaction` Bundle entry by entry.
 #[derive(Debug, Default)]
-pub struct TransactionBuilder {
-    entries: Vec<Value>,
+pub struct TransactionBuilder<'a> {
+    entries: Vec<Json<'a>>,
 }
 
-impl TransactionBuilder {
+impl<'a> TransactionBuilder<'a> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds `resource` at `full_url` (a `urn:uuid:`), written as `conditional` says.
-    pub fn push(&mut self, full_url: &str, resource: Value, conditional: Conditional) {
-        let resource_type = resource
-            .get("resourceType")
-            .and_then(Value::as_str)
-            .unwrap_or("Resource")
-            .to_string();
+    pub fn push(
+        &mut self,
+        full_url: impl Into<Cow<'a, str>>,
+        resource: Json<'a>,
+        conditional: Conditional,
+    ) {
+        let resource_type: Cow<'a, str> = match resource.get("resourceType") {
+            Some(Json::Str(t)) => t.clone(),
+            _ => Cow::Borrowed("Resource"),
+        };
         let request = match conditional {
-            Conditional::Create { if_none_exist } => object([
+            Conditional::Create { if_none_exist } => Json::obj([
                 ("method", "POST".into()),
                 ("url", resource_type.into()),
                 ("ifNoneExist", if_none_exist.into()),
             ]),
-            Conditional::Update { query } => object([
+            Conditional::Update { query } => Json::obj([
                 ("method", "PUT".into()),
                 ("url", format!("{resource_type}?{query}").into()),
             ]),
         };
-        self.entries.push(object([
-            ("fullUrl", full_url.into()),
+        self.entries.push(Json::obj([
+            ("fullUrl", full_url.into().into()),
             ("resource", resource),
             ("request", request),
         ]));
@@ -57,10 +61,13 @@ impl TransactionBuilder {
         self.entries.is_empty()
     }
 
-    pub fn build(self) -> Value {
-        let mut bundle = json!({"resourceType": "Bundle", "type": "transaction"});
+    pub fn build(self) -> Json<'a> {
+        let mut bundle = Json::obj([
+            ("resourceType", "Bundle".into()),
+            ("type", "transaction".into()),
+        ]);
         if !self.entries.is_empty() {
-            bundle["entry"] = Value::Array(self.entries);
+            bundle.set("entry", Json::Arr(self.entries));
         }
         bundle
     }
@@ -68,9 +75,9 @@ impl TransactionBuilder {
 
 /// A typed reference to another entry of the same Bundle (`type` lets validators check it
 /// before the server has rewritten the `urn:uuid`).
-pub fn reference(full_url: &str, resource_type: &str) -> Value {
-    object([
-        ("reference", full_url.into()),
+pub fn reference<'a>(full_url: impl Into<Cow<'a, str>>, resource_type: &'a str) -> Json<'a> {
+    Json::obj([
+        ("reference", full_url.into().into()),
         ("type", resource_type.into()),
     ])
 }
@@ -85,12 +92,12 @@ mod tests {
         let mut b = TransactionBuilder::new();
         b.push(
             "urn:uuid:1",
-            json!({"resourceType": "Observation"}),
+            Json::obj([("resourceType", "Observation".into())]),
             Conditional::Create {
                 if_none_exist: "identifier=s|v".into(),
             },
         );
-        let v = b.build();
+        let v = b.build().to_value();
         assert_eq!(v["entry"][0]["request"]["url"], "Observation");
         assert_eq!(v["entry"][0]["request"]["ifNoneExist"], "identifier=s|v");
     }

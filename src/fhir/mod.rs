@@ -2,15 +2,17 @@
 //! OperationOutcome, deterministic `urn:uuid`s and search-string encoding.
 //!
 //! This module knows JSON and FHIR, nothing else: not mapping files, not HTTP, not the store.
-//! Resources are built directly as `serde_json::Value` (typed validation through fhirbolt is
-//! done by `validate`, outside the hot path).
+//! Resources are built as `Json` trees and written once as bytes (typed validation through
+//! fhirbolt is done by `validate`, outside the hot path).
 
 pub mod bundle;
+pub mod json;
 pub mod outcome;
 pub mod provenance;
 pub mod validate;
 
 pub use bundle::{Conditional, TransactionBuilder};
+pub use json::Json;
 pub use outcome::{Issue, IssueSeverity, OperationOutcome};
 pub use provenance::ProvenanceInput;
 
@@ -22,12 +24,6 @@ pub const UCUM: &str = "http://unitsofmeasure.org";
 pub const LOINC: &str = "http://loinc.org";
 /// HL7 observation categories.
 pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
-
-/// A JSON object from owned values. Unlike `json!`, which runs every interpolated `Value`
-/// through the serializer (a deep copy), this moves them: it matters on the per-payload path.
-pub fn object<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> serde_json::Value {
-    serde_json::Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-}
 
 /// The SHA-256 of `bytes` as lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -1,10 +1,8 @@
 //! `Provenance` for what the gateway writes: who (the gateway as device, the patient as author
 //! and source), from what (the submission, its SHA-256, the mapping id, version and hash), when.
 
-use serde_json::Value;
-
 use super::bundle::reference;
-use super::object;
+use super::json::Json;
 
 const PARTICIPANT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
 /// RFC 6920 "named information" URIs carry a digest as an identifier anyone can recompute.
@@ -53,10 +51,10 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 /// A CodeableConcept of one Coding.
-fn concept(system: &str, code: &str, display: &str) -> Value {
-    object([(
+fn concept<'a>(system: &'a str, code: &'a str, display: &'a str) -> Json<'a> {
+    Json::obj([(
         "coding",
-        Value::Array(vec![object([
+        Json::Arr(vec![Json::obj([
             ("system", system.into()),
             ("code", code.into()),
             ("display", display.into()),
@@ -65,15 +63,20 @@ fn concept(system: &str, code: &str, display: &str) -> Value {
 }
 
 /// An entity: `role` and what it is, by identifier.
-fn entity(role: &str, system: &str, value: String, display: String) -> Value {
-    object([
+fn entity<'a>(
+    role: &'a str,
+    system: &'a str,
+    value: impl Into<Json<'a>>,
+    display: impl Into<Json<'a>>,
+) -> Json<'a> {
+    Json::obj([
         ("role", role.into()),
         (
             "what",
-            object([
+            Json::obj([
                 (
                     "identifier",
-                    object([("system", system.into()), ("value", value.into())]),
+                    Json::obj([("system", system.into()), ("value", value.into())]),
                 ),
                 ("display", display.into()),
             ]),
@@ -81,23 +84,23 @@ fn entity(role: &str, system: &str, value: String, display: String) -> Value {
     ])
 }
 
-/// Builds the Provenance resource (with `object`, not `json!`: it is built per submission).
-pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
-    let targets: Vec<Value> = p
+/// Builds the Provenance resource.
+pub fn provenance(p: ProvenanceInput<'_>) -> Json<'_> {
+    let targets: Vec<Json<'_>> = p
         .targets
-        .iter()
+        .into_iter()
         .map(|(t, kind)| reference(t, kind))
         .collect();
-    let agent = |code: &str, display: &str, who: Value| {
-        object([
+    let agent = |code, display, who| {
+        Json::obj([
             ("type", concept(PARTICIPANT_TYPE, code, display)),
             ("who", who),
         ])
     };
     let version = format!("{}|{}", p.mapping_id, p.mapping_version);
-    object([
+    Json::obj([
         ("resourceType", "Provenance".into()),
-        ("target", Value::Array(targets)),
+        ("target", Json::Arr(targets)),
         ("recorded", p.recorded.into()),
         (
             "activity",
@@ -109,11 +112,11 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
         ),
         (
             "agent",
-            Value::Array(vec![
+            Json::Arr(vec![
                 agent(
                     "assembler",
                     "Assembler",
-                    object([("type", "Device".into()), ("display", p.software.into())]),
+                    Json::obj([("type", "Device".into()), ("display", p.software.into())]),
                 ),
                 agent("author", "Author", reference(p.patient, "Patient")),
                 agent("informant", "Informant", reference(p.patient, "Patient")),
@@ -121,18 +124,18 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
         ),
         (
             "entity",
-            Value::Array(vec![
+            Json::Arr(vec![
                 entity(
                     "source",
                     p.submission_system,
-                    p.submission_id.to_string(),
-                    "intake submission".into(),
+                    p.submission_id,
+                    "intake submission",
                 ),
                 entity(
                     "source",
                     URI_SYSTEM,
                     named_information(p.payload_sha256),
-                    "SHA-256 of the raw submitted payload".into(),
+                    "SHA-256 of the raw submitted payload",
                 ),
                 entity(
                     "derivation",
@@ -144,7 +147,7 @@ pub fn provenance(p: &ProvenanceInput<'_>) -> Value {
                     "derivation",
                     URI_SYSTEM,
                     named_information(p.mapping_sha256),
-                    "SHA-256 of the mapping file".into(),
+                    "SHA-256 of the mapping file",
                 ),
             ]),
         ),

@@ -17,7 +17,7 @@ use super::{Components, Derivation, Item, ItemType, MapTarget, Mapping, ValueRul
 use crate::fhir::bundle::reference;
 use crate::fhir::provenance::{provenance, ProvenanceInput};
 use crate::fhir::{
-    identifier_query, object, urn_uuid, Conditional, Issue, OperationOutcome, TransactionBuilder,
+    identifier_query, urn_uuid, Conditional, Issue, Json, OperationOutcome, TransactionBuilder,
 };
 
 /// One submission as received.
@@ -61,8 +61,26 @@ pub struct MappedSubmission {
     /// Warnings (missing answers, totals not computed); never values.
     #[serde(skip)]
     pub warnings: Vec<Issue>,
-    /// The `transaction` Bundle: Patient (conditional), QuestionnaireResponse, Observations, Provenance.
-    pub bundle: Value,
+    /// The `transaction` Bundle — Patient (conditional), QuestionnaireResponse, Observations,
+    /// Provenance — as the JSON text stored and sent; `bundle_json()` reads it back.
+    #[serde(serialize_with = "as_json")]
+    pub bundle: Vec<u8>,
+}
+
+impl MappedSubmission {
+    /// The Bundle as a `Value` (tests, the CLI, validation; not the hot path).
+    pub fn bundle_json(&self) -> serde_json::Result<Value> {
+        serde_json::from_slice(&self.bundle)
+    }
+}
+
+/// Writes the Bundle's text as JSON (not as an array of bytes) where a `MappedSubmission` is
+/// serialised whole (`chartbridge map --report`).
+fn as_json<S: serde::Serializer>(bundle: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    serde_json::from_slice::<Value>(bundle)
+        .map_err(serde::ser::Error::custom)?
+        .serialize(s)
 }
 
 /// The flag raised when required answers are missing.
@@ -212,7 +230,13 @@ impl Mapping {
             recorded: input.received_at,
             payload_sha256: &payload_sha256,
         }
-        .bundle(&nodes, demographics, &mut run.issues);
+        .bundle(&nodes, demographics, &mut run.issues)
+        .map_err(|e| {
+            fail(vec![Issue::error(
+                "exception",
+                format!("the Bundle could not be written: {e}"),
+            )])
+        })?;
         if run.issues.iter().any(Issue::is_error) {
             return Err(fail(run.issues));
         }
@@ -553,9 +577,10 @@ impl<'m, 'p> Run<'m, 'p> {
         }
     }
 
-    fn demographics(&mut self, payload: &Value) -> Value {
+    /// The Patient's name, gender and birth date, as members of the Patient resource.
+    fn demographics(&mut self, payload: &Value) -> Vec<(&'static str, Json<'static>)> {
         let p = &self.mapping.source.patient;
-        let mut patient = serde_json::Map::new();
+        let mut patient = Vec::new();
         let given = p
             .given
             .as_ref()
@@ -565,14 +590,14 @@ impl<'m, 'p> Run<'m, 'p> {
             .as_ref()
             .and_then(|r| self.first_string(r, payload, "source.patient.family"));
         if given.is_some() || family.is_some() {
-            let mut name = serde_json::Map::new();
+            let mut name = Vec::new();
             if let Some(f) = family {
-                name.insert("family".into(), json!(f));
+                name.push(("family", f.into()));
             }
             if let Some(g) = given {
-                name.insert("given".into(), json!([g]));
+                name.push(("given", Json::Arr(vec![g.into()])));
             }
-            patient.insert("name".into(), json!([name]));
+            patient.push(("name", Json::Arr(vec![Json::Obj(name)])));
         }
         if let Some(g) = p
             .gender
@@ -581,7 +606,7 @@ impl<'m, 'p> Run<'m, 'p> {
         {
             match g.to_ascii_lowercase().as_str() {
                 g @ ("male" | "female" | "other" | "unknown") => {
-                    patient.insert("gender".into(), json!(g));
+                    patient.push(("gender", g.to_string().into()));
                 }
                 _ => self.issues.push(
                     Issue::warning(
@@ -595,12 +620,13 @@ impl<'m, 'p> Run<'m, 'p> {
         if let Some(rule) = &p.birth_date {
             if let Some(Answer::Date(d)) = self
                 .values(rule, ItemType::Date, payload, "source.patient.birth_date")
-                .first()
+                .into_iter()
+                .next()
             {
-                patient.insert("birthDate".into(), json!(d));
+                patient.push(("birthDate", d.into()));
             }
         }
-        Value::Object(patient)
+        patient
     }
 }
 
@@ -706,44 +732,58 @@ struct Resources<'a> {
     payload_sha256: &'a str,
 }
 
+/// An Observation with its fullUrl and business identifier value.
+type Keyed<'x> = (String, String, Json<'x>);
+
 impl Resources<'_> {
     fn url(&self, kind: &str, key: &str) -> String {
         urn_uuid(&[&self.mapping.id, self.submission_id, kind, key])
     }
 
-    fn bundle(&self, nodes: &[Node<'_>], demographics: Value, issues: &mut Vec<Issue>) -> Value {
+    /// The transaction Bundle, written as JSON text.
+    fn bundle(
+        &self,
+        nodes: &[Node<'_>],
+        demographics: Vec<(&'static str, Json<'static>)>,
+        issues: &mut Vec<Issue>,
+    ) -> Result<Vec<u8>, serde_json::Error> {
         let m = self.mapping;
         let system = m.identifier_system.as_str();
         let patient_url = urn_uuid(&["Patient", &self.patient.system, &self.patient.value]);
         let qr_url = self.url("QuestionnaireResponse", "");
-        let patient_ref = || reference(&patient_url, "Patient");
+        let canonical = m.canonical();
+        let patient_ref = || reference(patient_url.as_str(), "Patient");
 
         let mut tx = TransactionBuilder::new();
-        let mut patient = json!({
-            "resourceType": "Patient",
-            "identifier": [{"system": self.patient.system, "value": self.patient.value}],
-        });
-        if let (Some(p), Value::Object(d)) = (patient.as_object_mut(), demographics) {
-            p.extend(d);
-        }
+        let mut patient = vec![
+            ("resourceType", "Patient".into()),
+            (
+                "identifier",
+                Json::Arr(vec![Json::obj([
+                    ("system", self.patient.system.as_str().into()),
+                    ("value", self.patient.value.as_str().into()),
+                ])]),
+            ),
+        ];
+        patient.extend(demographics);
         tx.push(
-            &patient_url,
-            patient,
+            patient_url.as_str(),
+            Json::Obj(patient),
             Conditional::Create {
                 if_none_exist: identifier_query(&self.patient.system, &self.patient.value),
             },
         );
 
-        let mut qr = object([
+        let mut qr = Json::obj([
             ("resourceType", "QuestionnaireResponse".into()),
             (
                 "identifier",
-                object([
+                Json::obj([
                     ("system", system.into()),
                     ("value", self.submission_id.into()),
                 ]),
             ),
-            ("questionnaire", m.canonical().into()),
+            ("questionnaire", canonical.as_str().into()),
             ("status", "completed".into()),
             ("subject", patient_ref()),
             ("authored", self.authored.into()),
@@ -752,10 +792,10 @@ impl Resources<'_> {
         ]);
         let items = qr_items(nodes);
         if !items.is_empty() {
-            qr["item"] = Value::Array(items);
+            qr.set("item", Json::Arr(items));
         }
         tx.push(
-            &qr_url,
+            qr_url.as_str(),
             qr,
             Conditional::Create {
                 if_none_exist: identifier_query(system, self.submission_id),
@@ -768,7 +808,7 @@ impl Resources<'_> {
         for (url, ident, obs) in observations {
             targets.push((url.clone(), "Observation"));
             tx.push(
-                &url,
+                url,
                 obs,
                 Conditional::Create {
                     if_none_exist: identifier_query(system, &ident),
@@ -777,7 +817,7 @@ impl Resources<'_> {
         }
 
         let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
-        let mut prov = provenance(&ProvenanceInput {
+        let mut prov = provenance(ProvenanceInput {
             targets,
             recorded: self.recorded,
             patient: &patient_url,
@@ -791,13 +831,13 @@ impl Resources<'_> {
         });
         // Provenance has no identifier in R4: a tag names its submission so that a re-sent
         // Bundle matches the first one instead of creating a second Provenance.
-        let tag = object([
+        let tag = Json::obj([
             ("system", system.into()),
             ("code", self.submission_id.into()),
         ]);
-        prov["meta"] = object([("tag", Value::Array(vec![tag]))]);
+        prov.set("meta", Json::obj([("tag", Json::Arr(vec![tag]))]));
         tx.push(
-            &self.url("Provenance", ""),
+            self.url("Provenance", ""),
             prov,
             Conditional::Create {
                 if_none_exist: format!(
@@ -807,33 +847,36 @@ impl Resources<'_> {
                 ),
             },
         );
-        tx.build()
+        tx.build().to_vec(BUNDLE_CAPACITY)
     }
 
-    fn observations(
-        &self,
-        nodes: &[Node<'_>],
-        patient_url: &str,
-        qr_url: &str,
-        out: &mut Vec<(String, String, Value)>,
+    fn observations<'x>(
+        &'x self,
+        nodes: &'x [Node<'_>],
+        patient_url: &'x str,
+        qr_url: &'x str,
+        out: &mut Vec<Keyed<'x>>,
         issues: &mut Vec<Issue>,
     ) {
         for node in nodes {
             if let Some(rule) = &node.item.observation {
                 match &rule.components {
                     Components::Children(ids) => {
-                        let components: Vec<Value> = ids
+                        let components: Vec<Json<'x>> = ids
                             .iter()
                             .filter_map(|id| node.children.iter().find(|c| &c.item.link_id == id))
                             .filter_map(|c| {
                                 let (k, v) = c.answers.first()?.observation_value();
-                                let coding = Value::Array(vec![c.item.code.clone()?]);
-                                Some(object([("code", object([("coding", coding)])), (k, v)]))
+                                let coding = Json::Arr(vec![Json::Value(c.item.code.as_ref()?)]);
+                                Some(Json::Obj(vec![
+                                    ("code", Json::obj([("coding", coding)])),
+                                    (k, v),
+                                ]))
                             })
                             .collect();
                         if !components.is_empty() {
                             let mut obs = self.observation(node, rule, patient_url, qr_url);
-                            obs["component"] = Value::Array(components);
+                            obs.set("component", Json::Arr(components));
                             out.push(self.keyed(node, None, obs));
                         }
                     }
@@ -846,19 +889,22 @@ impl Resources<'_> {
                                 pieces.iter().map(|p| value::number(&json!(p))).collect();
                             match numbers {
                                 Some(ns) if ns.len() == parts.len() => {
-                                    let components: Vec<Value> = ns
-                                        .iter()
+                                    let components: Vec<Json<'x>> = ns
+                                        .into_iter()
                                         .zip(parts)
                                         .map(|(n, (code, unit))| {
-                                            let coding = Value::Array(vec![code.clone()]);
-                                            object([
-                                                ("code", object([("coding", coding)])),
-                                                ("valueQuantity", value::quantity(n, unit)),
+                                            let coding = Json::Arr(vec![Json::Value(code)]);
+                                            Json::obj([
+                                                ("code", Json::obj([("coding", coding)])),
+                                                (
+                                                    "valueQuantity",
+                                                    value::quantity(Cow::Owned(n), unit),
+                                                ),
                                             ])
                                         })
                                         .collect();
                                     let mut obs = self.observation(node, rule, patient_url, qr_url);
-                                    obs["component"] = Value::Array(components);
+                                    obs.set("component", Json::Arr(components));
                                     out.push(self.keyed(
                                         node,
                                         (node.answers.len() > 1).then_some(i.to_string()),
@@ -887,7 +933,7 @@ impl Resources<'_> {
                             }
                             let (k, v) = a.observation_value();
                             let mut obs = self.observation(node, rule, patient_url, qr_url);
-                            obs[k] = v;
+                            obs.set(k, v);
                             let suffix = multi.then(|| {
                                 a.identity()
                                     .map(str::to_string)
@@ -903,76 +949,90 @@ impl Resources<'_> {
     }
 
     /// Gives an Observation its business identifier and fullUrl.
-    fn keyed(
-        &self,
+    fn keyed<'x>(
+        &'x self,
         node: &Node<'_>,
         suffix: Option<String>,
-        mut obs: Value,
-    ) -> (String, String, Value) {
+        mut obs: Json<'x>,
+    ) -> Keyed<'x> {
         let key = match suffix {
             Some(s) => format!("{}:{s}", node.key),
             None => node.key.clone(),
         };
         let ident = format!("{}/{key}", self.submission_id);
-        let identifier = object([
+        let identifier = Json::obj([
             ("system", self.mapping.identifier_system.as_str().into()),
-            ("value", ident.as_str().into()),
+            ("value", ident.clone().into()),
         ]);
-        obs["identifier"] = Value::Array(vec![identifier]);
+        obs.set("identifier", Json::Arr(vec![identifier]));
         (self.url("Observation", &key), ident, obs)
     }
 
-    fn observation(
-        &self,
-        node: &Node<'_>,
-        rule: &super::ObservationRule,
-        patient_url: &str,
-        qr_url: &str,
-    ) -> Value {
-        let mut obs = object([
-            ("resourceType", "Observation".into()),
-            ("status", "final".into()),
-        ]);
+    fn observation<'x>(
+        &'x self,
+        node: &'x Node<'_>,
+        rule: &'x super::ObservationRule,
+        patient_url: &'x str,
+        qr_url: &'x str,
+    ) -> Json<'x> {
+        let mut obs = Vec::with_capacity(12);
+        obs.push(("resourceType", "Observation".into()));
+        obs.push(("status", "final".into()));
         if !rule.categories.is_empty() {
-            obs["category"] = Value::Array(rule.categories.clone());
+            obs.push(("category", values(&rule.categories)));
         }
-        let mut code = object([("coding", Value::Array(rule.codes.clone()))]);
+        let mut code = vec![("coding", values(&rule.codes))];
         if let Some(t) = &node.item.text {
-            code["text"] = t.as_str().into();
+            code.push(("text", t.as_str().into()));
         }
-        obs["code"] = code;
-        obs["subject"] = reference(patient_url, "Patient");
-        obs["effectiveDateTime"] = self.authored.into();
-        obs["issued"] = self.recorded.into();
-        obs["performer"] = Value::Array(vec![reference(patient_url, "Patient")]);
-        obs["derivedFrom"] = Value::Array(vec![reference(qr_url, "QuestionnaireResponse")]);
-        obs
+        obs.push(("code", Json::Obj(code)));
+        obs.push(("subject", reference(patient_url, "Patient")));
+        obs.push(("effectiveDateTime", self.authored.into()));
+        obs.push(("issued", self.recorded.into()));
+        obs.push((
+            "performer",
+            Json::Arr(vec![reference(patient_url, "Patient")]),
+        ));
+        obs.push((
+            "derivedFrom",
+            Json::Arr(vec![reference(qr_url, "QuestionnaireResponse")]),
+        ));
+        Json::Obj(obs)
     }
 }
 
-fn qr_items(nodes: &[Node<'_>]) -> Vec<Value> {
+/// What the Bundle's text is given to grow into (a typical intake's is 10–25 KB).
+const BUNDLE_CAPACITY: usize = 16 * 1024;
+
+/// A mapping's JSON values (codes, categories) as an array, written from where they are.
+fn values(vs: &[Value]) -> Json<'_> {
+    Json::Arr(vs.iter().map(Json::Value).collect())
+}
+
+fn qr_items<'x>(nodes: &'x [Node<'_>]) -> Vec<Json<'x>> {
     nodes
         .iter()
         .map(|n| {
-            let mut item = object([("linkId", n.item.link_id.as_str().into())]);
+            let mut item = Vec::with_capacity(4);
+            item.push(("linkId", n.item.link_id.as_str().into()));
             if let Some(t) = &n.item.text {
-                item["text"] = t.as_str().into();
+                item.push(("text", t.as_str().into()));
             }
             if !n.answers.is_empty() {
-                let answers: Vec<Value> = n
+                let answers: Vec<Json<'x>> = n
                     .answers
                     .iter()
                     .map(|a| {
                         let (k, v) = a.qr_value();
-                        object([(k, v)])
+                        Json::Obj(vec![(k, v)])
                     })
                     .collect();
-                item["answer"] = Value::Array(answers);
+                item.push(("answer", Json::Arr(answers)));
             }
             if !n.children.is_empty() {
-                item["item"] = Value::Array(qr_items(&n.children));
+                item.push(("item", Json::Arr(qr_items(&n.children))));
             }
-            item
+            Json::Obj(item)
         })
         .collect()
 }

@@ -1,12 +1,14 @@
 //! Answers: the typed values an item yields, and the declared transforms that make them from
 //! the vendor's raw JSON (HTML stripping, splitting, value maps, type coercion, dates, units).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime};
 use serde_json::{Number, Value};
 
 use super::units;
 use super::ItemType;
-use crate::fhir::object;
+use crate::fhir::Json;
 
 /// A value-map target that is a Coding (`{system, code, display}`), with what the map adds.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,16 +25,16 @@ pub struct CodingTarget {
 }
 
 impl CodingTarget {
-    pub fn to_coding(&self) -> Value {
-        let mut c = serde_json::Map::new();
+    pub fn to_coding(&self) -> Json<'_> {
+        let mut c = Vec::with_capacity(3);
         if let Some(s) = &self.system {
-            c.insert("system".into(), s.as_str().into());
+            c.push(("system", s.as_str().into()));
         }
-        c.insert("code".into(), self.code.as_str().into());
+        c.push(("code", self.code.as_str().into()));
         if let Some(d) = &self.display {
-            c.insert("display".into(), d.as_str().into());
+            c.push(("display", d.as_str().into()));
         }
-        Value::Object(c)
+        Json::Obj(c)
     }
 }
 
@@ -49,32 +51,32 @@ pub enum Answer<'m> {
     Quantity(Number, &'m str),
 }
 
-impl Answer<'_> {
+impl<'m> Answer<'m> {
     /// The FHIR `value[x]` of a QuestionnaireResponse answer.
-    pub fn qr_value(&self) -> (&'static str, Value) {
+    pub fn qr_value(&self) -> (&'static str, Json<'_>) {
         match self {
-            Answer::Bool(b) => ("valueBoolean", Value::Bool(*b)),
-            Answer::Int(i) => ("valueInteger", Value::from(*i)),
-            Answer::Dec(n) => ("valueDecimal", Value::Number(n.clone())),
+            Answer::Bool(b) => ("valueBoolean", Json::Bool(*b)),
+            Answer::Int(i) => ("valueInteger", Json::Int(*i)),
+            Answer::Dec(n) => ("valueDecimal", Json::Num(Cow::Borrowed(n))),
             Answer::Str(s) => ("valueString", s.as_str().into()),
             Answer::Date(d) => ("valueDate", d.as_str().into()),
             Answer::DateTime(d) => ("valueDateTime", d.as_str().into()),
             Answer::Coding(c) => ("valueCoding", c.to_coding()),
-            Answer::Quantity(n, u) => ("valueQuantity", quantity(n, u)),
+            Answer::Quantity(n, u) => ("valueQuantity", quantity(Cow::Borrowed(n), u)),
         }
     }
 
     /// The FHIR `value[x]` of an Observation (R4 has no valueDecimal or valueDate).
-    pub fn observation_value(&self) -> (&'static str, Value) {
+    pub fn observation_value(&self) -> (&'static str, Json<'_>) {
         match self {
             Answer::Dec(n) => (
                 "valueQuantity",
-                object([("value", Value::Number(n.clone()))]),
+                Json::obj([("value", Json::Num(Cow::Borrowed(n)))]),
             ),
             Answer::Date(d) => ("valueDateTime", d.as_str().into()),
             Answer::Coding(c) => (
                 "valueCodeableConcept",
-                object([("coding", Value::Array(vec![c.to_coding()]))]),
+                Json::obj([("coding", Json::Arr(vec![c.to_coding()]))]),
             ),
             other => other.qr_value(),
         }
@@ -112,9 +114,9 @@ impl Answer<'_> {
 }
 
 /// `{value, unit, system: UCUM, code}`.
-pub fn quantity(n: &Number, unit: &str) -> Value {
-    object([
-        ("value", Value::Number(n.clone())),
+pub fn quantity<'a>(n: Cow<'a, Number>, unit: &'a str) -> Json<'a> {
+    Json::obj([
+        ("value", Json::Num(n)),
         ("unit", units::display(unit).into()),
         ("system", crate::fhir::UCUM.into()),
         ("code", unit.into()),
@@ -396,7 +398,7 @@ mod tests {
     #[test]
     fn decimals_stay_numbers_with_their_text() {
         let a = coerce(&json!("118.40"), ItemType::Decimal, None).unwrap();
-        assert_eq!(a.qr_value().1.to_string(), "118.40");
+        assert_eq!(a.qr_value().1.to_value().to_string(), "118.40");
         assert!(coerce(&json!("12abc"), ItemType::Decimal, None).is_err());
         assert!(coerce(&json!("NaN"), ItemType::Decimal, None).is_err());
         assert_eq!(number(&json!("007")).unwrap().to_string(), "7");
