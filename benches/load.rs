@@ -8,6 +8,8 @@
 //!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64),
 //!                                         # LOAD_EHR_CONCURRENCY (8): deliveries at once,
 //!                                         # LOAD_NO_EHR=1: no EHR, deliveries wait in the outbox
+//!                                         # LOAD_SERVER=path: measure that build of
+//!                                         # `chartbridge` instead (A/B against an older commit)
 //!
 //! Loopback only, bounded in time; it prints a table and stops by itself.
 
@@ -188,7 +190,10 @@ fn main() {
         )
         .expect("config");
         let mut child = or_exit(
-            Command::new(env!("CARGO_BIN_EXE_chartbridge"))
+            Command::new(
+                std::env::var_os("LOAD_SERVER")
+                    .unwrap_or_else(|| env!("CARGO_BIN_EXE_chartbridge").into()),
+            )
                 .args(["serve", "--config"])
                 .arg(&config)
                 .env("RUST_LOG", "error")
