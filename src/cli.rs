@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::fhir::validate::validate;
 use crate::golden::{self, CaseOutcome};
-use crate::mapping::{self, LoadError, Mapping, SubmissionInput};
+use crate::mapping::{self, LoadError, Mapping, PayloadError, SubmissionInput};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -236,11 +236,14 @@ fn map(
         Err(e) => {
             let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(
                 "structure",
-                format!(
-                    "the payload is not JSON: line {}, column {}",
-                    e.line(),
-                    e.column()
-                ),
+                match &e {
+                    PayloadError::NotJson(e) => format!(
+                        "the payload is not JSON: line {}, column {}",
+                        e.line(),
+                        e.column()
+                    ),
+                    other => format!("the payload cannot be read: {other}"),
+                },
             )]);
             print_json(&oo.to_json());
             return ExitCode::from(1);

@@ -436,3 +436,79 @@ fn reading_only_what_the_map_reads_changes_nothing() {
     assert!(projected["form_response"]["answers"].is_array());
     assert!(projected.to_string().len() * 2 < raw.len());
 }
+
+/// The obvious byte-by-byte scan of JSON text: does it nest deeper than `max`?
+fn deeper_byte_by_byte(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        match b {
+            _ if in_string && escaped => escaped = false,
+            b'\\' if in_string => escaped = true,
+            b'"' => in_string = !in_string,
+            _ if in_string => {}
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The depth limit is counted while parsing, in the parts a map skips as in those it reads: it
+/// refuses exactly what a scan of the text finds nested too deep, and changes nothing else.
+#[test]
+fn the_depth_limit_is_counted_while_parsing_skipped_parts_included() {
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    for dir in std::fs::read_dir(root().join("fixtures")).unwrap() {
+        let dir = dir.unwrap().path();
+        let id = dir.file_name().unwrap().to_str().unwrap().to_string();
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let path = f.unwrap().path();
+            if path.to_string_lossy().ends_with(".input.json") {
+                cases.push((id.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    // Deep where the Typeform map reads, and where it skips; brackets inside strings; numbers
+    // (a map inside serde_json) and empty containers.
+    for doc in [
+        r#"{"form_response": {"answers": [{"a": [[[[1]]]]}]}}"#,
+        r#"{"form_response": {"definition": {"fields": [[[[[[{}]]]]]]}}}"#,
+        r#"{"form_response": {"token": "[[[[[[{{{{\"", "hidden": {"x": [1.50, -0, 2e3]}}}"#,
+        r#"[[[[[[[[[[[[[[]]]]]]]]]]]]]]"#,
+        r#"{}"#,
+        r#"7"#,
+    ] {
+        cases.push(("glp1-intake-typeform".into(), doc.as_bytes().to_vec()));
+    }
+    let mut checked = 0;
+    for (id, raw) in &cases {
+        let m = load(id);
+        let unlimited = m.parse_payload(raw).unwrap();
+        for max in 0..16 {
+            match m.parse_payload_within(raw, max) {
+                Err(mapping::PayloadError::TooDeep(n)) => {
+                    assert_eq!(n, max);
+                    assert!(deeper_byte_by_byte(raw, max), "{id} refused at {max}");
+                }
+                Ok(v) => {
+                    assert!(!deeper_byte_by_byte(raw, max), "{id} let through at {max}");
+                    assert_eq!(v, unlimited);
+                }
+                Err(e) => panic!("{id}: {e}"),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 16 * 20, "{checked}");
+    let m = load("glp1-intake-typeform");
+    assert!(matches!(
+        m.parse_payload_within(b"{\"form_response\": [", 8),
+        Err(mapping::PayloadError::NotJson(_))
+    ));
+}

@@ -30,6 +30,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::intake::{Intake, IntakeError};
+use crate::mapping::PayloadError;
 use crate::metrics::Metrics;
 use crate::store::{self, SubmissionRecord};
 pub use error::ApiError;
@@ -86,45 +87,6 @@ async fn request_log(req: Request, next: Next) -> Response {
     response
 }
 
-/// Whether JSON text nests deeper than `max` (checked on bytes, before any parser recurses).
-/// String contents, most of a form's bytes, are skipped with `memchr` rather than byte by byte.
-pub fn nests_deeper_than(bytes: &[u8], max: usize) -> bool {
-    let (mut depth, mut i) = (0usize, 0usize);
-    while let Some(at) = memchr::memchr3(b'"', b'[', b'{', &bytes[i..]).map(|n| i + n) {
-        // Closers between the last stop and this one.
-        let closers = bytes[i..at]
-            .iter()
-            .filter(|&&b| b == b']' || b == b'}')
-            .count();
-        depth = depth.saturating_sub(closers);
-        if bytes[at] == b'"' {
-            // Skip the string: to the next quote not escaped by a backslash.
-            let mut j = at + 1;
-            loop {
-                if j >= bytes.len() {
-                    return false;
-                }
-                match memchr::memchr2(b'"', b'\\', &bytes[j..]) {
-                    Some(n) if bytes[j + n] == b'\\' => j += n + 2,
-                    Some(n) => {
-                        j += n + 1;
-                        break;
-                    }
-                    None => return false,
-                }
-            }
-            i = j;
-        } else {
-            depth += 1;
-            if depth > max {
-                return true;
-            }
-            i = at + 1;
-        }
-    }
-    false
-}
-
 fn now() -> String {
     crate::delivery::outbox::now()
 }
@@ -161,18 +123,19 @@ async fn submit(
         Metrics::inc(&state.metrics.submissions_rejected);
         return Err(ApiError::Overloaded(waiting));
     }
+    // One pass: parse (what the mapping reads) and the depth limit (everything).
     let depth = state.config.limits.max_json_depth;
-    if nests_deeper_than(&raw, depth) {
-        return Err(ApiError::TooDeep(depth));
-    }
-    let payload = mapping.parse_payload(&raw).map_err(|e| {
-        ApiError::NotJson(format!(
-            "line {}, column {}: {:?}",
-            e.line(),
-            e.column(),
-            e.classify()
-        ))
-    })?;
+    let payload = mapping
+        .parse_payload_within(&raw, depth)
+        .map_err(|e| match e {
+            PayloadError::TooDeep(depth) => ApiError::TooDeep(depth),
+            PayloadError::NotJson(e) => ApiError::NotJson(format!(
+                "line {}, column {}: {:?}",
+                e.line(),
+                e.column(),
+                e.classify()
+            )),
+        })?;
     let received_at = now();
     // Everything the request brought is dropped before the wait for the disk, on the thread
     // that allocated it (freeing across threads measurably slowed the allocator).
@@ -366,80 +329,5 @@ async fn echo(body: Body) -> Response {
     match to_bytes(body, 1024 * 1024).await {
         Ok(b) => (StatusCode::ACCEPTED, Json(json!({"bytes": b.len()}))).into_response(),
         Err(_) => ApiError::TooLarge(1024 * 1024).into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn depth_is_measured_outside_strings() {
-        assert!(!nests_deeper_than(br#"{"a": [1, {"b": 2}]}"#, 3));
-        assert!(nests_deeper_than(br#"{"a": [1, {"b": [2]}]}"#, 3));
-        assert!(!nests_deeper_than(br#"{"a": "[[[[[[[[\"{{{{"}"#, 1));
-        assert!(nests_deeper_than(&[b'['; 100], 32));
-    }
-
-    /// The obvious byte-by-byte scan, to hold the `memchr` one to.
-    fn deeper_byte_by_byte(bytes: &[u8], max: usize) -> bool {
-        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-        for &b in bytes {
-            match b {
-                _ if in_string && escaped => escaped = false,
-                b'\\' if in_string => escaped = true,
-                b'"' => in_string = !in_string,
-                _ if in_string => {}
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > max {
-                        return true;
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-        }
-        false
-    }
-
-    #[test]
-    fn depth_scan_agrees_with_a_byte_by_byte_scan() {
-        let mut texts: Vec<Vec<u8>> = [
-            r#"{"a": "x\\"}, [[["#,
-            r#"{"a": "x\\\"[[", "b": [[1]]}"#,
-            r#"["unterminated [[[["#,
-            r#"["ends in a backslash \"#,
-            r#"]]]}}[[{"#,
-            r#"{"k\"[": [{"v": "}}]]"}, [[]]]}"#,
-            "",
-            "\"",
-        ]
-        .iter()
-        .map(|t| t.as_bytes().to_vec())
-        .collect();
-        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
-        let mut dirs = vec![std::path::PathBuf::from(fixtures)];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "json") {
-                    texts.push(std::fs::read(&path).unwrap_or_default());
-                }
-            }
-        }
-        assert!(texts.len() > 20, "fixtures found: {}", texts.len());
-        for text in &texts {
-            for max in 0..12 {
-                assert_eq!(
-                    nests_deeper_than(text, max),
-                    deeper_byte_by_byte(text, max),
-                    "max {max} on {}",
-                    String::from_utf8_lossy(&text[..text.len().min(80)])
-                );
-            }
-        }
     }
 }

@@ -20,6 +20,7 @@ use serde_json::Value;
 pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
 pub use condition::Condition;
 pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
+pub use select::PayloadError;
 use select::{AnswerSource, Projection, Selector};
 use value::CodingTarget;
 
@@ -102,9 +103,19 @@ impl Mapping {
     }
 
     /// Parses a payload for this mapping: the parts it reads become a `Value`, the rest is
-    /// only checked to be JSON (see `Projection`).
-    pub fn parse_payload(&self, raw: &[u8]) -> Result<Value, serde_json::Error> {
-        self.projection.parse(raw)
+    /// only checked to be JSON (see `Projection`). Nesting is bounded only by serde_json's
+    /// recursion limit; the gateway uses `parse_payload_within`.
+    pub fn parse_payload(&self, raw: &[u8]) -> Result<Value, PayloadError> {
+        self.projection.parse(raw, usize::MAX)
+    }
+
+    /// `parse_payload`, refusing JSON nested deeper than `max_depth` arrays and objects.
+    pub fn parse_payload_within(
+        &self,
+        raw: &[u8],
+        max_depth: usize,
+    ) -> Result<Value, PayloadError> {
+        self.projection.parse(raw, max_depth)
     }
 
     pub fn file(&self) -> &Path {
