@@ -36,7 +36,7 @@ pub enum CaseOutcome {
 pub fn render(mapping: &Mapping, raw: &[u8], received_at: &str) -> Result<Value, String> {
     let payload = mapping
         .parse_payload(raw)
-        .map_err(|e| format!("input is not JSON: {e}"))?;
+        .map_err(|e| format!("input: {e}"))?;
     Ok(
         match mapping.map_submission(SubmissionInput {
             payload: &payload,

@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::fhir::{Issue, OperationOutcome};
 use crate::intake::IntakeError;
+use crate::mapping::PayloadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -26,6 +27,20 @@ pub enum ApiError {
     Overloaded(usize),
     #[error("internal error")]
     Internal(String),
+}
+
+impl From<PayloadError> for ApiError {
+    fn from(e: PayloadError) -> Self {
+        match e {
+            PayloadError::TooDeep(depth) => ApiError::TooDeep(depth),
+            PayloadError::NotJson(e) => ApiError::NotJson(format!(
+                "line {}, column {}: {:?}",
+                e.line(),
+                e.column(),
+                e.classify()
+            )),
+        }
+    }
 }
 
 /// What `Retry-After` says to a source refused because the outbox is full (seconds).

@@ -30,7 +30,6 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::intake::{Intake, IntakeError};
-use crate::mapping::PayloadError;
 use crate::metrics::Metrics;
 use crate::store::{self, SubmissionRecord};
 pub use error::ApiError;
@@ -125,17 +124,7 @@ async fn submit(
     }
     // One pass: parse (what the mapping reads) and the depth limit (everything).
     let depth = state.config.limits.max_json_depth;
-    let payload = mapping
-        .parse_payload_within(&raw, depth)
-        .map_err(|e| match e {
-            PayloadError::TooDeep(depth) => ApiError::TooDeep(depth),
-            PayloadError::NotJson(e) => ApiError::NotJson(format!(
-                "line {}, column {}: {:?}",
-                e.line(),
-                e.column(),
-                e.classify()
-            )),
-        })?;
+    let payload = mapping.parse_payload_within(&raw, depth)?;
     let received_at = now();
     // Everything the request brought is dropped before the wait for the disk, on the thread
     // that allocated it (freeing across threads measurably slowed the allocator).
