@@ -19,17 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-/// The bench cannot go on without `r`: say why and stop (no panic, no backtrace).
-fn or_exit<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
-    r.unwrap_or_else(|e| {
-        eprintln!("load bench: {what}: {e}");
-        std::process::exit(1)
-    })
-}
+use common::or_exit;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -63,10 +59,14 @@ async fn serve_sink() -> String {
             {"response": {"status": "201", "location": "QuestionnaireResponse/1/_history/1"}}]}),
         )
     }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sink");
-    let url = format!("http://{}/fhir", listener.local_addr().expect("sink addr"));
+    let listener = or_exit(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await,
+        "binding the EHR sink",
+    );
+    let url = format!(
+        "http://{}/fhir",
+        or_exit(listener.local_addr(), "the EHR sink's address")
+    );
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
 }
@@ -174,12 +174,12 @@ fn main() {
         ),
         "the fixture",
     ));
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = or_exit(tempfile::tempdir(), "a temporary directory");
 
     let runs = runtime.block_on(async {
         let ehr = sink();
         let config = dir.path().join("load.toml");
-        std::fs::write(
+        or_exit(std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n{}[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
@@ -187,8 +187,7 @@ fn main() {
                 root.join("mappings"),
                 if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = {ehr_concurrency}\n") },
             ),
-        )
-        .expect("config");
+        ), "writing the config");
         let mut child = or_exit(
             Command::new(
                 std::env::var_os("LOAD_SERVER")

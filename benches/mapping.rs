@@ -5,6 +5,8 @@
 //! - `typeform_glp1/chartbridge`: parse + map + serialise.
 //! - `synthetic/N`: a form of N decimal answers (N = 100, 1,000) to show the cost is linear.
 
+mod common;
+
 use std::hint::black_box;
 use std::path::Path;
 
@@ -12,30 +14,36 @@ use chartbridge::mapping::{self, Mapping, SubmissionInput};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
 
+use common::or_exit;
+
 const RECEIVED: &str = "2026-01-01T00:00:00Z";
 
 fn map_bytes(m: &Mapping, raw: &[u8]) -> Vec<u8> {
-    let payload = m.parse_payload(raw).expect("payload parses");
-    m.map_submission(SubmissionInput {
+    let payload = or_exit(m.parse_payload(raw), "the payload");
+    let mapped = m.map_submission(SubmissionInput {
         payload: &payload,
         raw,
         received_at: RECEIVED,
-    })
-    .expect("payload maps")
-    .bundle
+    });
+    or_exit(mapped, "mapping the payload").bundle
 }
 
 fn typeform(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let m = mapping::load_file(&root.join("mappings/glp1-intake-typeform.yaml")).expect("mapping");
-    let raw = std::fs::read(root.join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"))
-        .expect("fixture");
+    let m = or_exit(
+        mapping::load_file(&root.join("mappings/glp1-intake-typeform.yaml")),
+        "the mapping",
+    );
+    let raw = or_exit(
+        std::fs::read(root.join("fixtures/glp1-intake-typeform/maya-happy-path.input.json")),
+        "the fixture",
+    );
     let bundle: Value = serde_json::from_slice(&map_bytes(&m, &raw)).expect("bundle");
     let mut g = c.benchmark_group("typeform_glp1");
     g.throughput(Throughput::Bytes(raw.len() as u64));
     g.bench_function("floor", |b| {
         b.iter(|| {
-            let v: Value = serde_json::from_slice(black_box(&raw)).expect("parse");
+            let v: Value = or_exit(serde_json::from_slice(black_box(&raw)), "the fixture");
             black_box(v);
             serde_json::to_vec(black_box(&bundle)).expect("serialise")
         })
@@ -75,7 +83,7 @@ fn synthetic(c: &mut Criterion) {
         let bundle: Value = serde_json::from_slice(&map_bytes(&m, &raw)).expect("bundle");
         g.bench_with_input(BenchmarkId::new("floor", n), &raw, |b, raw| {
             b.iter(|| {
-                let v: Value = serde_json::from_slice(black_box(raw)).expect("parse");
+                let v: Value = or_exit(serde_json::from_slice(black_box(raw)), "the payload");
                 black_box(v);
                 serde_json::to_vec(black_box(&bundle)).expect("serialise")
             })
