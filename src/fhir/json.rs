@@ -59,7 +59,7 @@ impl<'a> Json<'a> {
         Ok(out)
     }
 
-    /// The tree as a `serde_json::Value` (tests, the CLI; not the hot path).
+    /// The tree as a `serde_json::Value` (for tests; not the hot path).
     pub fn to_value(&self) -> Value {
         match self {
             Json::Bool(b) => Value::Bool(*b),
@@ -93,12 +93,6 @@ impl From<String> for Json<'_> {
 impl<'a> From<Cow<'a, str>> for Json<'a> {
     fn from(s: Cow<'a, str>) -> Self {
         Json::Str(s)
-    }
-}
-
-impl<'a> From<Vec<Json<'a>>> for Json<'a> {
-    fn from(items: Vec<Json<'a>>) -> Self {
-        Json::Arr(items)
     }
 }
 

@@ -106,7 +106,7 @@ impl Mapping {
     /// only checked to be JSON (see `Projection`). Nesting is bounded only by serde_json's
     /// recursion limit; the gateway uses `parse_payload_within`.
     pub fn parse_payload(&self, raw: &[u8]) -> Result<Value, PayloadError> {
-        self.projection.parse(raw, usize::MAX)
+        self.parse_payload_within(raw, usize::MAX)
     }
 
     /// `parse_payload`, refusing JSON nested deeper than `max_depth` arrays and objects.
