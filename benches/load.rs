@@ -10,10 +10,13 @@
 //!                                         # LOAD_NO_EHR=1: no EHR, deliveries wait in the outbox
 //!                                         # LOAD_SERVER=path: measure that build of
 //!                                         # `chartbridge` instead (A/B against an older commit)
+//!                                         # LOAD_CLIENT=wrk|builtin: the load generator
+//!                                         # (default: wrk when installed)
 //!
 //! Loopback only, bounded in time; it prints a table and stops by itself.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -71,31 +74,188 @@ async fn serve_sink() -> String {
     url
 }
 
+/// One route's figures: answered as expected (`202`, or `200` for echo), the rest, and p50/p99.
 struct Run {
     name: &'static str,
     requests: u64,
     errors: u64,
     seconds: f64,
-    latencies_us: Vec<u64>,
+    p50_ms: f64,
+    p99_ms: f64,
 }
 
-impl Run {
-    fn pct(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
+/// The marker in the fixture that each submission replaces with its own id.
+const MARKER: &str = "b7e1c9d24f6a38e0c5b1d7f29a4e6c83";
+
+/// Which program makes the load. wrk (Debian's `wrk`, C and epoll) takes a fraction of the CPU a
+/// reqwest client takes, and the client shares the two cores with the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    Wrk,
+    Builtin,
+}
+
+impl Client {
+    /// `LOAD_CLIENT=wrk|builtin`; by default wrk when it is installed.
+    fn choose() -> Client {
+        match std::env::var("LOAD_CLIENT").as_deref() {
+            Ok("builtin") => Client::Builtin,
+            Ok("wrk") => Client::Wrk,
+            _ if Command::new("wrk").arg("--version").output().is_ok() => Client::Wrk,
+            _ => Client::Builtin,
         }
-        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Client::Wrk => "wrk, 1 thread",
+            Client::Builtin => "reqwest in the bench, 1 thread",
+        }
     }
 }
 
-async fn load(
+/// What one load needs.
+struct Load {
     name: &'static str,
     url: String,
     body: Arc<String>,
+    /// Each request gets its own submission id (else the same body every time).
     unique: bool,
     connections: u64,
     seconds: u64,
+}
+
+impl Load {
+    async fn run(self, client: Client, dir: &Path) -> Run {
+        match client {
+            Client::Builtin => load(self).await,
+            Client::Wrk => {
+                let dir = dir.to_path_buf();
+                or_exit(
+                    tokio::task::spawn_blocking(move || wrk(self, &dir)).await,
+                    "running wrk",
+                )
+            }
+        }
+    }
+}
+
+/// The load from wrk: a Lua script gives each submission its own id; its `--latency` report is
+/// read back.
+fn wrk(load: Load, dir: &Path) -> Run {
+    let body_path = dir.join("load-body.json");
+    or_exit(
+        std::fs::write(&body_path, load.body.as_bytes()),
+        "writing the body for wrk",
+    );
+    let script = dir.join("load.lua");
+    or_exit(
+        std::fs::write(
+            &script,
+            format!(
+                r#"local f = assert(io.open({body:?}, "rb"))
+local body = f:read("*a")
+f:close()
+wrk.method = "POST"
+wrk.body = body
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = "bench"
+if {unique} then
+  local s, e = body:find("{MARKER}", 1, true)
+  local prefix, suffix = body:sub(1, s - 1), body:sub(e + 1)
+  local n = 0
+  request = function()
+    n = n + 1
+    return wrk.format(nil, nil, nil, prefix .. string.format("load-%020d", n) .. suffix)
+  end
+end
+"#,
+                body = body_path.to_string_lossy(),
+                unique = load.unique,
+            ),
+        ),
+        "writing the wrk script",
+    );
+    let out = or_exit(
+        Command::new("wrk")
+            .args(["--latency", "-t1", "--timeout", "10s"])
+            .arg(format!("-c{}", load.connections))
+            .arg(format!("-d{}s", load.seconds))
+            .arg("-s")
+            .arg(&script)
+            .arg(&load.url)
+            .output(),
+        "running wrk (LOAD_CLIENT=builtin uses the bench's own client)",
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        report
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let ms = |prefix: &str| field(prefix).and_then(millis).unwrap_or(f64::NAN);
+    // "123456 requests in 10.00s, 1.23MB read"
+    let (total, seconds) = report
+        .lines()
+        .find_map(|l| {
+            let (n, rest) = l.trim().split_once(" requests in ")?;
+            let secs = rest.split(',').next()?.trim().strip_suffix('s')?;
+            Some((n.parse::<u64>().ok()?, secs.parse::<f64>().ok()?))
+        })
+        .unwrap_or_else(|| {
+            eprintln!(
+                "bench: wrk's report was not understood:\n{report}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::process::exit(1)
+        });
+    let not_2xx = field("Non-2xx or 3xx responses:")
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let socket_errors: u64 = field("Socket errors:")
+        .map(|l| {
+            l.split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    Run {
+        name: load.name,
+        requests: total.saturating_sub(not_2xx),
+        errors: not_2xx + socket_errors,
+        seconds,
+        p50_ms: ms("50%"),
+        p99_ms: ms("99%"),
+    }
+}
+
+/// wrk's durations: `850.00us`, `3.21ms`, `1.02s`.
+fn millis(text: &str) -> Option<f64> {
+    let unit_at = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = text.split_at(unit_at);
+    let n: f64 = n.parse().ok()?;
+    match unit {
+        "us" => Some(n / 1000.0),
+        "ms" => Some(n),
+        "s" => Some(n * 1000.0),
+        "m" => Some(n * 60_000.0),
+        _ => None,
+    }
+}
+
+/// The load from the bench's own reqwest client.
+async fn load(
+    Load {
+        name,
+        url,
+        body,
+        unique,
+        connections,
+        seconds,
+    }: Load,
 ) -> Run {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections as usize)
@@ -119,7 +279,7 @@ async fn load(
                 while Instant::now() < deadline {
                     let n = seq.fetch_add(1, Ordering::Relaxed);
                     let payload = if unique {
-                        body.replace("b7e1c9d24f6a38e0c5b1d7f29a4e6c83", &format!("load-{n:020}"))
+                        body.replace(MARKER, &format!("load-{n:020}"))
                     } else {
                         body.to_string()
                     };
@@ -148,12 +308,19 @@ async fn load(
         latencies_us.extend(t.await.unwrap_or_default());
     }
     latencies_us.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        latencies_us
+            .get(i)
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    };
     Run {
         name,
         requests: latencies_us.len() as u64,
         errors: errors.load(Ordering::Relaxed),
         seconds: started.elapsed().as_secs_f64(),
-        latencies_us,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
     }
 }
 
@@ -162,12 +329,13 @@ fn main() {
     let connections = env_or("LOAD_CONNECTIONS", 64);
     let no_ehr = env_or("LOAD_NO_EHR", 0) == 1;
     let ehr_concurrency = env_or("LOAD_EHR_CONCURRENCY", 8);
+    let client = Client::choose();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let body = Arc::new(or_exit(
         std::fs::read_to_string(
             root.join("fixtures/glp1-intake-typeform/maya-happy-path.input.json"),
@@ -210,9 +378,10 @@ fn main() {
         let url = or_exit(ready["url"].as_str().ok_or("no `url`"), "serve's first line").to_string();
 
         // Warm up both routes, then measure each in turn.
-        load("warm-up", format!("{url}/echo"), Arc::clone(&body), false, connections, 1).await;
-        let echo = load("POST /echo (baseline)", format!("{url}/echo"), Arc::clone(&body), false, connections, seconds).await;
-        let submit = load("POST /submissions (durable)", format!("{url}/submissions/glp1-intake-typeform"), Arc::clone(&body), true, connections, seconds).await;
+        let route = |name, path: &str, unique, seconds| Load { name, url: format!("{url}{path}"), body: Arc::clone(&body), unique, connections, seconds };
+        route("warm-up", "/echo", false, 1).run(client, dir.path()).await;
+        let echo = route("POST /echo (baseline)", "/echo", false, seconds).run(client, dir.path()).await;
+        let submit = route("POST /submissions (durable)", "/submissions/glp1-intake-typeform", true, seconds).run(client, dir.path()).await;
         // What the outbox did meanwhile: delivered, and still waiting, when the load stopped.
         let metrics = match reqwest::get(format!("{url}/metrics")).await {
             Ok(r) => r.text().await.unwrap_or_default(),
@@ -226,7 +395,8 @@ fn main() {
     });
 
     println!(
-        "\n{connections} connections, {seconds} s each, 1 client thread; server: release build, 2 cores shared with the client; EHR: {}\n",
+        "\n{connections} connections, {seconds} s each, client: {}; server: release build, 2 cores shared with the client; EHR: {}\n",
+        client.describe(),
         if no_ehr { "none (outbox holds)" } else { "local sink" }
     );
     println!(
@@ -239,8 +409,8 @@ fn main() {
             r.name,
             r.requests as f64 / r.seconds,
             r.errors,
-            r.pct(0.5),
-            r.pct(0.99)
+            r.p50_ms,
+            r.p99_ms
         );
     }
     if let [echo, submit] = &runs[..] {
