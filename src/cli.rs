@@ -237,11 +237,9 @@ fn map(
             let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(
                 "structure",
                 match &e {
-                    PayloadError::NotJson(e) => format!(
-                        "the payload is not JSON: line {}, column {}",
-                        e.line(),
-                        e.column()
-                    ),
+                    PayloadError::NotJson { what, line, column } => {
+                        format!("the payload is not JSON: {what} at line {line}, column {column}")
+                    }
                     other => format!("the payload cannot be read: {other}"),
                 },
             )]);

@@ -509,6 +509,6 @@ fn the_depth_limit_is_counted_while_parsing_skipped_parts_included() {
     let m = load("glp1-intake-typeform");
     assert!(matches!(
         m.parse_payload_within(b"{\"form_response\": [", 8),
-        Err(mapping::PayloadError::NotJson(_))
+        Err(mapping::PayloadError::NotJson { .. })
     ));
 }

@@ -33,12 +33,9 @@ impl From<PayloadError> for ApiError {
     fn from(e: PayloadError) -> Self {
         match e {
             PayloadError::TooDeep(depth) => ApiError::TooDeep(depth),
-            PayloadError::NotJson(e) => ApiError::NotJson(format!(
-                "line {}, column {}: {:?}",
-                e.line(),
-                e.column(),
-                e.classify()
-            )),
+            PayloadError::NotJson { what, line, column } => {
+                ApiError::NotJson(format!("line {line}, column {column}: {what}"))
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ mod compile;
 pub mod condition;
 pub mod engine;
 pub mod questionnaire;
+mod read;
 pub mod select;
 pub mod spec;
 pub mod units;
@@ -20,7 +21,7 @@ use serde_json::Value;
 pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
 pub use condition::Condition;
 pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
-pub use select::PayloadError;
+pub use read::PayloadError;
 use select::{AnswerSource, Projection, Selector};
 use value::CodingTarget;
 
@@ -137,45 +138,58 @@ impl Mapping {
 }
 
 /// What a mapping reads from the payload root: every root selector, built whole where it ends.
+/// The elements of an answer list are built only as far as the key and the rules that read
+/// answers look into them (a Typeform answer's `field` and `type` are skipped).
 fn projection(source: &Source, items: &[Item]) -> Projection {
-    fn rule(p: &mut Projection, r: &ValueRule) {
-        if let Some(path) = &r.path {
+    let mut rules = Vec::new();
+    let patient = &source.patient;
+    rules.extend(
+        [
+            source.submitted_at.as_ref(),
+            Some(&patient.identifier),
+            patient.given.as_ref(),
+            patient.family.as_ref(),
+            patient.birth_date.as_ref(),
+            patient.gender.as_ref(),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    // A repeating group's children read inside each of its elements (built whole, as the
+    // group's rule ends there); their answer rules still read the answer index.
+    fn collect<'a>(items: &'a [Item], root: bool, rules: &mut Vec<(&'a ValueRule, bool)>) {
+        for item in items {
+            rules.push((&item.rule, root));
+            rules.extend(item.sum.iter().map(|(r, _)| (r, root)));
+            collect(&item.children, root && !item.is_repeating_group(), rules);
+        }
+    }
+    let mut all: Vec<(&ValueRule, bool)> = rules.into_iter().map(|r| (r, true)).collect();
+    collect(items, true, &mut all);
+
+    let mut p = Projection::none();
+    p.add_whole(&source.submission_id);
+    for (rule, at_root) in &all {
+        if let (Some(path), true) = (&rule.path, at_root) {
             p.add_whole(path);
         }
     }
-    fn items_at(p: &mut Projection, items: &[Item]) {
-        for item in items {
-            rule(p, &item.rule);
-            item.sum.iter().for_each(|(r, _)| rule(p, r));
-            // A repeating group's children read inside each of its elements, built whole; a
-            // plain group's read where the group does.
-            if !item.is_repeating_group() {
-                items_at(p, &item.children);
-            }
-        }
-    }
-    let mut p = Projection::none();
-    p.add_whole(&source.submission_id);
-    let patient = &source.patient;
-    for r in [
-        source.submitted_at.as_ref(),
-        Some(&patient.identifier),
-        patient.given.as_ref(),
-        patient.family.as_ref(),
-        patient.birth_date.as_ref(),
-        patient.gender.as_ref(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        rule(&mut p, r);
-    }
     match &source.answers {
-        Some(AnswerSource::List { list, .. }) => p.add_whole(list),
+        Some(AnswerSource::List { list, key }) => {
+            let mut element = Projection::none();
+            element.add_whole(key);
+            for (rule, _) in &all {
+                match (&rule.answer, &rule.value) {
+                    (Some(_), Some(value)) => element.add_whole(value),
+                    (Some(_), None) => element = Projection::all(),
+                    _ => {}
+                }
+            }
+            p.add_within(list, &element);
+        }
         Some(AnswerSource::Object { object, .. }) => p.add_whole(object),
         None => {}
     }
-    items_at(&mut p, items);
     p.finish();
     p
 }

@@ -5,12 +5,12 @@
 //! of our own; anything richer (filters, recursive descent, slices) runs on the compiled
 //! jsonpath-rust query. Nothing is parsed per payload.
 
-use std::borrow::Cow;
-use std::cell::Cell;
 use std::collections::HashMap;
 
 use jsonpath_rust::parser::model::JpQuery;
 use serde_json::Value;
+
+use super::read::PayloadError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
@@ -128,11 +128,11 @@ fn walk<'a>(v: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Projection {
     /// Build this value whole.
-    all: bool,
+    pub(super) all: bool,
     /// Object members to build, and how.
-    keys: Vec<(String, Projection)>,
+    pub(super) keys: Vec<(String, Projection)>,
     /// How to build every array element and every object member not in `keys`.
-    any: Option<Box<Projection>>,
+    pub(super) any: Option<Box<Projection>>,
 }
 
 impl Projection {
@@ -156,6 +156,13 @@ impl Projection {
     /// Adds what `selector` reads, and builds whatever it ends on whole. A selector richer
     /// than plain steps makes the projection the whole document.
     pub fn add_whole(&mut self, selector: &Selector) {
+        self.add_within(selector, &Projection::all());
+    }
+
+    /// Adds what `selector` reads, and builds of whatever it ends on what `inner` names (paths
+    /// relative to it). A selector richer than plain steps makes the projection the whole
+    /// document.
+    pub fn add_within(&mut self, selector: &Selector, inner: &Projection) {
         let Plan::Steps(steps) = &selector.plan else {
             *self = Projection::all();
             return;
@@ -178,7 +185,7 @@ impl Projection {
                 Step::Index(_) | Step::Wildcard => node.any.get_or_insert_with(Default::default),
             };
         }
-        *node = Projection::all();
+        node.merge(inner);
     }
 
     /// A member named in `keys` is also reached through `any`: it must be built for both.
@@ -213,219 +220,9 @@ impl Projection {
     }
 
     /// Parses `raw` through the projection, refusing JSON nested deeper than `max_depth`
-    /// containers — counted in the same pass, skipped parts included (no second pass over the
-    /// bytes). Syntax errors are serde_json's, with line and column.
+    /// containers — counted in the same pass, skipped parts included (see `read`).
     pub fn parse(&self, raw: &[u8], max_depth: usize) -> Result<Value, PayloadError> {
-        let too_deep = Cell::new(false);
-        let mut de = serde_json::Deserializer::from_slice(raw);
-        let read = Read {
-            what: What::of(self),
-            depth: 0,
-            max: max_depth,
-            too_deep: &too_deep,
-        };
-        let parsed = serde::de::DeserializeSeed::deserialize(read, &mut de)
-            .and_then(|v| de.end().map(|()| v));
-        match parsed {
-            Ok(v) => Ok(v),
-            Err(_) if too_deep.get() => Err(PayloadError::TooDeep(max_depth)),
-            Err(e) => Err(PayloadError::NotJson(e)),
-        }
-    }
-}
-
-/// Why a payload could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum PayloadError {
-    #[error("not JSON: {0}")]
-    NotJson(serde_json::Error),
-    #[error("the JSON nests deeper than {0} levels")]
-    TooDeep(usize),
-}
-
-/// How serde_json (`arbitrary_precision`) presents a number to a visitor: a one-entry map.
-const NUMBER_TOKEN: &str = "$serde_json::private::Number";
-
-/// What to make of a value: build it whole, build the parts a projection names, or skip it.
-#[derive(Clone, Copy)]
-enum What<'p> {
-    Whole,
-    Project(&'p Projection),
-    Skip,
-}
-
-impl<'p> What<'p> {
-    fn of(p: &'p Projection) -> What<'p> {
-        if p.all {
-            What::Whole
-        } else {
-            What::Project(p)
-        }
-    }
-}
-
-/// One value being read, `depth` containers down.
-#[derive(Clone, Copy)]
-struct Read<'p> {
-    what: What<'p>,
-    depth: usize,
-    max: usize,
-    too_deep: &'p Cell<bool>,
-}
-
-impl<'p> Read<'p> {
-    fn child(self, what: What<'p>) -> Read<'p> {
-        Read {
-            what,
-            depth: self.depth + 1,
-            ..self
-        }
-    }
-
-    /// Called as this value turns out to be an array or object: one more level.
-    fn enter<E: serde::de::Error>(self) -> Result<(), E> {
-        if self.depth >= self.max {
-            self.too_deep.set(true);
-            return Err(E::custom(format!("nested deeper than {}", self.max)));
-        }
-        Ok(())
-    }
-
-    fn scalar(self, v: impl FnOnce() -> Value) -> Value {
-        match self.what {
-            What::Whole => v(),
-            // A scalar where the projection expected an object or array: no selector can step
-            // into it, so `null` selects the same nothing.
-            What::Project(_) | What::Skip => Value::Null,
-        }
-    }
-}
-
-/// An object key, borrowed from the payload unless it had escapes (serde's own `Cow<str>`
-/// always copies).
-struct Key;
-
-impl<'de> serde::de::DeserializeSeed<'de> for Key {
-    type Value = Cow<'de, str>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Key {
-    type Value = Cow<'de, str>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object key")
-    }
-    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
-        Ok(Cow::Borrowed(s))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(s.to_owned()))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
-        Ok(Cow::Owned(s))
-    }
-}
-
-impl<'de> serde::de::DeserializeSeed<'de> for Read<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for Read<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::Bool(b)))
-    }
-    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::from(n)))
-    }
-    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::from(n)))
-    }
-    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::from(n)))
-    }
-    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::String(s.to_owned())))
-    }
-    fn visit_string<E>(self, s: String) -> Result<Value, E> {
-        Ok(self.scalar(|| Value::String(s)))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        self.enter()?;
-        let each = match self.what {
-            What::Whole => What::Whole,
-            What::Project(p) => p.any.as_deref().map_or(What::Skip, What::of),
-            What::Skip => What::Skip,
-        };
-        let mut out = Vec::new();
-        while let Some(v) = seq.next_element_seed(self.child(each))? {
-            if !matches!(each, What::Skip) {
-                out.push(v);
-            }
-        }
-        Ok(match self.what {
-            What::Skip => Value::Null,
-            _ => Value::Array(out),
-        })
-    }
-
-    /// Numbers arrive here too: serde_json's `arbitrary_precision` hands them over as a map
-    /// with one private key (they are not a level of nesting).
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        use serde::de::Error;
-        let Some(first) = map.next_key_seed(Key)? else {
-            self.enter()?;
-            return Ok(self.scalar(|| Value::Object(serde_json::Map::new())));
-        };
-        if first == NUMBER_TOKEN {
-            let text: String = map.next_value()?;
-            return match self.what {
-                What::Whole => text.parse().map(Value::Number).map_err(A::Error::custom),
-                _ => Ok(Value::Null),
-            };
-        }
-        self.enter()?;
-        let mut out = serde_json::Map::new();
-        let mut key = Some(first);
-        while let Some(k) = key {
-            let what = match self.what {
-                What::Whole => What::Whole,
-                What::Project(p) => p
-                    .keys
-                    .iter()
-                    .find(|(name, _)| *name == k)
-                    .map(|(_, n)| n)
-                    .or(p.any.as_deref())
-                    .map_or(What::Skip, What::of),
-                What::Skip => What::Skip,
-            };
-            let v = map.next_value_seed(self.child(what))?;
-            if !matches!(what, What::Skip) {
-                out.insert(k.into_owned(), v);
-            }
-            key = map.next_key_seed(Key)?;
-        }
-        Ok(match self.what {
-            What::Skip => Value::Null,
-            _ => Value::Object(out),
-        })
+        super::read::read(self, raw, max_depth)
     }
 }
 
