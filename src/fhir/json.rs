@@ -10,7 +10,6 @@
 
 use std::borrow::Cow;
 
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Number, Value};
 
 /// A JSON tree to be written. Build objects with [`Json::obj`] and [`Json::set`].
@@ -52,14 +51,31 @@ impl<'a> Json<'a> {
         }
     }
 
-    /// Writes the tree as compact JSON text into a buffer of `capacity` to start with.
-    pub fn to_vec(&self, capacity: usize) -> Result<Vec<u8>, serde_json::Error> {
+    /// Writes the tree as compact JSON text — byte for byte what serde_json writes — into a
+    /// buffer of `capacity` to start with.
+    pub fn to_vec(&self, capacity: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(capacity);
-        serde_json::to_writer(&mut out, self)?;
-        Ok(out)
+        self.write(&mut out);
+        out
     }
 
-    /// The tree as a `serde_json::Value` (for tests; not the hot path).
+    fn write(&self, out: &mut Vec<u8>) {
+        match self {
+            Json::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Json::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
+            Json::Num(n) => out.extend_from_slice(n.as_str().as_bytes()),
+            Json::Str(t) => write_str(out, t),
+            Json::Arr(items) => write_seq(out, items, |out, item| item.write(out)),
+            Json::Obj(members) => write_members(out, members, |out, (k, v)| {
+                write_str(out, k);
+                out.push(b':');
+                v.write(out);
+            }),
+            Json::Value(v) => write_value(out, v),
+        }
+    }
+
+    /// The tree as a `serde_json::Value` (tests, the generated Questionnaire; not the hot path).
     pub fn to_value(&self) -> Value {
         match self {
             Json::Bool(b) => Value::Bool(*b),
@@ -96,36 +112,139 @@ impl<'a> From<Cow<'a, str>> for Json<'a> {
     }
 }
 
-impl Serialize for Json<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Json::Bool(b) => s.serialize_bool(*b),
-            Json::Int(i) => s.serialize_i64(*i),
-            Json::Num(n) => n.serialize(s),
-            Json::Str(t) => s.serialize_str(t),
-            Json::Arr(items) => {
-                let mut seq = s.serialize_seq(Some(items.len()))?;
-                for item in items {
-                    seq.serialize_element(item)?;
-                }
-                seq.end()
-            }
-            Json::Obj(members) => {
-                let mut map = s.serialize_map(Some(members.len()))?;
-                for (k, v) in members {
-                    map.serialize_entry(k, v)?;
-                }
-                map.end()
-            }
-            Json::Value(v) => v.serialize(s),
-        }
+fn write_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
+        Value::String(t) => write_str(out, t),
+        Value::Array(items) => write_seq(out, items, write_value),
+        Value::Object(members) => write_members(out, members, |out, (k, v)| {
+            write_str(out, k);
+            out.push(b':');
+            write_value(out, v);
+        }),
     }
 }
 
+fn write_seq<T>(out: &mut Vec<u8>, items: &[T], each: impl Fn(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    write_separated(out, items, each);
+    out.push(b']');
+}
+
+fn write_members<I: IntoIterator>(
+    out: &mut Vec<u8>,
+    members: I,
+    each: impl Fn(&mut Vec<u8>, I::Item),
+) {
+    out.push(b'{');
+    write_separated(out, members, each);
+    out.push(b'}');
+}
+
+fn write_separated<I: IntoIterator>(
+    out: &mut Vec<u8>,
+    items: I,
+    each: impl Fn(&mut Vec<u8>, I::Item),
+) {
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(out, item);
+    }
+}
+
+/// A JSON string, escaped as serde_json escapes: `"`, `\\` and the control characters (short
+/// forms where JSON has them, else `\u00XX`); everything else as it is. Runs without anything
+/// to escape are copied whole.
+fn write_str(out: &mut Vec<u8>, text: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut plain = 0;
+    loop {
+        let at = plain_run(bytes, plain);
+        out.extend_from_slice(&bytes[plain..at]);
+        let Some(&b) = bytes.get(at) else { break };
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[(b >> 4) as usize],
+                HEX[(b & 15) as usize],
+            ]),
+        }
+        plain = at + 1;
+    }
+    out.push(b'"');
+}
+
+/// Where the first `"`, `\\` or control character (below 0x20) at or after `from` is, or
+/// `bytes.len()`: what ends a run of string text that needs no escaping, when reading JSON and
+/// when writing it. Eight bytes at a time.
+pub(crate) fn plain_run(bytes: &[u8], mut from: usize) -> usize {
+    const fn splat(b: u8) -> u64 {
+        u64::from_ne_bytes([b; 8])
+    }
+    // High bit set in (at least) the lowest zero byte; bytes above it may be flagged too.
+    let zero_bytes = |x: u64| x.wrapping_sub(splat(0x01)) & !x & splat(0x80);
+    while let Some(word) = bytes.get(from..from + 8) {
+        let Ok(word) = <[u8; 8]>::try_from(word) else {
+            break;
+        };
+        let x = u64::from_le_bytes(word);
+        // The lowest flagged byte of each test is exact, so the lowest of all three is the
+        // first byte to stop at.
+        let stop = zero_bytes(x ^ splat(b'"'))
+            | zero_bytes(x ^ splat(b'\\'))
+            | (x.wrapping_sub(splat(0x20)) & !x & splat(0x80));
+        if stop != 0 {
+            return from + (stop.trailing_zeros() / 8) as usize;
+        }
+        from += 8;
+    }
+    while let Some(&b) = bytes.get(from) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        from += 1;
+    }
+    from
+}
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Every byte that can need escaping, and then some, written as serde_json writes it.
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut text: String = (0u8..0x80).map(char::from).collect();
+        text.push_str("caf\u{e9} \u{1f600} \u{2028}\\\"/end");
+        for t in [text.as_str(), "", "plain", "\"", "a\nb"] {
+            let ours = Json::from(t).to_vec(0);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(t).unwrap()
+            );
+        }
+        let whole = json!({"a": [1, -0.5, 1e5, true, null, {"b": text, "": []}], "c": {}});
+        assert_eq!(
+            String::from_utf8(Json::Value(&whole).to_vec(0)).unwrap(),
+            whole.to_string()
+        );
+    }
 
     #[test]
     fn writes_what_value_would_write() {
@@ -144,7 +263,7 @@ mod tests {
         obs.set("resourceType", "Observation".into());
         obs.set("count", Json::Int(-3));
         obs.set("ok", Json::Bool(false));
-        let text = obs.to_vec(0).unwrap();
+        let text = obs.to_vec(0);
         assert_eq!(
             String::from_utf8(text.clone()).unwrap(),
             r#"{"resourceType":"Observation","code":[{"system":"http://loinc.org","code":"29463-7","display":"Body \"weight\""}],"valueQuantity":{"value":72.50},"status":"final","count":-3,"ok":false}"#

@@ -230,13 +230,7 @@ impl Mapping {
             recorded: input.received_at,
             payload_sha256: &payload_sha256,
         }
-        .bundle(&nodes, demographics, &mut run.issues)
-        .map_err(|e| {
-            fail(vec![Issue::error(
-                "exception",
-                format!("the Bundle could not be written: {e}"),
-            )])
-        })?;
+        .bundle(&nodes, demographics, &mut run.issues);
         if run.issues.iter().any(Issue::is_error) {
             return Err(fail(run.issues));
         }
@@ -746,7 +740,7 @@ impl Resources<'_> {
         nodes: &[Node<'_>],
         demographics: Vec<(&'static str, Json<'static>)>,
         issues: &mut Vec<Issue>,
-    ) -> Result<Vec<u8>, serde_json::Error> {
+    ) -> Vec<u8> {
         let m = self.mapping;
         let system = m.identifier_system.as_str();
         let patient_url = urn_uuid(&["Patient", &self.patient.system, &self.patient.value]);

@@ -80,7 +80,7 @@ fn item(i: &Item) -> Value {
             .iter()
             .flat_map(|m| m.codings())
             .map(|c| {
-                let mut o = json!({"valueCoding": c.to_coding()});
+                let mut o = json!({"valueCoding": c.to_coding().to_value()});
                 if let Some(s) = c.score {
                     o["extension"] = json!([{"url": ITEM_WEIGHT, "valueDecimal": s}]);
                 }

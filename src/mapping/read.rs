@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde_json::{Map, Number, Value};
 
 use super::select::Projection;
+use crate::fhir::json::plain_run;
 
 /// Nesting is never followed deeper than this, whatever the limit asked for (serde_json's own
 /// limit; deeper would risk the stack).
@@ -380,7 +381,7 @@ impl<'a> Reader<'a> {
         let mut owned: Option<String> = None;
         let mut segment = self.at;
         loop {
-            self.past_plain_text();
+            self.at = plain_run(self.raw, self.at);
             let text = self.utf8(segment)?;
             match self.peek() {
                 Some(b'"') => {
@@ -410,29 +411,6 @@ impl<'a> Reader<'a> {
                 }
                 None => return Err(self.fail("EOF while parsing a string")),
             }
-        }
-    }
-
-    /// Moves to the next quote, backslash or control character (or the end), eight bytes at a
-    /// time.
-    fn past_plain_text(&mut self) {
-        while let Some(x) = self.word() {
-            // The lowest flagged byte of each test is exact (a false flag can only sit above a
-            // true one), so the lowest of all three is the first byte to stop at.
-            let stop = zero_bytes(x ^ splat(b'"'))
-                | zero_bytes(x ^ splat(b'\\'))
-                | (x.wrapping_sub(splat(0x20)) & !x & splat(0x80));
-            if stop != 0 {
-                self.at += (stop.trailing_zeros() / 8) as usize;
-                return;
-            }
-            self.at += 8;
-        }
-        while let Some(b) = self.peek() {
-            if b == b'"' || b == b'\\' || b < 0x20 {
-                break;
-            }
-            self.at += 1;
         }
     }
 
@@ -514,11 +492,6 @@ impl<'a> Reader<'a> {
 
 const fn splat(b: u8) -> u64 {
     u64::from_ne_bytes([b; 8])
-}
-
-/// High bit set in (at least) the lowest zero byte of `x`; bytes above it may be flagged too.
-fn zero_bytes(x: u64) -> u64 {
-    x.wrapping_sub(splat(0x01)) & !x & splat(0x80)
 }
 
 /// High bit set in exactly the bytes of `x` that are not zero.
