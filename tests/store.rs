@@ -70,12 +70,26 @@ fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
         at: "2026-01-01T00:00:01Z".into(),
         detail: Some("503".into()),
     };
+    let failures = || {
+        let pending = store.pending_where(10, |_| true).unwrap();
+        assert_eq!(
+            pending.len(),
+            1,
+            "a failure stays in the outbox for a retry"
+        );
+        pending[0].failures
+    };
+    assert_eq!(failures(), 0);
+    store.transition(&r.key(), failed.clone(), vec![]).unwrap();
+    assert_eq!(failures(), 1);
     store.transition(&r.key(), failed, vec![]).unwrap();
     assert_eq!(
-        store.pending().unwrap().len(),
-        1,
-        "a failure stays in the outbox for a retry"
+        failures(),
+        2,
+        "the backoff grows from what the outbox counts"
     );
+    store.requeue(&r.key(), "2026-01-01T00:00:01Z").unwrap();
+    assert_eq!(failures(), 0, "a replay starts the count again");
     let ehr = vec![
         EhrResource {
             resource_type: "QuestionnaireResponse".into(),
@@ -97,7 +111,7 @@ fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
     };
     let updated = store.transition(&r.key(), delivered, ehr).unwrap().unwrap();
     assert_eq!(updated.state(), Some(State::Delivered));
-    assert_eq!(updated.transitions.len(), 4);
+    assert_eq!(updated.transitions.len(), 6);
     assert!(store.pending().unwrap().is_empty());
     assert_eq!(
         store

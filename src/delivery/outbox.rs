@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::client::EhrClient;
 use super::{backoff, Attempt};
 use crate::metrics::Metrics;
-use crate::store::{EhrResource, State, Store, Transition};
+use crate::store::{EhrResource, Pending, State, Store, Transition};
 
 pub struct Outbox {
     pub store: Arc<Store>,
@@ -52,9 +52,9 @@ impl Outbox {
                                 && s.not_before.get(key).is_none_or(|t| *t <= now)
                         });
                     match picked {
-                        Ok(keys) => {
-                            s.in_flight.extend(keys.iter().cloned());
-                            keys
+                        Ok(due) => {
+                            s.in_flight.extend(due.iter().map(|p| p.key.clone()));
+                            due
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "outbox: cannot read pending deliveries");
@@ -65,14 +65,14 @@ impl Outbox {
                 Err(_) => Vec::new(),
             };
             while tasks.try_join_next().is_some() {}
-            for key in due {
+            for Pending { key, failures } in due {
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     break;
                 };
                 let (this, schedule) = (Arc::clone(&this), Arc::clone(&schedule));
                 tasks.spawn(async move {
                     // The permit bounds requests to the EHR, not the bookkeeping after them.
-                    let outcome = this.attempt(&key).await;
+                    let outcome = this.attempt(&key, failures).await;
                     drop(permit);
                     let next = match outcome {
                         Ok(Some((transition, resources, next))) => {
@@ -102,23 +102,19 @@ impl Outbox {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// One attempt: what to record, and the delay before the next attempt when it should be
-    /// retried. `Ok(None)` when there is nothing to deliver; `Err(delay)` when the submission
-    /// could not be read (nothing to record; try again after `delay`).
-    async fn attempt(&self, key: &str) -> Result<Option<Outcome>, Duration> {
-        let (record, bundle) = match (self.store.get(key), self.store.bundle(key)) {
-            (Ok(Some(record)), Ok(Some(bundle))) => (record, bundle),
-            (Ok(_), Ok(_)) => return Ok(None),
-            (Err(e), _) | (_, Err(e)) => {
+    /// One attempt, after `failures` failed ones: what to record, and the delay before the
+    /// next attempt when it should be retried. `Ok(None)` when there is nothing to deliver;
+    /// `Err(delay)` when the Bundle could not be read (nothing to record; try again after
+    /// `delay`).
+    async fn attempt(&self, key: &str, failures: u32) -> Result<Option<Outcome>, Duration> {
+        let bundle = match self.store.bundle(key) {
+            Ok(Some(bundle)) => bundle,
+            Ok(None) => return Ok(None),
+            Err(e) => {
                 tracing::error!(key, error = %e, "outbox: cannot read the submission");
                 return Err(self.backoff_cap);
             }
         };
-        let failures = record
-            .transitions
-            .iter()
-            .filter(|t| t.state == State::Failed)
-            .count() as u32;
         let started = Instant::now();
         let attempt = self.client.deliver(&bundle).await;
         self.metrics.observe_delivery(started.elapsed());

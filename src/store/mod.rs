@@ -82,6 +82,15 @@ pub fn key(mapping_id: &str, submission_id: &str) -> String {
     format!("{mapping_id}/{submission_id}")
 }
 
+/// A delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub key: String,
+    /// Failed attempts since it entered the outbox (or was put back by a replay): what the
+    /// next backoff grows from, known without reading the record.
+    pub failures: u32,
+}
+
 /// What `accept` did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Accepted {
@@ -265,23 +274,32 @@ impl Store {
 
     /// Keys of the submissions waiting in the outbox (in key order).
     pub fn pending(&self) -> Result<Vec<String>, StoreError> {
-        self.pending_where(usize::MAX, |_| true)
+        Ok(self
+            .pending_where(usize::MAX, |_| true)?
+            .into_iter()
+            .map(|p| p.key)
+            .collect())
     }
 
-    /// Up to `limit` waiting keys that `want` accepts; stops reading once it has them.
+    /// Up to `limit` waiting deliveries whose keys `want` accepts; stops reading once it has
+    /// them.
     pub fn pending_where(
         &self,
         limit: usize,
         mut want: impl FnMut(&str) -> bool,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<Pending>, StoreError> {
         let mut out = Vec::new();
-        for key in self.trees.outbox.iter().keys() {
+        for entry in self.trees.outbox.iter() {
             if out.len() >= limit {
                 break;
             }
-            let key = String::from_utf8_lossy(&key?).into_owned();
+            let (key, failures) = entry?;
+            let key = String::from_utf8_lossy(&key).into_owned();
             if want(&key) {
-                out.push(key);
+                out.push(Pending {
+                    key,
+                    failures: writer::failures(&failures),
+                });
             }
         }
         Ok(out)

@@ -325,8 +325,17 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 /// What a change does to a submission's outbox entry.
 enum Outbox {
     Leave,
+    /// Enters (again) with no failures counted.
     Enter,
     Stay,
+    /// Stays, with one more failure counted.
+    Failed,
+}
+
+/// An outbox entry's value: its failures as four little-endian bytes (empty: none, as written
+/// by earlier versions).
+pub(super) fn failures(value: &[u8]) -> u32 {
+    <[u8; 4]>::try_from(value).map_or(0, u32::from_le_bytes)
 }
 
 impl Tx<'_> {
@@ -370,6 +379,7 @@ impl Tx<'_> {
                 record.ehr.extend(ehr.iter().cloned());
                 match transition.state {
                     State::Delivered | State::DeadLettered | State::Acknowledged => Outbox::Leave,
+                    State::Failed => Outbox::Failed,
                     _ => Outbox::Stay,
                 }
             })?,
@@ -418,6 +428,13 @@ impl Tx<'_> {
             }
             Outbox::Enter if self.outbox.insert(key.as_bytes(), &[])?.is_none() => {
                 self.outbox_delta.set(self.outbox_delta.get() + 1)
+            }
+            // Counted only while it waits: a failure recorded after it left changes nothing.
+            Outbox::Failed => {
+                if let Some(value) = self.outbox.get(key.as_bytes())? {
+                    let n = failures(&value).saturating_add(1);
+                    self.outbox.insert(key.as_bytes(), &n.to_le_bytes())?;
+                }
             }
             _ => {}
         }
