@@ -65,10 +65,9 @@ impl<'a> Json<'a> {
             Json::Int(i) => out.extend_from_slice(i.to_string().as_bytes()),
             Json::Num(n) => out.extend_from_slice(n.as_str().as_bytes()),
             Json::Str(t) => write_str(out, t),
-            Json::Arr(items) => write_seq(out, items, |out, item| item.write(out)),
-            Json::Obj(members) => write_members(out, members, |out, (k, v)| {
-                write_str(out, k);
-                out.push(b':');
+            Json::Arr(items) => write_list(out, *b"[]", items, |out, item| item.write(out)),
+            Json::Obj(members) => write_list(out, *b"{}", members, |out, (k, v)| {
+                write_key(out, k);
                 v.write(out);
             }),
             Json::Value(v) => write_value(out, v),
@@ -118,42 +117,35 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Number(n) => out.extend_from_slice(n.as_str().as_bytes()),
         Value::String(t) => write_str(out, t),
-        Value::Array(items) => write_seq(out, items, write_value),
-        Value::Object(members) => write_members(out, members, |out, (k, v)| {
-            write_str(out, k);
-            out.push(b':');
+        Value::Array(items) => write_list(out, *b"[]", items, write_value),
+        Value::Object(members) => write_list(out, *b"{}", members, |out, (k, v)| {
+            write_key(out, k);
             write_value(out, v);
         }),
     }
 }
 
-fn write_seq<T>(out: &mut Vec<u8>, items: &[T], each: impl Fn(&mut Vec<u8>, &T)) {
-    out.push(b'[');
-    write_separated(out, items, each);
-    out.push(b']');
-}
-
-fn write_members<I: IntoIterator>(
+/// `brackets[0]`, the items separated by commas, `brackets[1]`.
+fn write_list<I: IntoIterator>(
     out: &mut Vec<u8>,
-    members: I,
-    each: impl Fn(&mut Vec<u8>, I::Item),
-) {
-    out.push(b'{');
-    write_separated(out, members, each);
-    out.push(b'}');
-}
-
-fn write_separated<I: IntoIterator>(
-    out: &mut Vec<u8>,
+    [open, close]: [u8; 2],
     items: I,
     each: impl Fn(&mut Vec<u8>, I::Item),
 ) {
+    out.push(open);
     for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         each(out, item);
     }
+    out.push(close);
+}
+
+/// An object member's key and colon.
+fn write_key(out: &mut Vec<u8>, key: &str) {
+    write_str(out, key);
+    out.push(b':');
 }
 
 /// A JSON string, escaped as serde_json escapes: `"`, `\\` and the control characters (short
