@@ -176,42 +176,29 @@ impl<'a> Reader<'a> {
     /// A scalar where a projection expected an object or array is `null`: no selector can step
     /// into it, so it selects the same nothing.
     fn value(&mut self, what: What, depth: usize) -> Step<Value> {
-        if !what.builds() {
-            return self.skip(depth).map(|()| Value::Null);
-        }
-        let Some(b) = self.peek() else {
-            return Err(self.fail("EOF while parsing a value"));
-        };
-        let v = match b {
-            b'{' => return self.object(what, depth),
-            b'[' => return self.array(what, depth),
-            b'"' => {
+        let whole = matches!(what, What::Whole);
+        match self.peek() {
+            Some(b'{') if what.builds() => self.object(what, depth),
+            Some(b'[') if what.builds() => self.array(what, depth),
+            Some(b'"') if whole => {
                 self.at += 1;
-                let s = self.string(matches!(what, What::Whole))?;
-                Value::String(s.into_owned())
+                Ok(Value::String(self.string(true)?.into_owned()))
             }
-            b't' => self.literal(b"true", Value::Bool(true))?,
-            b'f' => self.literal(b"false", Value::Bool(false))?,
-            b'n' => self.literal(b"null", Value::Null)?,
-            b'-' | b'0'..=b'9' => {
+            Some(b't') if whole => self.literal(b"true").map(|()| Value::Bool(true)),
+            Some(b'f') if whole => self.literal(b"false").map(|()| Value::Bool(false)),
+            Some(b'-' | b'0'..=b'9') if whole => {
                 let start = self.at;
                 let text = self.number()?;
-                if !matches!(what, What::Whole) {
-                    return Ok(Value::Null);
-                }
                 Number::from_str(text)
                     .map(Value::Number)
                     .map_err(|_| Fail::Syntax {
                         what: "invalid number",
                         at: start,
-                    })?
+                    })
             }
-            _ => return Err(self.fail("expected value")),
-        };
-        Ok(match what {
-            What::Whole => v,
-            _ => Value::Null,
-        })
+            // `null`, what is not built, and what is not JSON.
+            _ => self.skip(depth).map(|()| Value::Null),
+        }
     }
 
     /// `value` for what is not built: checked, nesting counted, nothing allocated.
@@ -223,9 +210,9 @@ impl<'a> Reader<'a> {
                 self.at += 1;
                 self.string(false).map(drop)
             }
-            Some(b't') => self.literal(b"true", Value::Null).map(drop),
-            Some(b'f') => self.literal(b"false", Value::Null).map(drop),
-            Some(b'n') => self.literal(b"null", Value::Null).map(drop),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
             Some(b'-' | b'0'..=b'9') => self.number().map(drop),
             Some(_) => Err(self.fail("expected value")),
             None => Err(self.fail("EOF while parsing a value")),
@@ -317,7 +304,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn literal(&mut self, word: &'static [u8], v: Value) -> Step<Value> {
+    fn literal(&mut self, word: &'static [u8]) -> Step<()> {
         for &expected in word {
             match self.peek() {
                 Some(b) if b == expected => self.at += 1,
@@ -325,7 +312,7 @@ impl<'a> Reader<'a> {
                 None => return Err(self.fail("EOF while parsing a value")),
             }
         }
-        Ok(v)
+        Ok(())
     }
 
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`, as its text.
