@@ -237,9 +237,7 @@ fn map(
             let oo = crate::fhir::OperationOutcome::new(vec![crate::fhir::Issue::error(
                 "structure",
                 match &e {
-                    PayloadError::NotJson { what, line, column } => {
-                        format!("the payload is not JSON: {what} at line {line}, column {column}")
-                    }
+                    PayloadError::NotJson { .. } => format!("the payload is {e}"),
                     other => format!("the payload cannot be read: {other}"),
                 },
             )]);

@@ -435,6 +435,10 @@ fn reading_only_what_the_map_reads_changes_nothing() {
     assert!(projected["form_response"].get("definition").is_none());
     assert!(projected["form_response"]["answers"].is_array());
     assert!(projected.to_string().len() * 2 < raw.len());
+    // Each answer only as far as the key and the answer rules look.
+    let first = &projected["form_response"]["answers"][0];
+    assert_eq!(first["field"]["ref"], "first_name");
+    assert!(first["field"].get("id").is_none() && first.get("type").is_none());
 }
 
 /// The obvious byte-by-byte scan of JSON text: does it nest deeper than `max`?

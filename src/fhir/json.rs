@@ -186,9 +186,6 @@ fn write_str(out: &mut Vec<u8>, text: &str) {
 /// `bytes.len()`: what ends a run of string text that needs no escaping, when reading JSON and
 /// when writing it. Eight bytes at a time.
 pub(crate) fn plain_run(bytes: &[u8], mut from: usize) -> usize {
-    const fn splat(b: u8) -> u64 {
-        u64::from_ne_bytes([b; 8])
-    }
     // High bit set in (at least) the lowest zero byte; bytes above it may be flagged too.
     let zero_bytes = |x: u64| x.wrapping_sub(splat(0x01)) & !x & splat(0x80);
     while let Some(word) = bytes.get(from..from + 8) {
@@ -214,6 +211,12 @@ pub(crate) fn plain_run(bytes: &[u8], mut from: usize) -> usize {
     }
     from
 }
+
+/// `b` in each of a word's eight bytes (for the byte-parallel tests here and in the reader).
+pub(crate) const fn splat(b: u8) -> u64 {
+    u64::from_ne_bytes([b; 8])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

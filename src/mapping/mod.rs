@@ -141,22 +141,9 @@ impl Mapping {
 /// The elements of an answer list are built only as far as the key and the rules that read
 /// answers look into them (a Typeform answer's `field` and `type` are skipped).
 fn projection(source: &Source, items: &[Item]) -> Projection {
-    let mut rules = Vec::new();
-    let patient = &source.patient;
-    rules.extend(
-        [
-            source.submitted_at.as_ref(),
-            Some(&patient.identifier),
-            patient.given.as_ref(),
-            patient.family.as_ref(),
-            patient.birth_date.as_ref(),
-            patient.gender.as_ref(),
-        ]
-        .into_iter()
-        .flatten(),
-    );
-    // A repeating group's children read inside each of its elements (built whole, as the
-    // group's rule ends there); their answer rules still read the answer index.
+    // Every value rule, and whether it reads at the payload root. A repeating group's children
+    // read inside each of its elements (built whole, as the group's rule ends there); their
+    // answer rules still read the answer index.
     fn collect<'a>(items: &'a [Item], root: bool, rules: &mut Vec<(&'a ValueRule, bool)>) {
         for item in items {
             rules.push((&item.rule, root));
@@ -164,7 +151,19 @@ fn projection(source: &Source, items: &[Item]) -> Projection {
             collect(&item.children, root && !item.is_repeating_group(), rules);
         }
     }
-    let mut all: Vec<(&ValueRule, bool)> = rules.into_iter().map(|r| (r, true)).collect();
+    let patient = &source.patient;
+    let mut all: Vec<(&ValueRule, bool)> = [
+        source.submitted_at.as_ref(),
+        Some(&patient.identifier),
+        patient.given.as_ref(),
+        patient.family.as_ref(),
+        patient.birth_date.as_ref(),
+        patient.gender.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|r| (r, true))
+    .collect();
     collect(items, true, &mut all);
 
     let mut p = Projection::none();

@@ -2,8 +2,8 @@
 //! nests (skipped parts included) and builds as a `Value` only what the mapping's `Projection`
 //! names. Skipped parts are checked as strictly as serde_json checks what it builds — UTF-8,
 //! escapes, paired surrogates, no control characters in strings, the number grammar — but
-//! nothing of them is allocated: a Typeform webhook is 90 % form definition that no mapping
-//! reads. What is built is what serde_json would build (numbers keep their text, later
+//! nothing of them is allocated: most of a Typeform webhook (its form definition) is read by
+//! no mapping. What is built is what serde_json would build (numbers keep their text, later
 //! duplicate keys win in the first one's place).
 
 use std::borrow::Cow;
@@ -12,7 +12,7 @@ use std::str::FromStr;
 use serde_json::{Map, Number, Value};
 
 use super::select::Projection;
-use crate::fhir::json::plain_run;
+use crate::fhir::json::{plain_run, splat};
 
 /// Nesting is never followed deeper than this, whatever the limit asked for (serde_json's own
 /// limit; deeper would risk the stack).
@@ -42,13 +42,7 @@ pub(super) fn read(
     // Checked whole first (fast for ASCII); then every string is a slice of it. Outside
     // strings anything but ASCII is a syntax error anyway.
     let read = match std::str::from_utf8(raw) {
-        Ok(text) => Reader {
-            text,
-            raw,
-            at: 0,
-            max,
-        }
-        .document(What::of(projection)),
+        Ok(text) => Reader { text, at: 0, max }.document(What::of(projection)),
         Err(e) => Err(Fail::Syntax {
             what: "invalid unicode code point",
             at: e.valid_up_to(),
@@ -122,8 +116,6 @@ enum Fail {
 
 struct Reader<'a> {
     text: &'a str,
-    /// `text`'s bytes.
-    raw: &'a [u8],
     at: usize,
     max: usize,
 }
@@ -135,10 +127,14 @@ impl<'a> Reader<'a> {
         self.whitespace();
         let v = self.value(what, 0)?;
         self.whitespace();
-        if self.at < self.raw.len() {
+        if self.at < self.raw().len() {
             return Err(self.fail("trailing characters"));
         }
         Ok(v)
+    }
+
+    fn raw(&self) -> &'a [u8] {
+        self.text.as_bytes()
     }
 
     fn fail(&self, what: &'static str) -> Fail {
@@ -146,7 +142,7 @@ impl<'a> Reader<'a> {
     }
 
     fn peek(&self) -> Option<u8> {
-        self.raw.get(self.at).copied()
+        self.raw().get(self.at).copied()
     }
 
     /// Skips whitespace: usually none or one byte; the indentation of pretty-printed JSON
@@ -368,7 +364,7 @@ impl<'a> Reader<'a> {
         let mut owned: Option<String> = None;
         let mut segment = self.at;
         loop {
-            self.at = plain_run(self.raw, self.at);
+            self.at = plain_run(self.raw(), self.at);
             let text = self.utf8(segment)?;
             match self.peek() {
                 Some(b'"') => {
@@ -403,7 +399,7 @@ impl<'a> Reader<'a> {
 
     /// The next eight bytes, the first one lowest.
     fn word(&self) -> Option<u64> {
-        let bytes: [u8; 8] = self.raw.get(self.at..self.at + 8)?.try_into().ok()?;
+        let bytes: [u8; 8] = self.raw().get(self.at..self.at + 8)?.try_into().ok()?;
         Some(u64::from_le_bytes(bytes))
     }
 
@@ -436,10 +432,10 @@ impl<'a> Reader<'a> {
                 let n = self.hex4()?;
                 let code = match n {
                     0xDC00..=0xDFFF => {
-                        return Err(self.fail("lone leading surrogate in hex escape"))
+                        return Err(self.fail("lone trailing surrogate in hex escape"))
                     }
                     0xD800..=0xDBFF => {
-                        if self.raw.get(self.at..self.at + 2) != Some(b"\\u") {
+                        if self.raw().get(self.at..self.at + 2) != Some(b"\\u") {
                             return Err(self.fail("unexpected end of hex escape"));
                         }
                         self.at += 2;
@@ -475,10 +471,6 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-}
-
-const fn splat(b: u8) -> u64 {
-    u64::from_ne_bytes([b; 8])
 }
 
 /// High bit set in exactly the bytes of `x` that are not zero.
