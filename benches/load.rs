@@ -388,7 +388,7 @@ fn main() {
             Err(e) => format!("# unavailable: {e}"),
         };
         let figure = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
-        println!("\noutbox when the load stopped: {} delivered (mean EHR round trip {:.1} ms), {} waiting; store: {} writes in {} rounds", figure("chartbridge_deliveries_total "), 1000.0 * figure("chartbridge_delivery_seconds_sum ") / figure("chartbridge_delivery_seconds_count "), figure("chartbridge_outbox_depth "), figure("chartbridge_store_commits_total "), figure("chartbridge_store_commit_rounds_total "));
+        println!("\noutbox when the load stopped: {} delivered (mean EHR round trip {:.1} ms), {} waiting; store: {} writes in {} rounds ({:.1} s in sled's flush, {:.1} s in its fdatasync)", figure("chartbridge_deliveries_total "), 1000.0 * figure("chartbridge_delivery_seconds_sum ") / figure("chartbridge_delivery_seconds_count "), figure("chartbridge_outbox_depth "), figure("chartbridge_store_commits_total "), figure("chartbridge_store_commit_rounds_total "), figure("chartbridge_store_flush_seconds_total "), figure("chartbridge_store_fdatasync_seconds_total "));
         let _ = child.kill();
         let _ = child.wait();
         vec![echo, submit]
