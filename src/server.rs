@@ -24,6 +24,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("EHR client: {0}")]
     Client(#[from] crate::delivery::client::ClientError),
+    #[error("starting the outbox: {0}")]
+    Outbox(std::io::Error),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -46,34 +48,29 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             None
         }
     };
-    let worker = ehr.as_ref().map(|(client, cfg)| {
-        let outbox = Outbox {
-            store: Arc::clone(&store),
-            client: Arc::clone(client),
-            wake: Arc::clone(&wake),
-            metrics: Arc::clone(&metrics),
-            concurrency: cfg.concurrency,
-            backoff_base: Duration::from_millis(cfg.backoff_base_ms),
-            backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
-        };
-        tokio::spawn(outbox.run(stopped))
-    });
+    // The outbox has a client of its own: its connections live on the outbox's runtime.
+    let worker = match &ehr {
+        Some((_, cfg)) => Some(
+            Outbox {
+                store: Arc::clone(&store),
+                client: Arc::new(EhrClient::new(cfg)?),
+                wake: Arc::clone(&wake),
+                metrics: Arc::clone(&metrics),
+                concurrency: cfg.concurrency,
+                backoff_base: Duration::from_millis(cfg.backoff_base_ms),
+                backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
+            }
+            .spawn(stopped)
+            .map_err(ServeError::Outbox)?,
+        ),
+        None => None,
+    };
     for (source, auth) in &config.sources {
         if matches!(auth, crate::config::SourceAuth::None) {
             tracing::warn!(source, "source authentication is off");
         }
     }
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: config.listen.to_string(),
-        source,
-    })?;
     let state = Arc::new(AppState {
         intake: Intake::new(mappings, Arc::clone(&store)),
         config,
@@ -81,20 +78,49 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         outbox: wake,
         ehr: ehr.map(|(c, _)| c),
     });
-    tracing::info!(%addr, mappings = state.intake.mapping_count(), pending = store.outbox_depth(), "listening");
+    // One socket, bound here (so that a port in use is an error, not a silent share), served by
+    // one single-threaded runtime per core: a connection stays on the thread that accepted it,
+    // from its first request to its last answer.
+    let listen_error = |source| ServeError::Listen {
+        addr: state.config.listen.to_string(),
+        source,
+    };
+    let listener = std::net::TcpListener::bind(state.config.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
+    let (http_stop, http_stopped) = watch::channel(false);
+    let app = router(Arc::clone(&state));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut http = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let listener = listener.try_clone().map_err(listen_error)?;
+        http.push(
+            http_thread(i, listener, app.clone(), http_stopped.clone()).map_err(listen_error)?,
+        );
+    }
+    drop(listener);
+    tracing::info!(%addr, threads, mappings = state.intake.mapping_count(), pending = store.outbox_depth(), "listening");
     // The one line on stdout: what a supervisor or a test reads to find the port.
     println!(
         "{}",
         serde_json::json!({"event": "listening", "url": format!("http://{addr}")})
     );
 
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    tracing::info!("shutting down: finishing deliveries in flight");
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests and deliveries in flight");
+    let _ = http_stop.send(true);
+    let mut served = Ok(());
+    for thread in http {
+        match tokio::task::spawn_blocking(move || thread.join()).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => served = Err(e),
+            _ => tracing::error!("an HTTP thread ended abnormally"),
+        }
+    }
     let _ = stop.send(true);
     if let Some(worker) = worker {
-        let _ = worker.await;
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
     let flushed = tokio::task::spawn_blocking(move || store.commit()).await;
     if let Ok(Err(e)) = flushed {
@@ -104,6 +130,31 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         addr: addr.to_string(),
         source,
     })
+}
+
+/// Starts HTTP thread `i`: serves `app` on its copy of the listening socket until `stop` turns
+/// true.
+fn http_thread(
+    i: usize,
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("http-{i}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            })
+        })
 }
 
 async fn shutdown_signal() {

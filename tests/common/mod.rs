@@ -235,7 +235,11 @@ impl App {
                 .arg("-TERM")
                 .arg(c.id().to_string())
                 .status();
-            let _ = c.wait();
+            let status = c.wait();
+            assert!(
+                status.as_ref().is_ok_and(|s| s.success()),
+                "the gateway did not exit cleanly on SIGTERM: {status:?}"
+            );
         }
     }
 
