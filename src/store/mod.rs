@@ -205,12 +205,22 @@ impl Store {
             key: key.to_string(),
             source: serde::de::Error::custom(why),
         };
-        let lz4 = match self.trees.bundle_at.get(key.as_bytes())? {
-            Some(at) => {
-                let at = bundles::BundleAt::from_bytes(&at)
-                    .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))?;
-                self.trees.bundles.read(key, at)?
-            }
+        let kept = self.trees.submissions.get(key.as_bytes())?;
+        let at = match kept.as_deref().and_then(|v| split_stored(v).0) {
+            Some(at) => Some(at),
+            // Accepted by a version that kept the Bundle's place in a tree of its own.
+            None => self
+                .trees
+                .bundle_at
+                .get(key.as_bytes())?
+                .map(|at| {
+                    bundles::BundleAt::from_bytes(&at)
+                        .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))
+                })
+                .transpose()?,
+        };
+        let lz4 = match at {
+            Some(at) => self.trees.bundles.read(key, at)?,
             // Accepted before the Bundle log existed: the Bundle is in sled itself.
             None => match self.trees.legacy_bundles.get(key.as_bytes())? {
                 Some(lz4) => lz4.to_vec(),
@@ -372,6 +382,39 @@ fn record(w: Written) -> Result<Option<SubmissionRecord>, StoreError> {
     }
 }
 
+/// The first bytes of a record as sled keeps it since the Bundle's place moved into it: as the
+/// LZ4 size prefix of a record of earlier versions they would announce a 4 GiB record.
+const RECORD_MAGIC: [u8; 4] = [0xff; 4];
+
+/// A record as sled keeps it: `RECORD_MAGIC`, where its Bundle is in the Bundle log, then the
+/// encoded record — one value, so that accepting a submission writes one key fewer. `None`:
+/// the encoded record alone, as earlier versions wrote it (their Bundle's place is in
+/// `bundle_at`); such a record keeps that form when a transition rewrites it.
+fn stored(at: Option<bundles::BundleAt>, record: &[u8]) -> Vec<u8> {
+    let Some(at) = at else {
+        return record.to_vec();
+    };
+    let mut v = Vec::with_capacity(RECORD_MAGIC.len() + 12 + record.len());
+    v.extend_from_slice(&RECORD_MAGIC);
+    v.extend_from_slice(&at.to_bytes());
+    v.extend_from_slice(record);
+    v
+}
+
+/// What `stored` put together: the Bundle's place (if kept there) and the encoded record.
+fn split_stored(value: &[u8]) -> (Option<bundles::BundleAt>, &[u8]) {
+    match value.strip_prefix(&RECORD_MAGIC) {
+        Some(rest) if rest.len() >= 12 => {
+            let (at, record) = rest.split_at(12);
+            match bundles::BundleAt::from_bytes(at) {
+                Some(at) => (Some(at), record),
+                None => (None, value),
+            }
+        }
+        _ => (None, value),
+    }
+}
+
 /// Records (and Bundles) are stored as LZ4-compressed JSON: it shrinks about fourfold, and
 /// sled's cost (and write amplification) grows with value size.
 fn encode(record: &SubmissionRecord) -> Result<Vec<u8>, StoreError> {
@@ -387,7 +430,89 @@ fn decode(key: &str, bytes: &[u8]) -> Result<SubmissionRecord, StoreError> {
         key: key.to_string(),
         source,
     };
-    let json = lz4_flex::decompress_size_prepended(bytes)
+    let json = lz4_flex::decompress_size_prepended(split_stored(bytes).1)
         .map_err(|e| corrupt(serde::de::Error::custom(format!("not LZ4: {e}"))))?;
     serde_json::from_slice(&json).map_err(corrupt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
+
+    fn record(submission_id: &str) -> SubmissionRecord {
+        SubmissionRecord {
+            mapping_id: "m".into(),
+            mapping_version: "1".into(),
+            mapping_sha256: "ab".repeat(32),
+            submission_id: submission_id.into(),
+            payload_sha256: "cd".repeat(32),
+            patient_system: "s".into(),
+            patient_value: "v".into(),
+            flags: vec![],
+            missing: vec![],
+            transitions: vec![Transition {
+                state: State::Mapped,
+                at: "2026-01-01T00:00:00Z".into(),
+                detail: None,
+            }],
+            ehr: vec![],
+        }
+    }
+
+    fn delivered() -> Transition {
+        Transition {
+            state: State::Delivered,
+            at: "2026-01-01T00:00:01Z".into(),
+            detail: None,
+        }
+    }
+
+    /// A new record carries its Bundle's place; one written the earlier way (the place in
+    /// `bundle_at`) is still read, delivered and rewritten in its own form.
+    #[test]
+    fn records_with_and_without_their_bundles_place_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = record("old");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let (_, mut log) = bundles::BundleLog::open(&dir.path().join("bundles.log")).unwrap();
+            let at = log
+                .append(&[&lz4_flex::compress_prepend_size(BUNDLE)])
+                .unwrap()[0];
+            let key = old.key();
+            db.open_tree("submissions")
+                .unwrap()
+                .insert(&key, encode(&old).unwrap())
+                .unwrap();
+            db.open_tree("bundle_at")
+                .unwrap()
+                .insert(&key, &at.to_bytes())
+                .unwrap();
+            db.open_tree("outbox").unwrap().insert(&key, &[]).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let new = record("new");
+        assert_eq!(store.accept(&new, BUNDLE).unwrap(), Accepted::New);
+        assert!(store.trees.bundle_at.get(new.key()).unwrap().is_none());
+        for r in [&old, &new] {
+            let key = r.key();
+            assert_eq!(store.get(&key).unwrap().as_ref(), Some(r));
+            assert_eq!(store.bundle(&key).unwrap().as_deref(), Some(BUNDLE));
+            let after = store
+                .transition(&key, delivered(), vec![])
+                .unwrap()
+                .unwrap();
+            assert_eq!(after.state(), Some(State::Delivered));
+            assert_eq!(store.get(&key).unwrap(), Some(after));
+            assert_eq!(store.bundle(&key).unwrap().as_deref(), Some(BUNDLE));
+        }
+        assert_eq!(store.outbox_depth(), 0);
+        let kept = store.trees.submissions.get(old.key()).unwrap().unwrap();
+        assert!(!kept.starts_with(&RECORD_MAGIC));
+        let kept = store.trees.submissions.get(new.key()).unwrap().unwrap();
+        assert!(kept.starts_with(&RECORD_MAGIC));
+    }
 }

@@ -20,7 +20,8 @@ use sled::Transactional;
 
 use super::bundles::{BundleAppender, BundleAt, BundleLog};
 use super::{
-    decode, encode, Accepted, EhrResource, State, StoreError, SubmissionRecord, Transition,
+    decode, encode, split_stored, stored, Accepted, EhrResource, State, StoreError,
+    SubmissionRecord, Transition,
 };
 
 /// How many writes one round takes at most (the rest wait for the next round).
@@ -74,7 +75,8 @@ pub struct CommitStats {
 pub(crate) struct Trees {
     pub db: sled::Db,
     pub submissions: sled::Tree,
-    /// Where each submission's Bundle is in the Bundle log.
+    /// Where each submission's Bundle is in the Bundle log, for submissions accepted before
+    /// that went into the record itself (read only).
     pub bundle_at: sled::Tree,
     pub bundles: BundleLog,
     /// Bundles accepted before the Bundle log existed (read only).
@@ -283,15 +285,13 @@ fn transact(
 ) -> Result<(Outcomes, i64), StoreError> {
     let outcome = (
         &trees.submissions,
-        &trees.bundle_at,
         &trees.outbox,
         &trees.by_resource,
         &trees.by_patient,
     )
-        .transaction(|(subs, bundle_at, outbox, resources, patients)| {
+        .transaction(|(subs, outbox, resources, patients)| {
             let t = Tx {
                 subs,
-                bundle_at,
                 outbox,
                 resources,
                 patients,
@@ -312,7 +312,6 @@ fn transact(
 
 struct Tx<'a> {
     subs: &'a TransactionalTree,
-    bundle_at: &'a TransactionalTree,
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
@@ -362,8 +361,7 @@ impl Tx<'_> {
                 let Some(at) = at else {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
-                self.subs.insert(key.as_bytes(), record.as_slice())?;
-                self.bundle_at.insert(key.as_bytes(), &at.to_bytes())?;
+                self.subs.insert(key.as_bytes(), stored(Some(at), record))?;
                 if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
                     self.outbox_delta.set(self.outbox_delta.get() + 1);
                 }
@@ -421,7 +419,8 @@ impl Tx<'_> {
                 key.as_bytes(),
             )?;
         }
-        self.subs.insert(key.as_bytes(), encoded)?;
+        self.subs
+            .insert(key.as_bytes(), stored(split_stored(&bytes).0, &encoded))?;
         match outbox {
             Outbox::Leave if self.outbox.remove(key.as_bytes())?.is_some() => {
                 self.outbox_delta.set(self.outbox_delta.get() - 1)
