@@ -67,7 +67,7 @@ impl<'a> Json<'a> {
             Json::Str(t) => write_str(out, t),
             Json::Arr(items) => write_list(out, *b"[]", items, |out, item| item.write(out)),
             Json::Obj(members) => write_list(out, *b"{}", members, |out, (k, v)| {
-                write_key(out, k);
+                write_name(out, k);
                 v.write(out);
             }),
             Json::Value(v) => write_value(out, v),
@@ -146,6 +146,15 @@ fn write_list<I: IntoIterator>(
 fn write_key(out: &mut Vec<u8>, key: &str) {
     write_str(out, key);
     out.push(b':');
+}
+
+/// A FHIR element name and its colon: names are plain ASCII (written in this crate), so there
+/// is nothing to escape and nothing to look for.
+fn write_name(out: &mut Vec<u8>, name: &'static str) {
+    debug_assert_eq!(plain_run(name.as_bytes(), 0), name.len(), "{name:?}");
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
 }
 
 /// A JSON string, escaped as serde_json escapes: `"`, `\\` and the control characters (short
