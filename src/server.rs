@@ -48,6 +48,18 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             None
         }
     };
+    // One socket, bound here (so that a port in use is an error, not a silent share), served by
+    // one single-threaded runtime per core: a connection stays on the thread that accepted it,
+    // from its first request to its last answer.
+    let listen = config.listen;
+    let listen_error = move |source| ServeError::Listen {
+        addr: listen.to_string(),
+        source,
+    };
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(listen_error)?;
+    let addr = listener.local_addr().map_err(listen_error)?;
     // The outbox has a client of its own: its connections live on the outbox's runtime.
     let worker = match &ehr {
         Some((_, cfg)) => Some(
@@ -78,17 +90,6 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         outbox: wake,
         ehr: ehr.map(|(c, _)| c),
     });
-    // One socket, bound here (so that a port in use is an error, not a silent share), served by
-    // one single-threaded runtime per core: a connection stays on the thread that accepted it,
-    // from its first request to its last answer.
-    let listen_error = |source| ServeError::Listen {
-        addr: state.config.listen.to_string(),
-        source,
-    };
-    let listener = std::net::TcpListener::bind(state.config.listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(listen_error)?;
-    let addr = listener.local_addr().map_err(listen_error)?;
     let (http_stop, http_stopped) = watch::channel(false);
     let app = router(Arc::clone(&state));
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
