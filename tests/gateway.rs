@@ -396,3 +396,44 @@ fn a_full_outbox_refuses_new_submissions_with_retry_after_and_stores_nothing() {
     let (_, ready) = app.get("/ready");
     assert_eq!(ready["outbox_depth"], 1);
 }
+
+#[test]
+fn a_submission_whose_bundle_is_lost_is_dead_lettered_not_retried_forever() {
+    // An EHR that is not there: nothing is delivered before the store is damaged.
+    let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
+    let mut app = App::start(Some(&url));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    app.kill();
+    // Damage the store: the record no longer says where its Bundle is.
+    {
+        let db = sled::open(app.data_dir()).unwrap();
+        let submissions = db.open_tree("submissions").unwrap();
+        let kept = submissions.get(KEY).unwrap().expect("the record");
+        assert_eq!(
+            &kept[..4],
+            &[0xff; 4],
+            "a record that carries its Bundle's place"
+        );
+        submissions.insert(KEY, &kept[16..]).unwrap();
+        db.flush().unwrap();
+    }
+    app.restart();
+    let view = app.wait_for_state(KEY, "dead-lettered", 30);
+    let last = view["transitions"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        last["detail"], "the submission's Bundle is not in the store",
+        "{view}"
+    );
+    let metrics = app.get_text("/metrics");
+    assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
+    assert!(
+        metrics.contains("chartbridge_dead_letters_total 1"),
+        "{metrics}"
+    );
+}

@@ -91,10 +91,9 @@ impl Outbox {
                     let outcome = this.attempt(&key, failures).await;
                     drop(permit);
                     let next = match outcome {
-                        Ok(Some((transition, resources, next))) => {
+                        Ok((transition, resources, next)) => {
                             this.record(&key, transition, resources, next).await
                         }
-                        Ok(None) => None,
                         Err(delay) => Some(delay),
                     };
                     // Out of flight only once the outcome is recorded: until then the entry is
@@ -119,13 +118,24 @@ impl Outbox {
     }
 
     /// One attempt, after `failures` failed ones: what to record, and the delay before the
-    /// next attempt when it should be retried. `Ok(None)` when there is nothing to deliver;
-    /// `Err(delay)` when the Bundle could not be read (nothing to record; try again after
+    /// next attempt when it should be retried. `Err(delay)` when the Bundle could not be read (nothing to record; try again after
     /// `delay`).
-    async fn attempt(&self, key: &str, failures: u32) -> Result<Option<Outcome>, Duration> {
+    async fn attempt(&self, key: &str, failures: u32) -> Result<Outcome, Duration> {
         let bundle = match self.store.bundle(key) {
             Ok(Some(bundle)) => bundle,
-            Ok(None) => return Ok(None),
+            // Nothing to deliver, ever (a damaged store): a dead letter that says so, rather
+            // than an entry picked again at every wake-up. Without a record the store drops the
+            // entry.
+            Ok(None) => {
+                Metrics::inc(&self.metrics.dead_letters);
+                tracing::error!(key, "outbox: the submission's Bundle is not in the store");
+                let dead = Transition {
+                    state: State::DeadLettered,
+                    at: now(),
+                    detail: Some("the submission's Bundle is not in the store".into()),
+                };
+                return Ok((dead, Vec::new(), None));
+            }
             Err(e) => {
                 tracing::error!(key, error = %e, "outbox: cannot read the submission");
                 return Err(self.backoff_cap);
@@ -186,7 +196,7 @@ impl Outbox {
                 )
             }
         };
-        Ok(Some((transition, resources, next)))
+        Ok((transition, resources, next))
     }
 
     /// Records an attempt's outcome (durably); returns when to try again, if ever.

@@ -234,7 +234,8 @@ impl Store {
 
     /// Appends a transition (and, once delivered, the EHR's resources, indexed) and, when the
     /// submission leaves the outbox (delivered or dead-lettered), removes its entry. Durable on
-    /// return; `None` when there is no such submission.
+    /// return; `None` when there is no such submission (and an outbox entry left without its
+    /// record by a damaged store is dropped).
     pub fn transition(
         &self,
         key: &str,
@@ -514,5 +515,29 @@ mod tests {
         assert!(!kept.starts_with(&RECORD_MAGIC));
         let kept = store.trees.submissions.get(new.key()).unwrap().unwrap();
         assert!(kept.starts_with(&RECORD_MAGIC));
+    }
+
+    /// An outbox entry without its record (a damaged store) is dropped by the transition that
+    /// finds nothing to update, instead of being picked again forever.
+    #[test]
+    fn an_outbox_entry_without_its_record_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("outbox")
+                .unwrap()
+                .insert("m/orphan", &[])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.outbox_depth(), 1);
+        assert_eq!(store.bundle("m/orphan").unwrap(), None);
+        assert_eq!(
+            store.transition("m/orphan", delivered(), vec![]).unwrap(),
+            None
+        );
+        assert_eq!(store.outbox_depth(), 0);
+        assert!(store.pending().unwrap().is_empty());
     }
 }

@@ -401,6 +401,10 @@ impl Tx<'_> {
         change: impl FnOnce(&mut SubmissionRecord) -> Outbox,
     ) -> TxResult<Result<Written, StoreError>> {
         let Some(bytes) = self.subs.get(key.as_bytes())? else {
+            // An outbox entry without its record (a damaged store) has nothing to deliver.
+            if self.outbox.remove(key.as_bytes())?.is_some() {
+                self.outbox_delta.set(self.outbox_delta.get() - 1);
+            }
             return Ok(Ok(Written::Record(None)));
         };
         let mut record = match decode(key, &bytes) {
