@@ -462,6 +462,16 @@ mod tests {
         }
     }
 
+    /// A store in `dir` holding `(tree, key, value)`s written straight to sled, as an earlier
+    /// version (or damage) left them.
+    fn as_written_before(dir: &Path, values: &[(&str, &str, &[u8])]) {
+        let db = sled::open(dir).unwrap();
+        for (tree, key, value) in values {
+            db.open_tree(tree).unwrap().insert(key, *value).unwrap();
+        }
+        db.flush().unwrap();
+    }
+
     fn delivered() -> Transition {
         Transition {
             state: State::Delivered,
@@ -476,24 +486,20 @@ mod tests {
     fn records_with_and_without_their_bundles_place_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let old = record("old");
-        {
-            let db = sled::open(dir.path()).unwrap();
-            let (_, mut log) = bundles::BundleLog::open(&dir.path().join("bundles.log")).unwrap();
-            let at = log
-                .append(&[&lz4_flex::compress_prepend_size(BUNDLE)])
-                .unwrap()[0];
-            let key = old.key();
-            db.open_tree("submissions")
-                .unwrap()
-                .insert(&key, encode(&old).unwrap())
-                .unwrap();
-            db.open_tree("bundle_at")
-                .unwrap()
-                .insert(&key, &at.to_bytes())
-                .unwrap();
-            db.open_tree("outbox").unwrap().insert(&key, &[]).unwrap();
-            db.flush().unwrap();
-        }
+        let (_, mut log) = bundles::BundleLog::open(&dir.path().join("bundles.log")).unwrap();
+        let at = log
+            .append(&[&lz4_flex::compress_prepend_size(BUNDLE)])
+            .unwrap()[0];
+        drop(log);
+        let (key, encoded) = (old.key(), encode(&old).unwrap());
+        as_written_before(
+            dir.path(),
+            &[
+                ("submissions", &key, &encoded),
+                ("bundle_at", &key, &at.to_bytes()),
+                ("outbox", &key, &[]),
+            ],
+        );
         let store = Store::open(dir.path()).unwrap();
         let new = record("new");
         assert_eq!(store.accept(&new, BUNDLE).unwrap(), Accepted::New);
@@ -522,14 +528,7 @@ mod tests {
     #[test]
     fn an_outbox_entry_without_its_record_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let db = sled::open(dir.path()).unwrap();
-            db.open_tree("outbox")
-                .unwrap()
-                .insert("m/orphan", &[])
-                .unwrap();
-            db.flush().unwrap();
-        }
+        as_written_before(dir.path(), &[("outbox", "m/orphan", &[])]);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.outbox_depth(), 1);
         assert_eq!(store.bundle("m/orphan").unwrap(), None);
