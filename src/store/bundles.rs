@@ -25,15 +25,18 @@ pub(crate) struct BundleAt {
 }
 
 impl BundleAt {
-    pub(crate) fn to_bytes(self) -> [u8; 12] {
-        let mut b = [0u8; 12];
+    /// The length of `to_bytes`.
+    pub(crate) const LEN: usize = 12;
+
+    pub(crate) fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
         b[..8].copy_from_slice(&self.offset.to_le_bytes());
         b[8..].copy_from_slice(&self.len.to_le_bytes());
         b
     }
 
     pub(crate) fn from_bytes(b: &[u8]) -> Option<BundleAt> {
-        let b: &[u8; 12] = b.try_into().ok()?;
+        let b: &[u8; Self::LEN] = b.try_into().ok()?;
         let (offset, len) = b.split_at(8);
         Some(BundleAt {
             offset: u64::from_le_bytes(offset.try_into().ok()?),

@@ -395,7 +395,7 @@ fn stored(at: Option<bundles::BundleAt>, record: &[u8]) -> Vec<u8> {
     let Some(at) = at else {
         return record.to_vec();
     };
-    let mut v = Vec::with_capacity(RECORD_MAGIC.len() + 12 + record.len());
+    let mut v = Vec::with_capacity(RECORD_MAGIC.len() + bundles::BundleAt::LEN + record.len());
     v.extend_from_slice(&RECORD_MAGIC);
     v.extend_from_slice(&at.to_bytes());
     v.extend_from_slice(record);
@@ -405,8 +405,8 @@ fn stored(at: Option<bundles::BundleAt>, record: &[u8]) -> Vec<u8> {
 /// What `stored` put together: the Bundle's place (if kept there) and the encoded record.
 fn split_stored(value: &[u8]) -> (Option<bundles::BundleAt>, &[u8]) {
     match value.strip_prefix(&RECORD_MAGIC) {
-        Some(rest) if rest.len() >= 12 => {
-            let (at, record) = rest.split_at(12);
+        Some(rest) if rest.len() >= bundles::BundleAt::LEN => {
+            let (at, record) = rest.split_at(bundles::BundleAt::LEN);
             match bundles::BundleAt::from_bytes(at) {
                 Some(at) => (Some(at), record),
                 None => (None, value),
