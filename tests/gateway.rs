@@ -399,13 +399,41 @@ fn a_full_outbox_refuses_new_submissions_with_retry_after_and_stores_nothing() {
 
 #[test]
 fn a_submission_whose_bundle_is_lost_is_dead_lettered_not_retried_forever() {
-    // An EHR that is not there: nothing is delivered before the store is damaged.
+    // The record no longer says where its Bundle is.
+    let view = dead_letter_after_damage(|_, submissions, kept| {
+        submissions.insert(KEY, &kept[16..]).unwrap();
+    });
+    assert_eq!(
+        last_detail(&view),
+        "the submission's Bundle is not in the store",
+        "{view}"
+    );
+}
+
+#[test]
+fn a_submission_whose_bundle_is_damaged_is_dead_lettered_not_retried_forever() {
+    // A byte of the Bundle's frame in the log flipped: its checksum fails.
+    let view = dead_letter_after_damage(|data, _, kept| {
+        let offset = u64::from_le_bytes(kept[4..12].try_into().unwrap()) as usize;
+        let path = data.join("bundles.log");
+        let mut log = std::fs::read(&path).unwrap();
+        log[offset + 8] ^= 1;
+        std::fs::write(&path, log).unwrap();
+    });
+    assert!(last_detail(&view).contains("fails its check"), "{view}");
+}
+
+/// Accepts a submission while the EHR is unreachable, stops the gateway, damages its store
+/// with `damage(data dir, submissions tree, the record as kept)`, restarts it and returns the
+/// submission once it is dead-lettered (with the outbox empty).
+fn dead_letter_after_damage(
+    damage: impl FnOnce(&std::path::Path, &sled::Tree, sled::IVec),
+) -> Value {
     let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
     let mut app = App::start(Some(&url));
     let (status, _, _) = app.post_typeform(&fixture(MAYA));
     assert_eq!(status, 202);
     app.kill();
-    // Damage the store: the record no longer says where its Bundle is.
     {
         let db = sled::open(app.data_dir()).unwrap();
         let submissions = db.open_tree("submissions").unwrap();
@@ -415,25 +443,22 @@ fn a_submission_whose_bundle_is_lost_is_dead_lettered_not_retried_forever() {
             &[0xff; 4],
             "a record that carries its Bundle's place"
         );
-        submissions.insert(KEY, &kept[16..]).unwrap();
+        damage(&app.data_dir(), &submissions, kept);
         db.flush().unwrap();
     }
     app.restart();
     let view = app.wait_for_state(KEY, "dead-lettered", 30);
-    let last = view["transitions"]
-        .as_array()
-        .unwrap()
-        .last()
-        .unwrap()
-        .clone();
-    assert_eq!(
-        last["detail"], "the submission's Bundle is not in the store",
-        "{view}"
-    );
     let metrics = app.get_text("/metrics");
     assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
     assert!(
         metrics.contains("chartbridge_dead_letters_total 1"),
         "{metrics}"
     );
+    view
+}
+
+fn last_detail(view: &Value) -> &str {
+    view["transitions"].as_array().unwrap().last().unwrap()["detail"]
+        .as_str()
+        .unwrap_or_default()
 }

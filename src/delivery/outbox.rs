@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::client::EhrClient;
 use super::{backoff, Attempt};
 use crate::metrics::Metrics;
-use crate::store::{EhrResource, Pending, State, Store, Transition};
+use crate::store::{EhrResource, Pending, State, Store, StoreError, Transition};
 
 pub struct Outbox {
     pub store: Arc<Store>,
@@ -124,17 +124,13 @@ impl Outbox {
         let bundle = match self.store.bundle(key) {
             Ok(Some(bundle)) => bundle,
             // Nothing to deliver, ever (a damaged store): a dead letter that says so, rather
-            // than an entry picked again at every wake-up. Without a record the store drops the
-            // entry.
+            // than an entry picked again and again. Without a record the store drops the entry.
             Ok(None) => {
-                Metrics::inc(&self.metrics.dead_letters);
-                tracing::error!(key, "outbox: the submission's Bundle is not in the store");
-                let dead = Transition {
-                    state: State::DeadLettered,
-                    at: now(),
-                    detail: Some("the submission's Bundle is not in the store".into()),
-                };
-                return Ok((dead, Vec::new(), None));
+                let why = "the submission's Bundle is not in the store";
+                return Ok(self.dead_letter(key, why.into()));
+            }
+            Err(e @ StoreError::Corrupt { .. }) => {
+                return Ok(self.dead_letter(key, format!("the submission's Bundle: {e}")));
             }
             Err(e) => {
                 tracing::error!(key, error = %e, "outbox: cannot read the submission");
@@ -182,21 +178,22 @@ impl Outbox {
                     Some(delay),
                 )
             }
-            Attempt::Reject { reason } => {
-                Metrics::inc(&self.metrics.dead_letters);
-                tracing::warn!(key, reason = %reason, "EHR rejected the submission: dead letter");
-                (
-                    Transition {
-                        state: State::DeadLettered,
-                        at,
-                        detail: Some(reason),
-                    },
-                    Vec::new(),
-                    None,
-                )
-            }
+            Attempt::Reject { reason } => return Ok(self.dead_letter(key, reason)),
         };
         Ok((transition, resources, next))
+    }
+
+    /// What to record when the submission cannot be delivered, ever, and why: the EHR rejected
+    /// it, or its Bundle is lost. A replay sends it again once the cause is fixed.
+    fn dead_letter(&self, key: &str, reason: String) -> Outcome {
+        Metrics::inc(&self.metrics.dead_letters);
+        tracing::warn!(key, reason = %reason, "dead letter");
+        let dead = Transition {
+            state: State::DeadLettered,
+            at: now(),
+            detail: Some(reason),
+        };
+        (dead, Vec::new(), None)
     }
 
     /// Records an attempt's outcome (durably); returns when to try again, if ever.
