@@ -118,8 +118,8 @@ impl Outbox {
     }
 
     /// One attempt, after `failures` failed ones: what to record, and the delay before the
-    /// next attempt when it should be retried. `Err(delay)` when the Bundle could not be read
-    /// (nothing to record; try again after `delay`).
+    /// next attempt when it should be retried. `Err(delay)` when the store could not be read (an
+    /// I/O error: nothing to record; try again after `delay`).
     async fn attempt(&self, key: &str, failures: u32) -> Result<Outcome, Duration> {
         let bundle = match self.store.bundle(key) {
             Ok(Some(bundle)) => bundle,
@@ -183,8 +183,8 @@ impl Outbox {
         Ok((transition, resources, next))
     }
 
-    /// What to record when the submission cannot be delivered, ever, and why: the EHR rejected
-    /// it, or its Bundle is lost. A replay sends it again once the cause is fixed.
+    /// What to record when the submission cannot be delivered as it is, and why: the EHR
+    /// rejected it (a replay sends it again once the cause is fixed), or its Bundle is lost.
     fn dead_letter(&self, key: &str, reason: String) -> Outcome {
         Metrics::inc(&self.metrics.dead_letters);
         tracing::warn!(key, reason = %reason, "dead letter");
