@@ -404,16 +404,11 @@ fn stored(at: Option<bundles::BundleAt>, record: &[u8]) -> Vec<u8> {
 
 /// What `stored` put together: the Bundle's place (if kept there) and the encoded record.
 fn split_stored(value: &[u8]) -> (Option<bundles::BundleAt>, &[u8]) {
-    match value.strip_prefix(&RECORD_MAGIC) {
-        Some(rest) if rest.len() >= bundles::BundleAt::LEN => {
-            let (at, record) = rest.split_at(bundles::BundleAt::LEN);
-            match bundles::BundleAt::from_bytes(at) {
-                Some(at) => (Some(at), record),
-                None => (None, value),
-            }
-        }
-        _ => (None, value),
-    }
+    value
+        .strip_prefix(&RECORD_MAGIC)
+        .and_then(|rest| rest.split_at_checked(bundles::BundleAt::LEN))
+        .and_then(|(at, record)| Some((bundles::BundleAt::from_bytes(at)?, record)))
+        .map_or((None, value), |(at, record)| (Some(at), record))
 }
 
 /// Records (and Bundles) are stored as LZ4-compressed JSON: it shrinks about fourfold, and
