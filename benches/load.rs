@@ -12,6 +12,8 @@
 //!                                         # `chartbridge` instead (A/B against an older commit)
 //!                                         # LOAD_CLIENT=wrk|builtin: the load generator
 //!                                         # (default: wrk when installed)
+//!                                         # LOAD_LOG: the server's RUST_LOG (default info,
+//!                                         # as `serve` runs; its lines are dropped)
 //!
 //! Loopback only, bounded in time; it prints a table and stops by itself.
 
@@ -72,6 +74,21 @@ async fn serve_sink() -> String {
     );
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
+}
+
+/// The user + system CPU time process `pid` has used, in seconds (Linux `/proc`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) closed by the last `)`.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let per_second = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    Some(ticks / per_second)
 }
 
 /// One route's figures: answered as expected (`202`, or `200` for echo), the rest, and p50/p99.
@@ -356,6 +373,8 @@ fn main() {
                 if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = {ehr_concurrency}\n") },
             ),
         ), "writing the config");
+        // `serve`'s own default level (its lines are dropped); `LOAD_LOG=error` shows errors.
+        let log = std::env::var("LOAD_LOG").unwrap_or_else(|_| "info".into());
         let mut child = or_exit(
             Command::new(
                 std::env::var_os("LOAD_SERVER")
@@ -363,9 +382,9 @@ fn main() {
             )
                 .args(["serve", "--config"])
                 .arg(&config)
-                .env("RUST_LOG", "error")
+                .env("RUST_LOG", &log)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
+                .stderr(if log == "error" { Stdio::inherit() } else { Stdio::null() })
                 .spawn(),
             "starting chartbridge serve",
         );
@@ -380,8 +399,17 @@ fn main() {
         // Warm up both routes, then measure each in turn.
         let route = |name, path: &str, unique, seconds| Load { name, url: format!("{url}{path}"), body: Arc::clone(&body), unique, connections, seconds };
         route("warm-up", "/echo", false, 1).run(client, dir.path()).await;
+        let pid = child.id();
+        let before = cpu_seconds(pid);
         let echo = route("POST /echo (baseline)", "/echo", false, seconds).run(client, dir.path()).await;
+        let between = cpu_seconds(pid);
         let submit = route("POST /submissions (durable)", "/submissions/glp1-intake-typeform", true, seconds).run(client, dir.path()).await;
+        let after = cpu_seconds(pid);
+        // The server's CPU time per request: steadier than requests/s on a machine whose
+        // speed wanders (what other tenants take is not in it).
+        if let (Some(b), Some(m), Some(a)) = (before, between, after) {
+            println!("\nserver CPU per request: echo {:.0} µs; submission {:.0} µs (its accept and the deliveries meanwhile)", 1e6 * (m - b) / echo.requests.max(1) as f64, 1e6 * (a - m) / submit.requests.max(1) as f64);
+        }
         // What the outbox did meanwhile: delivered, and still waiting, when the load stopped.
         let metrics = match reqwest::get(format!("{url}/metrics")).await {
             Ok(r) => r.text().await.unwrap_or_default(),
