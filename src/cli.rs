@@ -321,13 +321,7 @@ fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {
 }
 
 fn serve(config: Option<&Path>) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init();
     let config = match crate::config::Config::load(config) {
         Ok(c) => c,
         Err(e) => {

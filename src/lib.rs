@@ -2,7 +2,7 @@
 //! files into FHIR R4 QuestionnaireResponses, Observations and Provenance.
 //!
 //! Layers, imports pointing down only: `cli` → `server` → `http` → `intake`, `delivery` →
-//! `mapping` → `fhir`; `store`, `config` and `metrics` at the bottom. See ARCHITECTURE.md.
+//! `mapping` → `fhir`; `store`, `config`, `metrics` and `logging` at the bottom. See ARCHITECTURE.md.
 
 pub mod cli;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod fhir;
 pub mod golden;
 pub mod http;
 pub mod intake;
+pub mod logging;
 pub mod mapping;
 pub mod metrics;
 pub mod server;

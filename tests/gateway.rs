@@ -70,6 +70,56 @@ fn a_typeform_intake_reaches_the_ehr_with_its_identifiers_and_provenance() {
 }
 
 #[test]
+fn logs_are_json_lines_with_request_ids_and_no_payload_values() {
+    let ehr = FhirServer::start();
+    let mut app = App::start_logged(Some(&ehr.url));
+    let (status, body, headers) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202, "{body}");
+    let request_id = headers["x-request-id"].to_str().unwrap().to_string();
+    app.wait_for_state(KEY, "delivered", 30);
+    app.terminate();
+
+    let (lines, text) = app.log_lines();
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string()
+                && line["level"].is_string()
+                && line["message"].is_string(),
+            "{line}"
+        );
+    }
+    let of_request: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["request_id"] == request_id.as_str())
+        .collect();
+    let messages: Vec<&str> = of_request
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    assert_eq!(messages, ["submission accepted", "handled"], "{text}");
+    let handled = of_request[1];
+    assert_eq!(handled["status"], 202);
+    assert_eq!(handled["method"], "POST");
+    assert_eq!(handled["path"], "/submissions/glp1-intake-typeform");
+    assert_eq!(of_request[0]["key"], KEY);
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "delivered" && l["key"] == KEY));
+    // Names, contact details, birth date, free text: the payload's values stay out of the log.
+    for phi in [
+        "Maya",
+        "Okafor",
+        "maya.okafor",
+        "4155550142",
+        "1986-03-14",
+        "Metformin",
+        "Sulfa",
+    ] {
+        assert!(!text.contains(phi), "{phi} in the log");
+    }
+}
+
+#[test]
 fn a_duplicate_post_gets_the_same_answer_and_creates_nothing() {
     let ehr = FhirServer::start();
     let app = App::start(Some(&ehr.url));

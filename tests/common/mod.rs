@@ -154,6 +154,8 @@ pub struct App {
     pub config_path: PathBuf,
     dir: std::sync::Arc<tempfile::TempDir>,
     http: reqwest::blocking::Client,
+    /// Where the process's stderr goes, at `RUST_LOG=info` (else: this test's stderr, at `warn`).
+    log: Option<PathBuf>,
 }
 
 pub const TYPEFORM_SECRET: &str = "typeform-test-secret";
@@ -193,20 +195,52 @@ impl App {
             config_path,
             dir,
             http: reqwest::blocking::Client::new(),
+            log: None,
         };
         app.restart();
         app
     }
 
+    /// Starts the gateway logging at `info` into a file (read with `log_lines`).
+    pub fn start_logged(ehr: Option<&str>) -> App {
+        let mut app = Self::start(ehr);
+        app.kill();
+        app.log = Some(app.dir.path().join("serve.log"));
+        app.restart();
+        app
+    }
+
+    /// The log so far, one parsed JSON object per line (every line must be one), and its text.
+    pub fn log_lines(&self) -> (Vec<Value>, String) {
+        let path = self.log.as_ref().expect("started with start_logged");
+        let text = std::fs::read_to_string(path).expect("read the log");
+        let lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        (lines, text)
+    }
+
     /// (Re)starts the process on the same data directory and configuration.
     pub fn restart(&mut self) {
+        let (level, stderr) = match &self.log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the log file");
+                ("info", Stdio::from(file))
+            }
+            None => ("warn", Stdio::inherit()),
+        };
         let mut child = chartbridge()
             .args(["serve", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start chartbridge serve");
         let stdout = child.stdout.take().expect("stdout");
