@@ -78,6 +78,19 @@ impl Intake {
         payload: Value,
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
+        // A submission accepted before is answered from its record: nothing is mapped or
+        // written again (vendors re-send on a timeout). Two copies racing both get here; the
+        // store's writer tells them apart.
+        if let Some(id) = mapping.submission_id(&payload) {
+            let key = store::key(&mapping.id, &id);
+            if let Some(existing) = self.store.get(&key)? {
+                return if existing.payload_sha256 == crate::fhir::sha256_hex(raw.as_ref()) {
+                    Ok(receipt(&existing, false))
+                } else {
+                    Err(IntakeError::Revision { key })
+                };
+            }
+        }
         let mapped = mapping.map_submission(SubmissionInput {
             payload: &payload,
             raw: raw.as_ref(),
@@ -108,15 +121,6 @@ impl Intake {
             ehr: Vec::new(),
         };
         let key = record.key();
-        let receipt = |r: &SubmissionRecord, new| Receipt {
-            key: store::key(&r.mapping_id, &r.submission_id),
-            mapping_id: r.mapping_id.clone(),
-            submission_id: r.submission_id.clone(),
-            new,
-            event: INTAKE_SUBMITTED,
-            flags: r.flags.clone(),
-            missing: r.missing.clone(),
-        };
         let written = self.store.accept_async(&record, &mapped.bundle);
         drop((mapped, payload, raw));
         match written.await? {
@@ -124,5 +128,18 @@ impl Intake {
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
             Accepted::Conflict(_) => Err(IntakeError::Revision { key }),
         }
+    }
+}
+
+/// The receipt for `r`: `new` unless it had been accepted before.
+fn receipt(r: &SubmissionRecord, new: bool) -> Receipt {
+    Receipt {
+        key: store::key(&r.mapping_id, &r.submission_id),
+        mapping_id: r.mapping_id.clone(),
+        submission_id: r.submission_id.clone(),
+        new,
+        event: INTAKE_SUBMITTED,
+        flags: r.flags.clone(),
+        missing: r.missing.clone(),
     }
 }
