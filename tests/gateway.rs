@@ -480,6 +480,36 @@ fn a_submission_whose_bundle_is_damaged_is_dead_lettered_not_retried_forever() {
     assert!(last_detail(&view).contains("fails its check"), "{view}");
 }
 
+#[test]
+fn an_outbox_entry_without_its_submission_is_dropped_and_counts_as_no_dead_letter() {
+    let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
+    let mut app = App::start(Some(&url));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    app.kill();
+    {
+        let db = sled::open(app.data_dir()).unwrap();
+        db.open_tree("submissions").unwrap().remove(KEY).unwrap();
+        assert!(db.open_tree("outbox").unwrap().contains_key(KEY).unwrap());
+        db.flush().unwrap();
+    }
+    app.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = app.get_text("/metrics");
+        if metrics.contains("chartbridge_outbox_depth 0") {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        metrics.contains("chartbridge_dead_letters_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(app.get(&format!("/submissions/{KEY}")).0, 404);
+}
+
 /// Accepts a submission while the EHR is unreachable, stops the gateway, damages its store
 /// with `damage(data dir, submissions tree, the record as kept)`, restarts it and returns the
 /// submission once it is dead-lettered (with the outbox empty).

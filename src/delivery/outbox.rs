@@ -186,7 +186,6 @@ impl Outbox {
     /// What to record when the submission cannot be delivered as it is, and why: the EHR
     /// rejected it (a replay sends it again once the cause is fixed), or its Bundle is lost.
     fn dead_letter(&self, key: &str, reason: String) -> Outcome {
-        Metrics::inc(&self.metrics.dead_letters);
         tracing::warn!(key, reason = %reason, "dead letter");
         let dead = Transition {
             state: State::DeadLettered,
@@ -196,7 +195,9 @@ impl Outbox {
         (dead, Vec::new(), None)
     }
 
-    /// Records an attempt's outcome (durably); returns when to try again, if ever.
+    /// Records an attempt's outcome (durably); returns when to try again, if ever. A dead
+    /// letter is counted once it is recorded: an outbox entry without its submission (a damaged
+    /// store) is dropped by the store, and no submission became a dead letter.
     async fn record(
         &self,
         key: &str,
@@ -204,12 +205,22 @@ impl Outbox {
         resources: Vec<EhrResource>,
         next: Option<Duration>,
     ) -> Option<Duration> {
+        let dead = transition.state == State::DeadLettered;
         match self
             .store
             .transition_async(key, transition, resources)
             .await
         {
-            Ok(_) => next,
+            Ok(Some(_)) => {
+                if dead {
+                    Metrics::inc(&self.metrics.dead_letters);
+                }
+                next
+            }
+            Ok(None) => {
+                tracing::warn!(key, "outbox: an entry without its submission was dropped");
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, "outbox: cannot record the delivery outcome");
                 Some(self.backoff_base)
