@@ -120,6 +120,66 @@ fn logs_are_json_lines_with_request_ids_and_no_payload_values() {
 }
 
 #[test]
+fn a_jotform_multipart_webhook_is_read_as_its_fields_and_reaches_the_ehr() {
+    let ehr = FhirServer::start();
+    let app = App::start(Some(&ehr.url));
+    let stored = String::from_utf8(fixture(
+        "fixtures/vendors/jotform.webhook.glp1-intake.multipart",
+    ))
+    .unwrap();
+    let old = stored.lines().next().unwrap()[2..].to_string();
+    // On the wire: CRLF, and a boundary of the sender's choosing (another one on a re-send).
+    let post = |boundary: &str| {
+        let body = stored.replace(&old, boundary).replace('\n', "\r\n");
+        app.post(
+            "/submissions/glp1-intake-jotform",
+            body.as_bytes(),
+            &[
+                ("x-api-key", "test-key".into()),
+                (
+                    "content-type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                ),
+            ],
+        )
+    };
+    let (status, first, _) = post("------------------------aaaa1111");
+    assert_eq!(status, 202, "{first}");
+    let key = "glp1-intake-jotform/6231907715427700618";
+    assert_eq!(first["key"], key);
+    let view = app.wait_for_state(key, "delivered", 30);
+    assert!(view["ehr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("QuestionnaireResponse/")));
+
+    let (status, again, headers) = post("------------------------bbbb2222");
+    assert_eq!((status, &again), (202, &first));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+
+    // A file part is refused, with what and where.
+    let file = "--b\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"id.png\"\r\n\r\nPNG\r\n--b--\r\n";
+    let (status, outcome, _) = app.post(
+        "/submissions/glp1-intake-jotform",
+        file.as_bytes(),
+        &[
+            ("x-api-key", "test-key".into()),
+            ("content-type", "multipart/form-data; boundary=b".into()),
+        ],
+    );
+    assert_eq!(status, 400, "{outcome}");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("`upload` is a file"));
+}
+
+#[test]
 fn a_duplicate_post_gets_the_same_answer_and_creates_nothing() {
     let ehr = FhirServer::start();
     let app = App::start(Some(&ehr.url));

@@ -19,8 +19,10 @@ pub enum ApiError {
     TooDeep(usize),
     #[error("the body is not JSON: {0}")]
     NotJson(String),
-    #[error("unsupported content type `{0}`: send application/json")]
+    #[error("unsupported content type `{0}`: send application/json or multipart/form-data")]
     UnsupportedMediaType(String),
+    #[error("the form body: {0}")]
+    Form(#[from] super::form::FormError),
     #[error(transparent)]
     Intake(#[from] IntakeError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
@@ -49,7 +51,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooDeep(_) | ApiError::NotJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::Form(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
             ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -71,9 +75,10 @@ impl ApiError {
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::TooLarge(_) => issue("too-costly", self.to_string()),
-            ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::UnsupportedMediaType(_) => {
-                issue("structure", self.to_string())
-            }
+            ApiError::TooDeep(_)
+            | ApiError::NotJson(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Form(_) => issue("structure", self.to_string()),
             ApiError::Intake(IntakeError::Revision { .. }) => issue(
                 "conflict",
                 format!("{self}; revisions are not supported yet: send a new submission id"),

@@ -10,12 +10,13 @@
 
 pub mod auth;
 pub mod error;
+pub mod form;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::{to_bytes, Body};
+use axum::body::{to_bytes, Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -116,7 +117,13 @@ async fn submit(
         Metrics::inc(&state.metrics.submissions_unauthorized);
         return Err(ApiError::Unauthorized(why));
     }
-    check_content_type(&parts.headers)?;
+    // A form body (Jotform's webhooks) is read as the JSON object of its fields.
+    let raw = match body_kind(&parts.headers)? {
+        BodyKind::Json => raw,
+        BodyKind::Multipart(boundary) => {
+            Bytes::from(form::multipart_to_json(&raw, &boundary).map_err(ApiError::Form)?)
+        }
+    };
     let waiting = state.intake.store().outbox_depth();
     if waiting >= state.config.limits.max_outbox {
         Metrics::inc(&state.metrics.submissions_rejected);
@@ -171,25 +178,34 @@ async fn submit(
     Ok(response)
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    match headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        None => Ok(()),
-        Some(ct) => {
-            let essence = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            if essence == "application/json" || essence.ends_with("+json") {
-                Ok(())
-            } else {
-                Err(ApiError::UnsupportedMediaType(essence))
-            }
-        }
+/// How a submission's body is written.
+enum BodyKind {
+    Json,
+    Multipart(String),
+}
+
+/// JSON (`application/json`, `…+json`, or no content type) or a multipart form; anything else
+/// is refused.
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(BodyKind::Json);
+    };
+    let ct = ct.to_str().unwrap_or("");
+    if let Some(boundary) = form::multipart_boundary(ct) {
+        return Ok(BodyKind::Multipart(
+            boundary.map_err(ApiError::Form)?.to_owned(),
+        ));
+    }
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(BodyKind::Json)
+    } else {
+        Err(ApiError::UnsupportedMediaType(essence))
     }
 }
 
