@@ -554,15 +554,7 @@ fn an_outbox_entry_without_its_submission_is_dropped_and_counts_as_no_dead_lette
         db.flush().unwrap();
     }
     app.restart();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let metrics = loop {
-        let metrics = app.get_text("/metrics");
-        if metrics.contains("chartbridge_outbox_depth 0") {
-            break metrics;
-        }
-        assert!(std::time::Instant::now() < deadline, "{metrics}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let metrics = app.wait_for_metrics(&["chartbridge_outbox_depth 0"]);
     assert!(
         metrics.contains("chartbridge_dead_letters_total 0"),
         "{metrics}"
@@ -595,12 +587,11 @@ fn dead_letter_after_damage(
     }
     app.restart();
     let view = app.wait_for_state(KEY, "dead-lettered", 30);
-    let metrics = app.get_text("/metrics");
-    assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
-    assert!(
-        metrics.contains("chartbridge_dead_letters_total 1"),
-        "{metrics}"
-    );
+    // Counted once the outbox has seen its outcome recorded: a moment after the record shows it.
+    app.wait_for_metrics(&[
+        "chartbridge_outbox_depth 0",
+        "chartbridge_dead_letters_total 1",
+    ]);
     view
 }
 

@@ -327,6 +327,22 @@ impl App {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// `/metrics` once it holds every one of `lines` (30 s at most).
+    pub fn wait_for_metrics(&self, lines: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let metrics = self.get_text("/metrics");
+            if lines.iter().all(|l| metrics.lines().any(|m| m == *l)) {
+                return metrics;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{lines:?} not in {metrics}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub fn get_text(&self, path: &str) -> String {
         self.http
             .get(format!("{}{path}", self.url))
