@@ -542,18 +542,10 @@ fn a_submission_whose_bundle_is_damaged_is_dead_lettered_not_retried_forever() {
 
 #[test]
 fn an_outbox_entry_without_its_submission_is_dropped_and_counts_as_no_dead_letter() {
-    let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
-    let mut app = App::start(Some(&url));
-    let (status, _, _) = app.post_typeform(&fixture(MAYA));
-    assert_eq!(status, 202);
-    app.kill();
-    {
-        let db = sled::open(app.data_dir()).unwrap();
+    let app = restarted_after_damage(|db, _| {
         db.open_tree("submissions").unwrap().remove(KEY).unwrap();
         assert!(db.open_tree("outbox").unwrap().contains_key(KEY).unwrap());
-        db.flush().unwrap();
-    }
-    app.restart();
+    });
     let metrics = app.wait_for_metrics(&["chartbridge_outbox_depth 0"]);
     assert!(
         metrics.contains("chartbridge_dead_letters_total 0"),
@@ -568,13 +560,7 @@ fn an_outbox_entry_without_its_submission_is_dropped_and_counts_as_no_dead_lette
 fn dead_letter_after_damage(
     damage: impl FnOnce(&std::path::Path, &sled::Tree, sled::IVec),
 ) -> Value {
-    let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
-    let mut app = App::start(Some(&url));
-    let (status, _, _) = app.post_typeform(&fixture(MAYA));
-    assert_eq!(status, 202);
-    app.kill();
-    {
-        let db = sled::open(app.data_dir()).unwrap();
+    let app = restarted_after_damage(|db, data| {
         let submissions = db.open_tree("submissions").unwrap();
         let kept = submissions.get(KEY).unwrap().expect("the record");
         assert_eq!(
@@ -582,10 +568,8 @@ fn dead_letter_after_damage(
             &[0xff; 4],
             "a record that carries its Bundle's place"
         );
-        damage(&app.data_dir(), &submissions, kept);
-        db.flush().unwrap();
-    }
-    app.restart();
+        damage(data, &submissions, kept);
+    });
     let view = app.wait_for_state(KEY, "dead-lettered", 30);
     // Counted once the outbox has seen its outcome recorded: a moment after the record shows it.
     app.wait_for_metrics(&[
@@ -593,6 +577,23 @@ fn dead_letter_after_damage(
         "chartbridge_dead_letters_total 1",
     ]);
     view
+}
+
+/// The gateway, restarted after a submission was accepted (the EHR unreachable) and its store
+/// then damaged by `damage(sled, data dir)` while the gateway was down.
+fn restarted_after_damage(damage: impl FnOnce(&sled::Db, &std::path::Path)) -> App {
+    let url = format!("http://127.0.0.1:{}/fhir/R4", free_port());
+    let mut app = App::start(Some(&url));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    app.kill();
+    {
+        let db = sled::open(app.data_dir()).unwrap();
+        damage(&db, &app.data_dir());
+        db.flush().unwrap();
+    }
+    app.restart();
+    app
 }
 
 fn last_detail(view: &Value) -> &str {
