@@ -78,19 +78,6 @@ impl Intake {
         payload: Value,
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
-        // A submission accepted before is answered from its record: nothing is mapped or
-        // written again (vendors re-send on a timeout). Two copies racing both get here; the
-        // store's writer tells them apart.
-        if let Some(id) = mapping.submission_id(&payload) {
-            let key = store::key(&mapping.id, &id);
-            if let Some(existing) = self.store.get(&key)? {
-                return if existing.payload_sha256 == crate::fhir::sha256_hex(raw.as_ref()) {
-                    Ok(receipt(&existing, false))
-                } else {
-                    Err(IntakeError::Revision { key })
-                };
-            }
-        }
         let mapped = mapping.map_submission(SubmissionInput {
             payload: &payload,
             raw: raw.as_ref(),

@@ -118,7 +118,7 @@ struct Run<'m, 'p> {
 
 impl Mapping {
     /// The payload's submission id (its idempotency key), if it has a usable one.
-    pub fn submission_id(&self, payload: &Value) -> Option<String> {
+    fn submission_id(&self, payload: &Value) -> Option<String> {
         match self.source.submission_id.first(payload) {
             Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
             Some(Value::Number(n)) => Some(n.to_string()),
