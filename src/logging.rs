@@ -36,7 +36,7 @@ pub fn init() {
 pub struct JsonLine;
 
 /// Fields as JSON members, each preceded by a comma (`,"name":value`), so that a span's fields,
-/// formatted once when the span is entered, are copied into each of its events as they are.
+/// formatted once when the span is made, are copied into each of its events as they are.
 pub struct Members;
 
 impl<S> FormatEvent<S, Members> for JsonLine

@@ -264,3 +264,22 @@ fn outbox_depth_follows_every_write_and_survives_reopening() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.outbox_depth(), 2);
 }
+
+#[test]
+fn a_reopen_waits_for_the_lock_a_moment_and_then_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let held = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(first);
+    });
+    // Released while it waits: it opens.
+    let second = Store::open(dir.path()).unwrap();
+    held.join().unwrap();
+    // Held throughout: an error, after the wait.
+    let started = std::time::Instant::now();
+    let third = Store::open(dir.path());
+    assert!(third.is_err());
+    assert!(started.elapsed() >= std::time::Duration::from_secs(2));
+    drop(second);
+}

@@ -140,11 +140,7 @@ impl Store {
         })?;
         // Every write goes through the writer, which flushes after each round: sled's own
         // background flusher has nothing left to do.
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .flush_every_ms(None)
-            .open()?;
+        let db = open_sled(dir)?;
         let (bundles, appender) = bundles::BundleLog::open(&dir.join("bundles.log"))?;
         let outbox = db.open_tree("outbox")?;
         let trees = Arc::new(Trees {
@@ -336,6 +332,30 @@ impl Store {
                     .map_err(StoreError::from)
             })
             .collect()
+    }
+}
+
+/// Opens sled in `dir`. sled lets go of its file lock only when the last reference to the
+/// database goes, which can be a moment after a `Store` of this process was dropped (its IO
+/// threads and deferred frees hold references; sled's own tests block on the lock for that
+/// reason): a reopen waits up to two seconds for the lock before it gives up.
+fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            opened => return opened.map_err(StoreError::from),
+        }
     }
 }
 
