@@ -108,6 +108,15 @@ impl Intake {
             ehr: Vec::new(),
         };
         let key = record.key();
+        let receipt = |r: &SubmissionRecord, new| Receipt {
+            key: store::key(&r.mapping_id, &r.submission_id),
+            mapping_id: r.mapping_id.clone(),
+            submission_id: r.submission_id.clone(),
+            new,
+            event: INTAKE_SUBMITTED,
+            flags: r.flags.clone(),
+            missing: r.missing.clone(),
+        };
         let written = self.store.accept_async(&record, &mapped.bundle);
         drop((mapped, payload, raw));
         match written.await? {
@@ -115,18 +124,5 @@ impl Intake {
             Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
             Accepted::Conflict(_) => Err(IntakeError::Revision { key }),
         }
-    }
-}
-
-/// The receipt for `r`: `new` unless it had been accepted before.
-fn receipt(r: &SubmissionRecord, new: bool) -> Receipt {
-    Receipt {
-        key: store::key(&r.mapping_id, &r.submission_id),
-        mapping_id: r.mapping_id.clone(),
-        submission_id: r.submission_id.clone(),
-        new,
-        event: INTAKE_SUBMITTED,
-        flags: r.flags.clone(),
-        missing: r.missing.clone(),
     }
 }

@@ -117,15 +117,6 @@ struct Run<'m, 'p> {
 }
 
 impl Mapping {
-    /// The payload's submission id (its idempotency key), if it has a usable one.
-    fn submission_id(&self, payload: &Value) -> Option<String> {
-        match self.source.submission_id.first(payload) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        }
-    }
-
     /// Maps one payload. Pure: same input, same Bundle, byte for byte.
     pub fn map_submission(
         &self,
@@ -152,9 +143,10 @@ impl Mapping {
             missing: Vec::new(),
         };
 
-        let submission_id = match self.submission_id(input.payload) {
-            Some(id) => Some(id),
-            None => {
+        let submission_id = match self.source.submission_id.first(input.payload) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => {
                 run.issues.push(
                     Issue::error(
                         "required",
