@@ -57,12 +57,7 @@ where
             meta.level()
         )?;
         string(&mut writer, meta.target())?;
-        let mut members = MemberWriter {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut members);
-        members.result?;
+        Members.format_fields(writer.by_ref(), event)?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 if let Some(fields) = span.extensions().get::<FormattedFields<Members>>() {

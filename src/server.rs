@@ -172,7 +172,7 @@ async fn hand_out(
     threads: Vec<UnboundedSender<Connection>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut next = 0;
+    let mut turns = threads.iter().cycle();
     loop {
         // axum's accept: retries what a peer caused, waits out what the process ran out of.
         let (stream, peer) = tokio::select! {
@@ -182,10 +182,9 @@ async fn hand_out(
         // Off this runtime's reactor, onto the thread's that serves it.
         match stream.into_std() {
             Ok(stream) => {
-                if let Some(thread) = threads.get(next % threads.len()) {
+                if let Some(thread) = turns.next() {
                     let _ = thread.send((stream, peer));
                 }
-                next += 1;
             }
             Err(e) => tracing::warn!(error = %e, "cannot hand over a connection"),
         }

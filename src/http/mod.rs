@@ -120,9 +120,7 @@ async fn submit(
     // A form body (Jotform's webhooks) is read as the JSON object of its fields.
     let raw = match body_kind(&parts.headers)? {
         BodyKind::Json => raw,
-        BodyKind::Multipart(boundary) => {
-            Bytes::from(form::multipart_to_json(&raw, &boundary).map_err(ApiError::Form)?)
-        }
+        BodyKind::Multipart(boundary) => Bytes::from(form::multipart_to_json(&raw, &boundary)?),
     };
     let waiting = state.intake.store().outbox_depth();
     if waiting >= state.config.limits.max_outbox {
@@ -192,9 +190,7 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     };
     let ct = ct.to_str().unwrap_or("");
     if let Some(boundary) = form::multipart_boundary(ct) {
-        return Ok(BodyKind::Multipart(
-            boundary.map_err(ApiError::Form)?.to_owned(),
-        ));
+        return Ok(BodyKind::Multipart(boundary?.to_owned()));
     }
     let essence = ct
         .split(';')

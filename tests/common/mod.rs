@@ -174,6 +174,13 @@ impl App {
 
     /// Same, with more lines for the `[limits]` table too.
     pub fn start_configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str) -> App {
+        let mut app = Self::configured(ehr, ehr_extra, limits_extra);
+        app.restart();
+        app
+    }
+
+    /// The gateway's data directory and configuration, not started yet.
+    fn configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str) -> App {
         let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
@@ -189,22 +196,19 @@ impl App {
             config.push_str(&format!("\n[ehr]\nbase_url = \"{url}\"\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\ntimeout_ms = 5000\n{ehr_extra}\n"));
         }
         std::fs::write(&config_path, config).expect("write config");
-        let mut app = App {
+        App {
             child: None,
             url: String::new(),
             config_path,
             dir,
             http: reqwest::blocking::Client::new(),
             log: None,
-        };
-        app.restart();
-        app
+        }
     }
 
     /// Starts the gateway logging at `info` into a file (read with `log_lines`).
     pub fn start_logged(ehr: Option<&str>) -> App {
-        let mut app = Self::start(ehr);
-        app.kill();
+        let mut app = Self::configured(ehr, "", "");
         app.log = Some(app.dir.path().join("serve.log"));
         app.restart();
         app
