@@ -78,7 +78,7 @@ impl Intake {
         payload: Value,
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
-        let mapped = mapping.map_submission(SubmissionInput {
+        let mut mapped = mapping.map_submission(SubmissionInput {
             payload: &payload,
             raw: raw.as_ref(),
             received_at,
@@ -117,7 +117,9 @@ impl Intake {
             flags: r.flags.clone(),
             missing: r.missing.clone(),
         };
-        let written = self.store.accept_async(&record, &mapped.bundle);
+        let written = self
+            .store
+            .accept_async(&record, std::mem::take(&mut mapped.bundle));
         drop((mapped, payload, raw));
         match written.await? {
             Accepted::New => Ok(receipt(&record, true)),

@@ -59,6 +59,54 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
     assert!(store.bundle("no/such").unwrap().is_none());
 }
 
+/// The Bundle log's length in bytes.
+fn log_len(dir: &std::path::Path) -> u64 {
+    std::fs::metadata(dir.join("bundles.log")).unwrap().len()
+}
+
+/// What one `BUNDLE` takes in the log: its frame header and its LZ4 text.
+fn one_frame() -> u64 {
+    8 + lz4_flex::compress_prepend_size(BUNDLE).len() as u64
+}
+
+#[test]
+fn a_resent_submission_adds_nothing_to_the_bundle_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let r = record("tok-5", "aaaa");
+    assert_eq!(store.accept(&r, BUNDLE).unwrap(), Accepted::New);
+    assert_eq!(log_len(dir.path()), one_frame());
+    assert!(matches!(
+        store.accept(&r, BUNDLE).unwrap(),
+        Accepted::Duplicate(_)
+    ));
+    assert!(matches!(
+        store.accept(&record("tok-5", "bbbb"), BUNDLE).unwrap(),
+        Accepted::Conflict(_)
+    ));
+    assert_eq!(log_len(dir.path()), one_frame(), "re-sends keep no Bundle");
+    store.accept(&record("tok-6", "aaaa"), BUNDLE).unwrap();
+    assert_eq!(log_len(dir.path()), 2 * one_frame());
+    assert_eq!(store.bundle(&r.key()).unwrap().as_deref(), Some(BUNDLE));
+}
+
+#[test]
+fn a_fresh_bundle_is_handed_over_from_memory_once_then_read_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let r = record("tok-7", "aaaa");
+    store.accept(&r, BUNDLE).unwrap();
+    // Damage the log: the first read does not touch it, the next one does and notices.
+    let log = dir.path().join("bundles.log");
+    let len = std::fs::read(&log).unwrap().len();
+    std::fs::write(&log, vec![0u8; len]).unwrap();
+    assert_eq!(store.bundle(&r.key()).unwrap().as_deref(), Some(BUNDLE));
+    assert!(matches!(
+        store.bundle(&r.key()),
+        Err(chartbridge::store::StoreError::Corrupt { .. })
+    ));
+}
+
 #[test]
 fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,6 +255,11 @@ fn the_same_submission_from_many_threads_is_new_exactly_once() {
         .iter()
         .all(|a| matches!(a, Accepted::New | Accepted::Duplicate(_))));
     assert_eq!(store.pending().unwrap().len(), 1);
+    assert_eq!(
+        log_len(dir.path()),
+        one_frame(),
+        "one Bundle in the log, not 16"
+    );
     let stats = store.commit_stats();
     assert_eq!(stats.commits, 16);
     assert!(stats.rounds >= 1 && stats.rounds <= 16);

@@ -152,6 +152,7 @@ impl Store {
             outbox,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
+            fresh: writer::Fresh::default(),
             db,
         });
         let writer = Writer::start(Arc::clone(&trees), appender, dir)?;
@@ -160,8 +161,12 @@ impl Store {
 
     /// Stores a new submission, its Bundle (JSON bytes) and its outbox entry together, unless
     /// that submission is already there, and returns once that is on disk.
-    pub fn accept(&self, record: &SubmissionRecord, bundle: &[u8]) -> Result<Accepted, StoreError> {
-        accepted(self.writer.write(accept_write(record, bundle)?)?)
+    pub fn accept(
+        &self,
+        record: &SubmissionRecord,
+        bundle: impl Into<Vec<u8>>,
+    ) -> Result<Accepted, StoreError> {
+        accepted(self.writer.write(accept_write(record, bundle.into())?)?)
     }
 
     /// `accept` for async callers: the task waits, no thread is parked. The values are
@@ -170,7 +175,7 @@ impl Store {
     pub fn accept_async(
         &self,
         record: &SubmissionRecord,
-        bundle: &[u8],
+        bundle: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<Accepted, StoreError>> + Send + '_ {
         let write = accept_write(record, bundle);
         async move { accepted(self.writer.write_async(write?).await?) }
@@ -195,8 +200,13 @@ impl Store {
             .transpose()
     }
 
-    /// The Bundle of a submission, as the JSON bytes that were accepted.
+    /// The Bundle of a submission, as the JSON bytes that were accepted. A Bundle accepted
+    /// moments ago is handed over from memory, once (its first delivery attempt); any later
+    /// read, and any after a restart, reads it back from the Bundle log.
     pub fn bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(bundle) = self.trees.fresh.take(key) {
+            return Ok(Some(bundle));
+        }
         let corrupt = |why: String| StoreError::Corrupt {
             key: key.to_string(),
             source: serde::de::Error::custom(why),
@@ -359,12 +369,13 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-fn accept_write(record: &SubmissionRecord, bundle: &[u8]) -> Result<Write, StoreError> {
+fn accept_write(record: &SubmissionRecord, bundle: Vec<u8>) -> Result<Write, StoreError> {
     let key = record.key();
     Ok(Write::Accept {
         record: encode(record)?,
         payload_sha256: record.payload_sha256.clone(),
-        bundle: lz4_flex::compress_prepend_size(bundle),
+        lz4: lz4_flex::compress_prepend_size(&bundle),
+        bundle,
         patient_key: format!("{}|{}\0{key}", record.patient_system, record.patient_value),
         key,
     })

@@ -27,6 +27,10 @@ use super::{
 /// How many writes one round takes at most (the rest wait for the next round).
 const MAX_ROUND: usize = 512;
 
+/// How many bytes of fresh Bundles are kept in memory at most; beyond that, deliveries read
+/// them back from the Bundle log.
+const FRESH_BUDGET: usize = 64 << 20;
+
 /// One change, with its values already encoded by the caller.
 pub(crate) enum Write {
     Accept {
@@ -34,8 +38,10 @@ pub(crate) enum Write {
         /// The encoded record.
         record: Vec<u8>,
         payload_sha256: String,
-        /// The LZ4 Bundle.
+        /// The Bundle's JSON, handed to its first delivery from memory (`Fresh`).
         bundle: Vec<u8>,
+        /// The Bundle as the log keeps it (LZ4).
+        lz4: Vec<u8>,
         patient_key: String,
     },
     Transition {
@@ -86,6 +92,40 @@ pub(crate) struct Trees {
     pub outbox_depth: std::sync::atomic::AtomicI64,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
+    pub fresh: Fresh,
+}
+
+/// Bundles accepted moments ago, by submission key, until their first delivery attempt takes
+/// them: most deliveries follow their acceptance within milliseconds, and reading the Bundle
+/// back from the log (a read and a decompression) was a tenth of the outbox's work. Only the
+/// writer puts one in, once it is durable; at most `FRESH_BUDGET` bytes.
+#[derive(Default)]
+pub(crate) struct Fresh(Mutex<FreshBundles>);
+
+#[derive(Default)]
+struct FreshBundles {
+    by_key: std::collections::HashMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+impl Fresh {
+    fn put(&self, key: &str, bundle: Vec<u8>) {
+        if let Ok(mut f) = self.0.lock() {
+            if f.bytes + bundle.len() <= FRESH_BUDGET {
+                f.bytes += bundle.len();
+                if let Some(old) = f.by_key.insert(key.to_string(), bundle) {
+                    f.bytes -= old.len();
+                }
+            }
+        }
+    }
+
+    pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
+        let mut f = self.0.lock().ok()?;
+        let bundle = f.by_key.remove(key)?;
+        f.bytes -= bundle.len();
+        Some(bundle)
+    }
 }
 
 pub(crate) struct Writer {
@@ -201,7 +241,8 @@ fn write_loop(
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = round.into_iter().unzip();
         // Bundles first, on disk before any sled write that points at them can be.
-        let applied = bundle_places(appender, &writes).and_then(|at| apply(trees, &writes, &at));
+        let applied =
+            bundle_places(trees, appender, &writes).and_then(|at| apply(trees, &writes, &at));
         let started = Instant::now();
         let flushed = trees.db.flush().map_err(StoreError::from);
         let flush_time = started.elapsed();
@@ -222,7 +263,14 @@ fn write_loop(
         }
         match (applied, durable) {
             (Ok(results), Ok(())) => {
-                for (reply, result) in replies.into_iter().zip(results) {
+                for ((write, reply), result) in writes.into_iter().zip(replies).zip(results) {
+                    if let (
+                        Write::Accept { key, bundle, .. },
+                        Ok(Written::Accepted(Accepted::New)),
+                    ) = (write, &result)
+                    {
+                        trees.fresh.put(&key, bundle);
+                    }
                     reply(result);
                 }
             }
@@ -241,25 +289,37 @@ fn write_loop(
 
 type Outcomes = Vec<Result<Written, StoreError>>;
 
-/// Appends the round's Bundles to the log; one place per write (`None` for other writes).
+/// Appends the round's new Bundles to the log; one place per write (`None` for other writes,
+/// and for a submission already stored or earlier in the round: a re-send's Bundle is not
+/// kept twice). The transaction tells such duplicates apart again; only this thread writes,
+/// so what it reads here is what the transaction will see.
 fn bundle_places(
+    trees: &Trees,
     appender: &mut BundleAppender,
     writes: &[Write],
 ) -> Result<Vec<Option<BundleAt>>, StoreError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut new = Vec::with_capacity(writes.len());
+    for w in writes {
+        new.push(match w {
+            Write::Accept { key, .. } => {
+                seen.insert(key.as_str()) && !trees.submissions.contains_key(key.as_bytes())?
+            }
+            _ => false,
+        });
+    }
     let bundles: Vec<&[u8]> = writes
         .iter()
-        .filter_map(|w| match w {
-            Write::Accept { bundle, .. } => Some(bundle.as_slice()),
+        .zip(&new)
+        .filter_map(|(w, new)| match w {
+            Write::Accept { lz4, .. } if *new => Some(lz4.as_slice()),
             _ => None,
         })
         .collect();
     let mut places = appender.append(&bundles)?.into_iter();
-    Ok(writes
-        .iter()
-        .map(|w| match w {
-            Write::Accept { .. } => places.next(),
-            _ => None,
-        })
+    Ok(new
+        .into_iter()
+        .map(|new| if new { places.next() } else { None })
         .collect())
 }
 
