@@ -18,6 +18,9 @@ pub struct Config {
     pub ehr: Option<EhrConfig>,
     /// How each intake source authenticates, by mapping id; `"*"` applies to the others.
     pub sources: HashMap<String, SourceAuth>,
+    /// Days a delivered submission's Bundle (PHI) is kept for a replay; `0` keeps it for good.
+    /// Bundles still waiting or dead-lettered are kept whatever their age.
+    pub bundle_retention_days: u64,
 }
 
 impl Default for Config {
@@ -29,6 +32,7 @@ impl Default for Config {
             limits: Limits::default(),
             ehr: None,
             sources: HashMap::new(),
+            bundle_retention_days: 30,
         }
     }
 }
@@ -216,7 +220,8 @@ impl Config {
     }
 
     /// Overrides from the environment: `CHARTBRIDGE_LISTEN`, `CHARTBRIDGE_DATA_DIR`,
-    /// `CHARTBRIDGE_MAPPINGS_DIR`, `CHARTBRIDGE_EHR_URL`, `CHARTBRIDGE_EHR_BEARER_TOKEN`.
+    /// `CHARTBRIDGE_MAPPINGS_DIR`, `CHARTBRIDGE_EHR_URL`, `CHARTBRIDGE_EHR_BEARER_TOKEN`,
+    /// `CHARTBRIDGE_BUNDLE_RETENTION_DAYS`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHARTBRIDGE_LISTEN") {
             self.listen = v.parse().map_err(|e| ConfigError::Env {
@@ -229,6 +234,12 @@ impl Config {
         }
         if let Some(v) = var("CHARTBRIDGE_MAPPINGS_DIR") {
             self.mappings_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("CHARTBRIDGE_BUNDLE_RETENTION_DAYS") {
+            self.bundle_retention_days = v.parse().map_err(|e| ConfigError::Env {
+                name: "CHARTBRIDGE_BUNDLE_RETENTION_DAYS",
+                message: format!("not a number of days ({e})"),
+            })?;
         }
         if let Some(url) = var("CHARTBRIDGE_EHR_URL") {
             match &mut self.ehr {
@@ -258,6 +269,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How long a delivered submission's Bundle is kept; `None`: for good.
+    pub fn bundle_retention(&self) -> Option<std::time::Duration> {
+        (self.bundle_retention_days > 0)
+            .then(|| std::time::Duration::from_secs(self.bundle_retention_days * 86_400))
     }
 
     /// The authentication of a mapping's source: its own entry, else `"*"`, else none.
@@ -304,6 +321,13 @@ mod tests {
             .unwrap();
         assert_eq!(c.ehr.as_ref().unwrap().base_url, "http://other/fhir");
         assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.bundle_retention_days, 30);
+        c.apply_env(|n| (n == "CHARTBRIDGE_BUNDLE_RETENTION_DAYS").then(|| "0".to_string()))
+            .unwrap();
+        assert_eq!(c.bundle_retention(), None, "0 keeps Bundles for good");
+        assert!(c
+            .apply_env(|n| (n == "CHARTBRIDGE_BUNDLE_RETENTION_DAYS").then(|| "a week".into()))
+            .is_err());
         assert!(
             toml::from_str::<Config>("lisen = 1").is_err(),
             "typos are errors"
@@ -316,5 +340,9 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert!(c.ehr.is_none());
         assert!(matches!(c.source_auth("x"), SourceAuth::None));
+        assert_eq!(
+            c.bundle_retention(),
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
     }
 }

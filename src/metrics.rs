@@ -26,6 +26,10 @@ pub struct Metrics {
     pub deliveries_ok: AtomicU64,
     pub delivery_retries: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// The retention sweep: Bundles deleted, Bundles moved (still needed), segments deleted.
+    pub bundles_expired: AtomicU64,
+    pub bundles_moved: AtomicU64,
+    pub bundle_segments_deleted: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -33,7 +37,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        Metrics::add(counter, 1);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn observe_delivery(&self, took: Duration) {
@@ -120,6 +128,21 @@ impl Metrics {
                 "chartbridge_store_fdatasync_seconds_total",
                 "Time in fdatasync.",
                 store.sync_seconds,
+            ),
+            (
+                "chartbridge_bundles_expired_total",
+                "Delivered submissions' Bundles deleted past their retention.",
+                get(&self.bundles_expired) as f64,
+            ),
+            (
+                "chartbridge_bundles_moved_total",
+                "Bundles still needed moved out of a segment past its retention.",
+                get(&self.bundles_moved) as f64,
+            ),
+            (
+                "chartbridge_bundle_segments_deleted_total",
+                "Bundle log segments deleted by the retention sweep.",
+                get(&self.bundle_segments_deleted) as f64,
             ),
         ] {
             let _ = writeln!(

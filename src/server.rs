@@ -74,10 +74,22 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
                 backoff_base: Duration::from_millis(cfg.backoff_base_ms),
                 backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
             }
-            .spawn(stopped)
+            .spawn(stopped.clone())
             .map_err(ServeError::Outbox)?,
         ),
         None => None,
+    };
+    let sweeper = match config.bundle_retention() {
+        Some(retention) => Some(tokio::spawn(sweep_bundles(
+            Arc::clone(&store),
+            Arc::clone(&metrics),
+            retention,
+            stopped,
+        ))),
+        None => {
+            tracing::info!("bundle retention is off: Bundles are kept for good");
+            None
+        }
     };
     for (source, auth) in &config.sources {
         if matches!(auth, crate::config::SourceAuth::None) {
@@ -128,6 +140,9 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let _ = stop.send(true);
     if let Some(worker) = worker {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
     }
     let flushed = tokio::task::spawn_blocking(move || store.commit()).await;
     if let Ok(Err(e)) = flushed {
@@ -218,6 +233,44 @@ impl axum::serve::Listener for Handoff {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.addr)
+    }
+}
+
+/// How often the Bundle log is swept for Bundles past their retention (the first time at start).
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Sweeps the Bundle log now and every `SWEEP_EVERY` until `stopped` (a sweep under way
+/// finishes first).
+async fn sweep_bundles(
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    retention: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let (store, now) = (Arc::clone(&store), std::time::SystemTime::now());
+        match tokio::task::spawn_blocking(move || store.sweep_bundles(retention, now)).await {
+            Ok(Ok(swept)) => {
+                Metrics::add(&metrics.bundles_expired, swept.expired as u64);
+                Metrics::add(&metrics.bundles_moved, swept.moved as u64);
+                Metrics::add(&metrics.bundle_segments_deleted, swept.segments as u64);
+                if swept.segments > 0 {
+                    tracing::info!(
+                        segments = swept.segments,
+                        expired = swept.expired,
+                        moved = swept.moved,
+                        "bundle log swept"
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "bundle sweep failed"),
+            Err(_) => tracing::error!("the bundle sweep ended abnormally"),
+        }
     }
 }
 

@@ -525,7 +525,7 @@ fn a_submission_whose_bundle_is_damaged_is_dead_lettered_not_retried_forever() {
     // A byte of the Bundle's frame in the log flipped: its checksum fails.
     let view = dead_letter_after_damage(|data, _, kept| {
         let offset = u64::from_le_bytes(kept[4..12].try_into().unwrap()) as usize;
-        let path = data.join("bundles.log");
+        let path = data.join("bundles/00000000000000000000.log");
         let mut log = std::fs::read(&path).unwrap();
         log[offset + 8] ^= 1;
         std::fs::write(&path, log).unwrap();
@@ -593,4 +593,60 @@ fn last_detail(view: &Value) -> &str {
     view["transitions"].as_array().unwrap().last().unwrap()["detail"]
         .as_str()
         .unwrap_or_default()
+}
+
+#[test]
+fn bundles_past_their_retention_are_swept_and_a_waiting_one_is_still_delivered() {
+    let port = free_port();
+    let mut app = App::start(Some(&format!("http://127.0.0.1:{port}/fhir/R4")));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202, "Maya's delivery waits: the EHR is down");
+    app.kill();
+    // Two more submissions, both delivered, each in a segment of its own (segments of a byte);
+    // then every segment but the last is made 40 days old.
+    let data = app.data_dir();
+    {
+        let options = chartbridge::store::StoreOptions {
+            bundle_segment_bytes: 1,
+        };
+        let store = chartbridge::store::Store::open_with(&data, options).unwrap();
+        let mut record = store.get(KEY).unwrap().unwrap();
+        for id in ["old", "latest"] {
+            record.submission_id = id.into();
+            store.accept(&record, b"{}".to_vec()).unwrap();
+            let delivered = chartbridge::store::Transition {
+                state: chartbridge::store::State::Delivered,
+                at: "2026-01-02T00:00:00Z".into(),
+                detail: None,
+            };
+            store.transition(&record.key(), delivered, vec![]).unwrap();
+        }
+    }
+    let mut segments: Vec<_> = std::fs::read_dir(data.join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert_eq!(segments.len(), 3);
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86_400);
+    for segment in &segments[..2] {
+        let file = std::fs::File::options().write(true).open(segment).unwrap();
+        file.set_modified(long_ago).unwrap();
+    }
+
+    // The sweep at start: the old delivered Bundle goes with its segment; Maya's, still
+    // waiting, moves to the end of the log before hers goes.
+    app.restart();
+    app.wait_for_metrics(&[
+        "chartbridge_bundles_expired_total 1",
+        "chartbridge_bundles_moved_total 1",
+        "chartbridge_bundle_segments_deleted_total 2",
+    ]);
+    let (status, old) = app.get("/submissions/glp1-intake-typeform/old");
+    assert_eq!((status, &old["state"]), (200, &Value::from("delivered")));
+
+    // With the EHR up, Maya's moved Bundle is delivered.
+    let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
+    app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use chartbridge::store::{Accepted, EhrResource, State, Store, SubmissionRecord, Transition};
+use chartbridge::store::{
+    Accepted, EhrResource, State, Store, StoreOptions, SubmissionRecord, Swept, Transition,
+};
 
 const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
 
@@ -59,9 +61,14 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
     assert!(store.bundle("no/such").unwrap().is_none());
 }
 
-/// The Bundle log's length in bytes.
+/// The Bundle log's first segment.
+fn first_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("bundles/00000000000000000000.log")
+}
+
+/// The Bundle log's length in bytes (one segment).
 fn log_len(dir: &std::path::Path) -> u64 {
-    std::fs::metadata(dir.join("bundles.log")).unwrap().len()
+    std::fs::metadata(first_segment(dir)).unwrap().len()
 }
 
 /// What one `BUNDLE` takes in the log: its frame header and its LZ4 text.
@@ -97,7 +104,7 @@ fn a_fresh_bundle_is_handed_over_from_memory_once_then_read_from_the_log() {
     let r = record("tok-7", "aaaa");
     store.accept(&r, BUNDLE).unwrap();
     // Damage the log: the first read does not touch it, the next one does and notices.
-    let log = dir.path().join("bundles.log");
+    let log = first_segment(dir.path());
     let len = std::fs::read(&log).unwrap().len();
     std::fs::write(&log, vec![0u8; len]).unwrap();
     assert_eq!(store.bundle(&r.key()).unwrap().as_deref(), Some(BUNDLE));
@@ -335,4 +342,82 @@ fn a_reopen_waits_for_the_lock_a_moment_and_then_gives_up() {
     assert!(third.is_err());
     assert!(started.elapsed() >= std::time::Duration::from_secs(2));
     drop(second);
+}
+
+#[test]
+fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed() {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let dir = tempfile::tempdir().unwrap();
+    let key = |id: &str| format!("glp1-intake-typeform/{id}");
+    let bundle_of = |id: &str| format!("the bundle of {id}").into_bytes();
+    let to = |state| Transition {
+        state,
+        at: "2026-01-02T00:00:00Z".into(),
+        detail: None,
+    };
+    {
+        // Segments of a byte: every write round's Bundles begin a segment of their own.
+        let options = StoreOptions {
+            bundle_segment_bytes: 1,
+        };
+        let store = Store::open_with(dir.path(), options).unwrap();
+        for id in ["delivered", "dead", "waiting", "acknowledged", "latest"] {
+            store.accept(&record(id, "aaaa"), bundle_of(id)).unwrap();
+            // The first read takes it from memory; the ones below read the log.
+            assert_eq!(store.bundle(&key(id)).unwrap(), Some(bundle_of(id)));
+        }
+        for (id, state) in [
+            ("delivered", State::Delivered),
+            ("dead", State::DeadLettered),
+            ("acknowledged", State::Delivered),
+            ("acknowledged", State::Acknowledged),
+        ] {
+            store.transition(&key(id), to(state), vec![]).unwrap();
+        }
+
+        let before = segments(dir.path());
+        assert_eq!(before.len(), 5, "one segment per write round");
+        let now = std::time::SystemTime::now();
+        assert_eq!(
+            store.sweep_bundles(30 * DAY, now).unwrap(),
+            Swept::default(),
+            "nothing is 30 days old yet"
+        );
+        let swept = store.sweep_bundles(30 * DAY, now + 31 * DAY).unwrap();
+        assert_eq!(
+            swept,
+            Swept {
+                segments: 4,
+                expired: 2,
+                moved: 2
+            },
+            "the segment appended to (latest's) stays"
+        );
+        for id in ["delivered", "acknowledged"] {
+            assert_eq!(store.bundle(&key(id)).unwrap(), None, "{id}");
+            assert!(store.get(&key(id)).unwrap().is_some(), "the record stays");
+        }
+        let after = segments(dir.path());
+        assert!(before[..4].iter().all(|s| !after.contains(s)), "{after:?}");
+        assert_eq!(after[0], before[4], "latest's segment stays");
+    }
+    let store = Store::open(dir.path()).unwrap();
+    for id in ["dead", "waiting", "latest"] {
+        assert_eq!(store.bundle(&key(id)).unwrap(), Some(bundle_of(id)), "{id}");
+    }
+    assert_eq!(store.bundle(&key("delivered")).unwrap(), None);
+    assert_eq!(
+        store.pending().unwrap(),
+        vec![key("latest"), key("waiting")]
+    );
+}
+
+/// The Bundle log's segment files, in order.
+fn segments(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir.join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    names
 }

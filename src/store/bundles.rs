@@ -1,17 +1,30 @@
-//! The Bundle log: every accepted Bundle (LZ4), appended to one file and never rewritten; sled
-//! keeps only where each one is. A Bundle is written once and read once per delivery attempt,
-//! so it has no business in sled's tree nodes, which sled rewrites as they change — keeping
-//! them there cost about a sixth of the gateway's throughput (measured with the load bench).
+//! The Bundle log: every accepted Bundle (LZ4), appended and never rewritten; sled keeps only
+//! where each one is. A Bundle is written once and read once per delivery attempt, so it has
+//! no business in sled's tree nodes, which sled rewrites as they change — keeping them there
+//! cost about a sixth of the gateway's throughput (measured with the load bench).
+//!
+//! The log is a directory of segments, `bundles/<offset>.log`, each named by the log offset of
+//! its first byte: offsets run on across segments, so a Bundle's place (`BundleAt`) is one
+//! number whatever segment holds it. The last segment takes the appends; once it has grown past
+//! the segment size the next round's Bundles start a new one. Old segments go whole (`drop_below`),
+//! oldest first, once nothing needs them (the store's retention sweep decides that): reading a
+//! place below the oldest kept segment is `None`, not an error.
 //!
 //! Frame: `u32` length, `u32` CRC-32 of the payload, payload (little-endian). Only the writer
 //! thread appends; anyone may read at an offset. A crash can leave a torn frame at the end: no
-//! record points at it (the writer fdatasyncs this file before the sled transaction that
+//! record points at it (the writer fdatasyncs the segment before the sled transaction that
 //! refers to its frames), and appends simply go after it.
+//!
+//! Stores of earlier versions kept one file, `bundles.log`: it becomes the first segment (its
+//! offsets are the same).
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use super::StoreError;
 
@@ -45,17 +58,34 @@ impl BundleAt {
     }
 }
 
-/// Reads at offsets, from any thread.
+/// The segments by their first offset, each open for reading.
+type Segments = Arc<RwLock<BTreeMap<u64, Arc<File>>>>;
+
+/// Reads at offsets, from any thread; drops old segments.
 pub(crate) struct BundleLog {
-    path: PathBuf,
-    read: File,
+    dir: PathBuf,
+    segments: Segments,
 }
 
 /// Appends: owned by the writer thread alone.
 pub(crate) struct BundleAppender {
-    path: PathBuf,
+    dir: PathBuf,
+    segments: Segments,
+    segment_bytes: u64,
+    /// The first offset of the segment appended to.
+    start: u64,
     append: File,
     end: u64,
+}
+
+/// A closed segment (not the one appended to), oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub start: u64,
+    /// Where the next segment starts.
+    pub end: u64,
+    /// When its last Bundle was appended.
+    pub modified: SystemTime,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -65,40 +95,101 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
     }
 }
 
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("{start:020}.log"))
+}
+
+/// Makes a directory's entries (a new, renamed or removed file) survive a power loss.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
 impl BundleLog {
-    pub(crate) fn open(path: &Path) -> Result<(BundleLog, BundleAppender), StoreError> {
-        let created = !path.exists();
-        let append = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        if created {
-            // The new file's name must survive a power loss too.
-            if let Some(dir) = path.parent() {
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io(dir))?;
+    /// Opens the log in `dir` (created if need be), with a new segment begun once the last one
+    /// holds `segment_bytes`. `legacy`: the single file of earlier versions, taken in as the first
+    /// segment.
+    pub(crate) fn open(
+        dir: &Path,
+        legacy: &Path,
+        segment_bytes: u64,
+    ) -> Result<(BundleLog, BundleAppender), StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        if legacy.exists() {
+            let first = segment_path(dir, 0);
+            if first.exists() {
+                return Err(io(legacy)(std::io::Error::other(format!(
+                    "both {} and {} exist: which is the log is unclear",
+                    legacy.display(),
+                    first.display()
+                ))));
+            }
+            std::fs::rename(legacy, &first).map_err(io(legacy))?;
+            sync_dir(dir)?;
+            if let Some(parent) = legacy.parent() {
+                sync_dir(parent)?;
             }
         }
-        let end = append.metadata().map_err(io(path))?.len();
-        let read = File::open(path).map_err(io(path))?;
-        let path = path.to_path_buf();
+        let mut segments = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            let start = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(start) = start {
+                segments.insert(start, Arc::new(File::open(&path).map_err(io(&path))?));
+            }
+        }
+        if segments.is_empty() {
+            let path = segment_path(dir, 0);
+            File::create(&path).map_err(io(&path))?;
+            sync_dir(dir)?;
+            segments.insert(0, Arc::new(File::open(&path).map_err(io(&path))?));
+        }
+        let (&start, last) = segments
+            .last_key_value()
+            .ok_or_else(|| io(dir)(std::io::Error::other("no segment")))?;
+        let end = start + last.metadata().map_err(io(dir))?.len();
+        let path = segment_path(dir, start);
+        let append = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let segments = Arc::new(RwLock::new(segments));
         Ok((
             BundleLog {
-                path: path.clone(),
-                read,
+                dir: dir.to_path_buf(),
+                segments: Arc::clone(&segments),
             },
-            BundleAppender { path, append, end },
+            BundleAppender {
+                dir: dir.to_path_buf(),
+                segments,
+                segment_bytes,
+                start,
+                append,
+                end,
+            },
         ))
     }
 
-    /// Reads (and checks) the Bundle at `at`.
-    pub(crate) fn read(&self, key: &str, at: BundleAt) -> Result<Vec<u8>, StoreError> {
+    /// The segment file holding `offset`, with its first offset; `None` below the oldest kept
+    /// segment.
+    fn segment(&self, offset: u64) -> Option<(u64, Arc<File>)> {
+        let segments = self.segments.read().ok()?;
+        let (&start, file) = segments.range(..=offset).next_back()?;
+        Some((start, Arc::clone(file)))
+    }
+
+    /// Reads (and checks) the Bundle at `at`; `None` when its segment was dropped.
+    pub(crate) fn read(&self, key: &str, at: BundleAt) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some((start, file)) = self.segment(at.offset) else {
+            return Ok(None);
+        };
+        let path = segment_path(&self.dir, start);
         let mut frame = vec![0u8; HEADER + at.len as usize];
-        self.read
-            .read_exact_at(&mut frame, at.offset)
-            .map_err(io(&self.path))?;
+        file.read_exact_at(&mut frame, at.offset - start)
+            .map_err(io(&path))?;
         let (header, payload) = frame.split_at(HEADER);
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
@@ -107,13 +198,59 @@ impl BundleLog {
                 key: key.to_string(),
                 source: serde::de::Error::custom(format!(
                     "the Bundle at offset {} of {} fails its check",
-                    at.offset,
-                    self.path.display()
+                    at.offset - start,
+                    path.display()
                 )),
             });
         }
         frame.drain(..HEADER);
-        Ok(frame)
+        Ok(Some(frame))
+    }
+
+    /// The closed segments (all but the one appended to), oldest first.
+    pub(crate) fn closed(&self) -> Result<Vec<Segment>, StoreError> {
+        let starts: Vec<(u64, Arc<File>)> = match self.segments.read() {
+            Ok(s) => s.iter().map(|(k, f)| (*k, Arc::clone(f))).collect(),
+            Err(_) => return Ok(Vec::new()),
+        };
+        let mut closed = Vec::new();
+        for pair in starts.windows(2) {
+            let ((start, file), (next, _)) = (&pair[0], &pair[1]);
+            let path = segment_path(&self.dir, *start);
+            let modified = file
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(io(&path))?;
+            closed.push(Segment {
+                start: *start,
+                end: *next,
+                modified,
+            });
+        }
+        Ok(closed)
+    }
+
+    /// Deletes the closed segments that end at or before `offset`; how many went.
+    pub(crate) fn drop_below(&self, offset: u64) -> Result<usize, StoreError> {
+        let gone: Vec<u64> = self
+            .closed()?
+            .into_iter()
+            .filter(|s| s.end <= offset)
+            .map(|s| s.start)
+            .collect();
+        if let Ok(mut segments) = self.segments.write() {
+            for start in &gone {
+                segments.remove(start);
+            }
+        }
+        for start in &gone {
+            let path = segment_path(&self.dir, *start);
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        if !gone.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(gone.len())
     }
 }
 
@@ -121,20 +258,24 @@ impl BundleAppender {
     /// Appends `bundles` (already compressed) with one write and one fdatasync; returns where
     /// each one is, in order.
     pub(crate) fn append(&mut self, bundles: &[&[u8]]) -> Result<Vec<BundleAt>, StoreError> {
+        if bundles.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.end - self.start >= self.segment_bytes {
+            self.roll()?;
+        }
+        let path = segment_path(&self.dir, self.start);
         let mut buf = Vec::with_capacity(bundles.iter().map(|b| b.len() + HEADER).sum());
         let mut at = Vec::with_capacity(bundles.len());
         let mut offset = self.end;
         for b in bundles {
             let len = u32::try_from(b.len())
-                .map_err(|_| io(&self.path)(std::io::Error::other("a Bundle over 4 GiB")))?;
+                .map_err(|_| io(&path)(std::io::Error::other("a Bundle over 4 GiB")))?;
             buf.extend_from_slice(&len.to_le_bytes());
             buf.extend_from_slice(&crc32fast::hash(b).to_le_bytes());
             buf.extend_from_slice(b);
             at.push(BundleAt { offset, len });
             offset += (HEADER + b.len()) as u64;
-        }
-        if buf.is_empty() {
-            return Ok(at);
         }
         let written = self
             .append
@@ -143,11 +284,33 @@ impl BundleAppender {
         if let Err(e) = written {
             // A partial write may have moved the end: find it again, so that later offsets
             // stay right (the torn bytes are never pointed at).
-            self.end = self.append.metadata().map(|m| m.len()).unwrap_or(self.end);
-            return Err(io(&self.path)(e));
+            self.end = self
+                .append
+                .metadata()
+                .map(|m| self.start + m.len())
+                .unwrap_or(self.end);
+            return Err(io(&path)(e));
         }
         self.end = offset;
         Ok(at)
+    }
+
+    /// Begins a new segment at the end of the log.
+    fn roll(&mut self) -> Result<(), StoreError> {
+        let path = segment_path(&self.dir, self.end);
+        let append = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        sync_dir(&self.dir)?;
+        let read = File::open(&path).map_err(io(&path))?;
+        if let Ok(mut segments) = self.segments.write() {
+            segments.insert(self.end, Arc::new(read));
+        }
+        self.append = append;
+        self.start = self.end;
+        Ok(())
     }
 }
 
@@ -155,37 +318,105 @@ impl BundleAppender {
 mod tests {
     use super::*;
 
+    fn open(dir: &Path, segment_bytes: u64) -> (BundleLog, BundleAppender) {
+        BundleLog::open(
+            &dir.join("bundles"),
+            &dir.join("bundles.log"),
+            segment_bytes,
+        )
+        .unwrap()
+    }
+
+    fn read(log: &BundleLog, at: BundleAt) -> Option<Vec<u8>> {
+        log.read("k", at).unwrap()
+    }
+
     #[test]
     fn appended_bundles_read_back_and_damage_is_detected() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bundles.log");
-        let (log, mut appender) = BundleLog::open(&path).unwrap();
+        let (log, mut appender) = open(dir.path(), 1 << 20);
         let at = appender.append(&[b"first", b"second one"]).unwrap();
-        assert_eq!(log.read("a", at[0]).unwrap(), b"first");
-        assert_eq!(log.read("b", at[1]).unwrap(), b"second one");
+        assert_eq!(read(&log, at[0]).unwrap(), b"first");
+        assert_eq!(read(&log, at[1]).unwrap(), b"second one");
         assert_eq!(BundleAt::from_bytes(&at[1].to_bytes()), Some(at[1]));
         assert_eq!(BundleAt::from_bytes(b"short"), None);
 
         // A torn frame at the end (a crash mid-append) is skipped by later appends.
+        let path = segment_path(&dir.path().join("bundles"), 0);
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap()
             .write_all(&[9, 0, 0, 0, 1])
             .unwrap();
-        let (log, mut appender) = BundleLog::open(&path).unwrap();
+        let (log, mut appender) = open(dir.path(), 1 << 20);
         let later = appender.append(&[b"after the tear"]).unwrap();
-        assert_eq!(log.read("c", later[0]).unwrap(), b"after the tear");
-        assert_eq!(log.read("a", at[0]).unwrap(), b"first");
+        assert_eq!(read(&log, later[0]).unwrap(), b"after the tear");
+        assert_eq!(read(&log, at[0]).unwrap(), b"first");
 
         // A flipped byte fails the check.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let (log, _) = BundleLog::open(&path).unwrap();
+        let (log, _) = open(dir.path(), 1 << 20);
         assert!(matches!(
             log.read("a", at[0]),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn segments_roll_keep_their_offsets_and_go_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of 10 bytes: every append after the first frame begins a new one.
+        let (log, mut appender) = open(dir.path(), 10);
+        let a = appender.append(&[b"aaaa", b"bbbb"]).unwrap();
+        let c = appender.append(&[b"cccc"]).unwrap()[0];
+        let d = appender.append(&[b"dddd"]).unwrap()[0];
+        assert_eq!(
+            (c.offset, d.offset),
+            (24, 36),
+            "offsets run on across segments"
+        );
+        let closed = log.closed().unwrap();
+        let starts: Vec<u64> = closed.iter().map(|s| s.start).collect();
+        assert_eq!(starts, vec![0, 24], "the segment appended to is not closed");
+        assert_eq!(closed[0].end, 24);
+
+        // Dropping below `c` takes the first segment only; its Bundles read as gone.
+        assert_eq!(log.drop_below(c.offset).unwrap(), 1);
+        assert_eq!(read(&log, a[0]), None);
+        assert_eq!(read(&log, a[1]), None);
+        assert_eq!(read(&log, c).unwrap(), b"cccc");
+        // The segment appended to never goes.
+        assert_eq!(log.drop_below(u64::MAX).unwrap(), 1);
+        assert_eq!(read(&log, d).unwrap(), b"dddd");
+        drop((log, appender));
+
+        let (log, mut appender) = open(dir.path(), 10);
+        assert_eq!(read(&log, d).unwrap(), b"dddd");
+        assert_eq!(read(&log, c), None);
+        let e = appender.append(&[b"eeee"]).unwrap()[0];
+        assert_eq!(e.offset, 48);
+        assert_eq!(read(&log, e).unwrap(), b"eeee");
+    }
+
+    #[test]
+    fn the_single_file_of_earlier_versions_becomes_the_first_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = {
+            let (_, mut appender) = open(dir.path(), 1 << 20);
+            appender.append(&[b"old one"]).unwrap()[0]
+        };
+        let bundles = dir.path().join("bundles");
+        std::fs::rename(segment_path(&bundles, 0), dir.path().join("bundles.log")).unwrap();
+        std::fs::remove_dir(&bundles).unwrap();
+
+        let (log, mut appender) = open(dir.path(), 1 << 20);
+        assert!(!dir.path().join("bundles.log").exists());
+        assert_eq!(read(&log, at).unwrap(), b"old one");
+        let next = appender.append(&[b"new one"]).unwrap()[0];
+        assert_eq!(next.offset, 15);
+        assert_eq!(read(&log, next).unwrap(), b"new one");
     }
 }

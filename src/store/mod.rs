@@ -131,9 +131,42 @@ pub struct Store {
     writer: Writer,
 }
 
+/// How a store is laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The Bundle log begins a new segment once its last one holds this many bytes; retention
+    /// deletes whole segments.
+    pub bundle_segment_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            bundle_segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a sweep of the Bundle log did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Segments deleted.
+    pub segments: usize,
+    /// Bundles deleted with them (their submissions were delivered).
+    pub expired: usize,
+    /// Bundles still needed (waiting in the outbox or dead-lettered) moved to the end of the
+    /// log first.
+    pub moved: usize,
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, StoreOptions::default())
+    }
+
+    /// `open`, laid out as `options` say.
+    pub fn open_with(dir: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             path: dir.to_path_buf(),
             source,
@@ -141,7 +174,11 @@ impl Store {
         // Every write goes through the writer, which flushes after each round: sled's own
         // background flusher has nothing left to do.
         let db = open_sled(dir)?;
-        let (bundles, appender) = bundles::BundleLog::open(&dir.join("bundles.log"))?;
+        let (bundles, appender) = bundles::BundleLog::open(
+            &dir.join("bundles"),
+            &dir.join("bundles.log"),
+            options.bundle_segment_bytes,
+        )?;
         let outbox = db.open_tree("outbox")?;
         let trees = Arc::new(Trees {
             submissions: db.open_tree("submissions")?,
@@ -207,35 +244,122 @@ impl Store {
         if let Some(bundle) = self.trees.fresh.take(key) {
             return Ok(Some(bundle));
         }
-        let corrupt = |why: String| StoreError::Corrupt {
-            key: key.to_string(),
-            source: serde::de::Error::custom(why),
-        };
-        let kept = self.trees.submissions.get(key.as_bytes())?;
-        let at = match kept.as_deref().and_then(|v| split_stored(v).0) {
-            Some(at) => Some(at),
-            // Accepted by a version that kept the Bundle's place in a tree of its own.
-            None => self
-                .trees
-                .bundle_at
-                .get(key.as_bytes())?
-                .map(|at| {
-                    bundles::BundleAt::from_bytes(&at)
-                        .ok_or_else(|| corrupt("its Bundle's place is unreadable".into()))
-                })
-                .transpose()?,
-        };
-        let lz4 = match at {
-            Some(at) => self.trees.bundles.read(key, at)?,
-            // Accepted before the Bundle log existed: the Bundle is in sled itself.
-            None => match self.trees.legacy_bundles.get(key.as_bytes())? {
-                Some(lz4) => lz4.to_vec(),
+        // A sweep may move a waiting Bundle and drop its old segment between the read of the
+        // record and the read of the log: read again, the record has the new place.
+        let lz4 = match self.kept_bundle(key)? {
+            Some(lz4) => lz4,
+            None => match self.kept_bundle(key)? {
+                Some(lz4) => lz4,
                 None => return Ok(None),
             },
         };
         lz4_flex::decompress_size_prepended(&lz4)
             .map(Some)
-            .map_err(|e| corrupt(format!("bundle is not LZ4: {e}")))
+            .map_err(|e| corrupt(key, format!("bundle is not LZ4: {e}")))
+    }
+
+    /// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a
+    /// version that kept the place in a tree of its own) in `bundle_at`.
+    fn bundle_place(
+        &self,
+        key: &[u8],
+        stored_record: Option<&[u8]>,
+    ) -> Result<Option<bundles::BundleAt>, StoreError> {
+        if let Some(at) = stored_record.and_then(|r| split_stored(r).0) {
+            return Ok(Some(at));
+        }
+        self.trees
+            .bundle_at
+            .get(key)?
+            .map(|at| {
+                bundles::BundleAt::from_bytes(&at).ok_or_else(|| {
+                    corrupt(
+                        &String::from_utf8_lossy(key),
+                        "its Bundle's place is unreadable".into(),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    /// A submission's Bundle as kept (LZ4); `None` when there is none, or no longer.
+    fn kept_bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let record = self.trees.submissions.get(key.as_bytes())?;
+        match self.bundle_place(key.as_bytes(), record.as_deref())? {
+            Some(at) => self.trees.bundles.read(key, at),
+            // Accepted before the Bundle log existed: the Bundle is in sled itself.
+            None => Ok(self
+                .trees
+                .legacy_bundles
+                .get(key.as_bytes())?
+                .map(|lz4| lz4.to_vec())),
+        }
+    }
+
+    /// Deletes the Bundles kept longer than `retention`: whole segments of the Bundle log,
+    /// oldest first, once the last Bundle appended to one is that old. A Bundle still needed —
+    /// its submission waits in the outbox or was dead-lettered (a replay sends it) — is moved
+    /// to the end of the log first, durably, so only delivered submissions lose theirs. Reads
+    /// every record whose Bundle is in an expiring segment: for now and then (the server
+    /// sweeps hourly), not for the hot path.
+    pub fn sweep_bundles(
+        &self,
+        retention: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<Swept, StoreError> {
+        let below = self
+            .trees
+            .bundles
+            .closed()?
+            .into_iter()
+            .take_while(|s| s.modified + retention <= now)
+            .last()
+            .map(|s| s.end);
+        let Some(below) = below else {
+            return Ok(Swept::default());
+        };
+        let mut swept = Swept::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for entry in self.trees.submissions.iter() {
+            let (key, value) = entry?;
+            let Some(at) = self.bundle_place(&key, Some(&value))? else {
+                continue;
+            };
+            if at.offset >= below {
+                continue;
+            }
+            let key = String::from_utf8_lossy(&key).into_owned();
+            // An unreadable record counts as needed: its Bundle is kept.
+            let done = decode(&key, &value)
+                .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)));
+            if done {
+                swept.expired += 1;
+                continue;
+            }
+            match self.trees.bundles.read(&key, at) {
+                Ok(Some(lz4)) => {
+                    let tx = tx.clone();
+                    self.writer.submit(
+                        Write::Move { key, lz4 },
+                        Box::new(move |r| {
+                            let _ = tx.send(r);
+                        }),
+                    );
+                    swept.moved += 1;
+                }
+                Ok(None) => {}
+                // A Bundle that fails its check cannot be delivered from anywhere: nothing to
+                // keep (its delivery is dead-lettered, saying so).
+                Err(e) => tracing::warn!(key, error = %e, "bundle sweep: an unreadable Bundle"),
+            }
+        }
+        drop(tx);
+        // Every move on disk before any segment goes.
+        for moved in rx {
+            moved?;
+        }
+        swept.segments = self.trees.bundles.drop_below(below)?;
+        Ok(swept)
     }
 
     /// Appends a transition (and, once delivered, the EHR's resources, indexed) and, when the
@@ -366,6 +490,13 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
             }
             opened => return opened.map_err(StoreError::from),
         }
+    }
+}
+
+fn corrupt(key: &str, why: String) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_string(),
+        source: serde::de::Error::custom(why),
     }
 }
 
@@ -512,7 +643,12 @@ mod tests {
     fn records_with_and_without_their_bundles_place_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let old = record("old");
-        let (_, mut log) = bundles::BundleLog::open(&dir.path().join("bundles.log")).unwrap();
+        let (_, mut log) = bundles::BundleLog::open(
+            &dir.path().join("bundles"),
+            &dir.path().join("bundles.log"),
+            1 << 20,
+        )
+        .unwrap();
         let at = log
             .append(&[&lz4_flex::compress_prepend_size(BUNDLE)])
             .unwrap()[0];

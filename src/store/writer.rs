@@ -53,6 +53,12 @@ pub(crate) enum Write {
         key: String,
         at: String,
     },
+    /// Appends a kept Bundle (LZ4) again, at the end of the log, and points its record there:
+    /// the retention sweep moves what must outlive an old segment before dropping it.
+    Move {
+        key: String,
+        lz4: Vec<u8>,
+    },
     /// Nothing to write: answered once everything queued before it is durable.
     Barrier,
 }
@@ -61,6 +67,8 @@ pub(crate) enum Write {
 pub(crate) enum Written {
     Accepted(Accepted),
     Record(Option<Box<SubmissionRecord>>),
+    /// A `Move` (its record, if there, points at the new place).
+    Moved,
     Barrier,
 }
 
@@ -289,9 +297,9 @@ fn write_loop(
 
 type Outcomes = Vec<Result<Written, StoreError>>;
 
-/// Appends the round's new Bundles to the log; one place per write (`None` for other writes,
-/// and for a submission already stored or earlier in the round: a re-send's Bundle is not
-/// kept twice). The transaction tells such duplicates apart again; only this thread writes,
+/// Appends the round's new and moved Bundles to the log; one place per write (`None` for other
+/// writes, and for a submission already stored or earlier in the round: a re-send's Bundle is
+/// not kept twice). The transaction tells such duplicates apart again; only this thread writes,
 /// so what it reads here is what the transaction will see.
 fn bundle_places(
     trees: &Trees,
@@ -305,6 +313,7 @@ fn bundle_places(
             Write::Accept { key, .. } => {
                 seen.insert(key.as_str()) && !trees.submissions.contains_key(key.as_bytes())?
             }
+            Write::Move { .. } => true,
             _ => false,
         });
     }
@@ -312,7 +321,7 @@ fn bundle_places(
         .iter()
         .zip(&new)
         .filter_map(|(w, new)| match w {
-            Write::Accept { lz4, .. } if *new => Some(lz4.as_slice()),
+            Write::Accept { lz4, .. } | Write::Move { lz4, .. } if *new => Some(lz4.as_slice()),
             _ => None,
         })
         .collect();
@@ -449,6 +458,21 @@ impl Tx<'_> {
                 });
                 Outbox::Enter
             })?,
+            Write::Move { key, .. } => {
+                let Some(at) = at else {
+                    return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
+                };
+                match self.subs.get(key.as_bytes())? {
+                    // The record keeps its encoding; only its Bundle's place changes (a record of
+                    // the earliest form gains one, as new records have).
+                    Some(value) => {
+                        self.subs
+                            .insert(key.as_bytes(), stored(Some(at), split_stored(&value).1))?;
+                        Ok(Written::Moved)
+                    }
+                    None => Ok(Written::Moved),
+                }
+            }
             Write::Barrier => Ok(Written::Barrier),
         })
     }
