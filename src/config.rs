@@ -273,8 +273,9 @@ impl Config {
 
     /// How long a delivered submission's Bundle is kept; `None`: for good.
     pub fn bundle_retention(&self) -> Option<std::time::Duration> {
-        (self.bundle_retention_days > 0)
-            .then(|| std::time::Duration::from_secs(self.bundle_retention_days * 86_400))
+        (self.bundle_retention_days > 0).then(|| {
+            std::time::Duration::from_secs(self.bundle_retention_days.saturating_mul(86_400))
+        })
     }
 
     /// The authentication of a mapping's source: its own entry, else `"*"`, else none.

@@ -644,6 +644,9 @@ fn bundles_past_their_retention_are_swept_and_a_waiting_one_is_still_delivered()
     ]);
     let (status, old) = app.get("/submissions/glp1-intake-typeform/old");
     assert_eq!((status, &old["state"]), (200, &Value::from("delivered")));
+    let (status, oo, _) = app.post("/submissions/glp1-intake-typeform/old/replay", b"", &[]);
+    assert_eq!(status, 410, "nothing left to send again: {oo}");
+    assert_eq!(oo["issue"][0]["code"], "deleted");
 
     // With the EHR up, Maya's moved Bundle is delivered.
     let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);

@@ -11,6 +11,9 @@ use crate::mapping::PayloadError;
 pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
+    /// There was something, and it is no longer kept.
+    #[error("{0}")]
+    Gone(String),
     #[error("{0}")]
     Unauthorized(String),
     #[error("the body is larger than {0} bytes")]
@@ -49,6 +52,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::Form(_) => {
@@ -72,6 +76,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::Intake(IntakeError::UnknownMapping(_)) => {
                 issue("not-found", self.to_string())
             }
+            ApiError::Gone(_) => issue("deleted", self.to_string()),
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::TooLarge(_) => issue("too-costly", self.to_string()),

@@ -131,6 +131,9 @@ pub struct Store {
     writer: Writer,
 }
 
+/// How many Bundles a retention sweep moves in one go (they are held in memory meanwhile).
+const MOVES_AT_ONCE: usize = 256;
+
 /// How a store is laid out on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreOptions {
@@ -258,6 +261,11 @@ impl Store {
             .map_err(|e| corrupt(key, format!("bundle is not LZ4: {e}")))
     }
 
+    /// Whether a submission's Bundle is still kept: a replay has something to send.
+    pub fn keeps_bundle(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.trees.fresh.contains(key) || self.kept_bundle(key)?.is_some())
+    }
+
     /// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a
     /// version that kept the place in a tree of its own) in `bundle_at`.
     fn bundle_place(
@@ -312,14 +320,14 @@ impl Store {
             .bundles
             .closed()?
             .into_iter()
-            .take_while(|s| s.modified + retention <= now)
+            .take_while(|s| s.modified.checked_add(retention).is_some_and(|t| t <= now))
             .last()
             .map(|s| s.end);
         let Some(below) = below else {
             return Ok(Swept::default());
         };
         let mut swept = Swept::default();
-        let (tx, rx) = std::sync::mpsc::channel();
+        let mut moves = Vec::new();
         for entry in self.trees.submissions.iter() {
             let (key, value) = entry?;
             let Some(at) = self.bundle_place(&key, Some(&value))? else {
@@ -337,29 +345,41 @@ impl Store {
                 continue;
             }
             match self.trees.bundles.read(&key, at) {
-                Ok(Some(lz4)) => {
-                    let tx = tx.clone();
-                    self.writer.submit(
-                        Write::Move { key, lz4 },
-                        Box::new(move |r| {
-                            let _ = tx.send(r);
-                        }),
-                    );
-                    swept.moved += 1;
-                }
+                Ok(Some(lz4)) => moves.push(Write::Move { key, lz4 }),
                 Ok(None) => {}
                 // A Bundle that fails its check cannot be delivered from anywhere: nothing to
                 // keep (its delivery is dead-lettered, saying so).
                 Err(e) => tracing::warn!(key, error = %e, "bundle sweep: an unreadable Bundle"),
             }
+            if moves.len() == MOVES_AT_ONCE {
+                swept.moved += self.write_all(std::mem::take(&mut moves))?;
+            }
         }
-        drop(tx);
-        // Every move on disk before any segment goes.
-        for moved in rx {
-            moved?;
-        }
+        swept.moved += self.write_all(moves)?;
+        // Every move is on disk before any segment goes.
         swept.segments = self.trees.bundles.drop_below(below)?;
         Ok(swept)
+    }
+
+    /// Queues `writes` at once (the writer takes them in as few rounds as it can) and returns
+    /// how many there were once all are durable.
+    fn write_all(&self, writes: Vec<Write>) -> Result<usize, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = writes.len();
+        for write in writes {
+            let tx = tx.clone();
+            self.writer.submit(
+                write,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+        }
+        drop(tx);
+        for written in rx {
+            written?;
+        }
+        Ok(n)
     }
 
     /// Appends a transition (and, once delivered, the EHR's resources, indexed) and, when the

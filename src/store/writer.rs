@@ -128,6 +128,10 @@ impl Fresh {
         }
     }
 
+    pub(crate) fn contains(&self, key: &str) -> bool {
+        self.0.lock().is_ok_and(|f| f.by_key.contains_key(key))
+    }
+
     pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
         let mut f = self.0.lock().ok()?;
         let bundle = f.by_key.remove(key)?;
