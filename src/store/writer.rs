@@ -420,9 +420,12 @@ impl Tx<'_> {
                 patient_key,
                 ..
             } => {
-                if let Some(existing) = self.subs.get(key.as_bytes())? {
-                    // Transactions see their own writes: a second copy in the same round is a
-                    // duplicate of the first.
+                // A place means new (`bundle_places` looked); none, a copy of one stored before
+                // or earlier in this round — transactions see their own writes.
+                let Some(at) = at else {
+                    let Some(existing) = self.subs.get(key.as_bytes())? else {
+                        return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
+                    };
                     return Ok(decode(key, &existing).map(|existing| {
                         Written::Accepted(if &existing.payload_sha256 == payload_sha256 {
                             Accepted::Duplicate(Box::new(existing))
@@ -430,9 +433,6 @@ impl Tx<'_> {
                             Accepted::Conflict(Box::new(existing))
                         })
                     }));
-                }
-                let Some(at) = at else {
-                    return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
                 self.subs.insert(key.as_bytes(), stored(Some(at), record))?;
                 if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
