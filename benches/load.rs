@@ -383,6 +383,7 @@ fn main() {
                 .args(["serve", "--config"])
                 .arg(&config)
                 .env("RUST_LOG", &log)
+                .env("CHARTBRIDGE_ECHO_ROUTE", "1")
                 .stdout(Stdio::piped())
                 .stderr(if log == "error" { Stdio::inherit() } else { Stdio::null() })
                 .spawn(),

@@ -21,6 +21,9 @@ pub struct Config {
     /// Days a delivered submission's Bundle (PHI) is kept for a replay; `0` keeps it for good.
     /// Bundles still waiting or dead-lettered are kept whatever their age.
     pub bundle_retention_days: u64,
+    /// Serves `POST /echo`, the bare baseline the load benchmark measures beside submissions;
+    /// off unless asked for (`CHARTBRIDGE_ECHO_ROUTE=1`).
+    pub echo_route: bool,
 }
 
 impl Default for Config {
@@ -33,6 +36,7 @@ impl Default for Config {
             ehr: None,
             sources: HashMap::new(),
             bundle_retention_days: 30,
+            echo_route: false,
         }
     }
 }
@@ -221,7 +225,7 @@ impl Config {
 
     /// Overrides from the environment: `CHARTBRIDGE_LISTEN`, `CHARTBRIDGE_DATA_DIR`,
     /// `CHARTBRIDGE_MAPPINGS_DIR`, `CHARTBRIDGE_EHR_URL`, `CHARTBRIDGE_EHR_BEARER_TOKEN`,
-    /// `CHARTBRIDGE_BUNDLE_RETENTION_DAYS`.
+    /// `CHARTBRIDGE_BUNDLE_RETENTION_DAYS`, `CHARTBRIDGE_ECHO_ROUTE` (`1` or `true`).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHARTBRIDGE_LISTEN") {
             self.listen = v.parse().map_err(|e| ConfigError::Env {
@@ -234,6 +238,9 @@ impl Config {
         }
         if let Some(v) = var("CHARTBRIDGE_MAPPINGS_DIR") {
             self.mappings_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("CHARTBRIDGE_ECHO_ROUTE") {
+            self.echo_route = matches!(v.as_str(), "1" | "true");
         }
         if let Some(v) = var("CHARTBRIDGE_BUNDLE_RETENTION_DAYS") {
             self.bundle_retention_days = v.parse().map_err(|e| ConfigError::Env {
@@ -345,5 +352,6 @@ mod tests {
             c.bundle_retention(),
             Some(std::time::Duration::from_secs(30 * 86_400))
         );
+        assert!(!c.echo_route, "the bench's route is off unless asked for");
     }
 }

@@ -327,6 +327,11 @@ fn bad_input_gets_a_4xx_operation_outcome() {
     assert_eq!(status, 401);
     // Unknown mapping, malformed, oversized, too deep, wrong type, not fitting the map.
     assert_eq!(post("/submissions/no-such-form", b"{}", &key).0, 404);
+    assert_eq!(
+        post("/echo", b"{}", &key).0,
+        404,
+        "the bench's route is off"
+    );
     let (status, oo) = post(
         "/submissions/refill-request-portal",
         b"{\"request_id\": ",

@@ -46,7 +46,7 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/submissions/{mapping_id}", post(submit))
         .route("/submissions/{mapping_id}/{submission_id}", get(status))
         .route(
@@ -56,8 +56,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/provenance", get(provenance))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/echo", post(echo))
+        .route("/metrics", get(metrics));
+    let routes = match state.config.echo_route {
+        true => routes.route("/echo", post(echo)),
+        false => routes,
+    };
+    routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn(request_log))
         .with_state(state)
