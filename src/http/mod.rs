@@ -57,9 +57,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics));
-    let routes = match state.config.echo_route {
-        true => routes.route("/echo", post(echo)),
-        false => routes,
+    let routes = if state.config.echo_route {
+        routes.route("/echo", post(echo))
+    } else {
+        routes
     };
     routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

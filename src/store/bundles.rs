@@ -295,14 +295,21 @@ impl BundleAppender {
         Ok(at)
     }
 
-    /// Begins a new segment at the end of the log.
+    /// Begins a new segment at the end of the log. A segment file of that name left empty by
+    /// a roll that failed half-way is taken as it is; one with data would mean the log's end is
+    /// not what it seems: an error.
     fn roll(&mut self) -> Result<(), StoreError> {
         let path = segment_path(&self.dir, self.end);
         let append = OpenOptions::new()
-            .create_new(true)
+            .create(true)
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
+        if append.metadata().map_err(io(&path))?.len() != 0 {
+            return Err(io(&path)(std::io::Error::other(
+                "a new Bundle log segment already holds data",
+            )));
+        }
         sync_dir(&self.dir)?;
         let read = File::open(&path).map_err(io(&path))?;
         if let Ok(mut segments) = self.segments.write() {
