@@ -52,7 +52,7 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
         Accepted::Conflict(_)
     ));
     assert_eq!(
-        store.pending().unwrap(),
+        store.pending(),
         vec![r.key()],
         "one outbox entry, not three"
     );
@@ -126,7 +126,7 @@ fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
         detail: Some("503".into()),
     };
     let failures = || {
-        let pending = store.pending_where(10, |_| true).unwrap();
+        let pending = store.pending_where(10, |_| true);
         assert_eq!(
             pending.len(),
             1,
@@ -167,7 +167,7 @@ fn delivery_leaves_the_outbox_and_indexes_ehr_resources() {
     let updated = store.transition(&r.key(), delivered, ehr).unwrap().unwrap();
     assert_eq!(updated.state(), Some(State::Delivered));
     assert_eq!(updated.transitions.len(), 6);
-    assert!(store.pending().unwrap().is_empty());
+    assert!(store.pending().is_empty());
     assert_eq!(
         store
             .by_resource("Observation/o1")
@@ -207,7 +207,7 @@ fn committed_submissions_survive_reopening() {
     }
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(
-        store.pending().unwrap(),
+        store.pending(),
         vec!["glp1-intake-typeform/tok-3".to_string()]
     );
     // The Bundle lives in the Bundle log, found again through sled after reopening; later
@@ -245,7 +245,7 @@ fn concurrent_commits_all_complete() {
             store.commit().unwrap();
         }
     });
-    assert_eq!(store.pending().unwrap().len(), 16 * 25);
+    assert_eq!(store.pending().len(), 16 * 25);
 }
 
 #[test]
@@ -261,7 +261,7 @@ fn the_same_submission_from_many_threads_is_new_exactly_once() {
     assert!(outcomes
         .iter()
         .all(|a| matches!(a, Accepted::New | Accepted::Duplicate(_))));
-    assert_eq!(store.pending().unwrap().len(), 1);
+    assert_eq!(store.pending().len(), 1);
     assert_eq!(
         log_len(dir.path()),
         one_frame(),
@@ -319,7 +319,7 @@ fn outbox_depth_follows_every_write_and_survives_reopening() {
         store.requeue(&a.key(), "2026-01-01T00:00:02Z").unwrap();
         store.requeue(&a.key(), "2026-01-01T00:00:03Z").unwrap(); // already in
         assert_eq!(store.outbox_depth(), 2);
-        assert_eq!(store.outbox_depth(), store.pending().unwrap().len());
+        assert_eq!(store.outbox_depth(), store.pending().len());
     }
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.outbox_depth(), 2);
@@ -406,10 +406,7 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
         assert_eq!(store.bundle(&key(id)).unwrap(), Some(bundle_of(id)), "{id}");
     }
     assert_eq!(store.bundle(&key("delivered")).unwrap(), None);
-    assert_eq!(
-        store.pending().unwrap(),
-        vec![key("latest"), key("waiting")]
-    );
+    assert_eq!(store.pending(), vec![key("latest"), key("waiting")]);
 }
 
 /// The Bundle log's segment files, in order.
@@ -420,4 +417,43 @@ fn segments(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
         .collect();
     names.sort();
     names
+}
+
+#[test]
+fn waiting_deliveries_come_out_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = |id: &str| format!("glp1-intake-typeform/{id}");
+    let to = |state| Transition {
+        state,
+        at: "2026-01-02T00:00:00Z".into(),
+        detail: None,
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for id in ["c", "a", "b"] {
+            store.accept(&record(id, "aaaa"), BUNDLE).unwrap();
+        }
+        assert_eq!(store.pending(), [key("c"), key("a"), key("b")]);
+        store
+            .transition(&key("c"), to(State::Failed), vec![])
+            .unwrap();
+        store
+            .transition(&key("a"), to(State::Delivered), vec![])
+            .unwrap();
+        store.requeue(&key("a"), "2026-01-03T00:00:00Z").unwrap();
+        assert_eq!(
+            store.pending(),
+            [key("c"), key("b"), key("a")],
+            "a replay goes to the back"
+        );
+        assert_eq!(store.pending_where(1, |_| true)[0].failures, 1);
+        assert_eq!(store.outbox_depth(), 3);
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.pending(),
+        [key("a"), key("b"), key("c")],
+        "in key order after reopening"
+    );
+    assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
 }

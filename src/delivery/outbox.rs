@@ -56,27 +56,19 @@ impl Outbox {
             if *shutdown.borrow() {
                 break;
             }
-            // Only what can start now: not in flight, not waiting out a backoff; the scan stops
-            // once it has enough, so a long outbox is not re-read on every wake-up.
+            // Only what can start now, oldest first: not in flight, not waiting out a backoff;
+            // the scan stops once it has enough.
             let now = Instant::now();
             let due = match schedule.lock() {
                 Ok(mut s) => {
-                    let picked = this
+                    let due = this
                         .store
                         .pending_where(this.concurrency.max(1) * 4, |key| {
                             !s.in_flight.contains(key)
                                 && s.not_before.get(key).is_none_or(|t| *t <= now)
                         });
-                    match picked {
-                        Ok(due) => {
-                            s.in_flight.extend(due.iter().map(|p| p.key.clone()));
-                            due
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "outbox: cannot read pending deliveries");
-                            Vec::new()
-                        }
-                    }
+                    s.in_flight.extend(due.iter().map(|p| p.key.clone()));
+                    due
                 }
                 Err(_) => Vec::new(),
             };

@@ -8,6 +8,7 @@
 //! run both ways: submission ↔ EHR resource ↔ patient.
 
 mod bundles;
+mod queue;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -188,7 +189,14 @@ impl Store {
             bundle_at: db.open_tree("bundle_at")?,
             bundles,
             legacy_bundles: db.open_tree("bundles")?,
-            outbox_depth: std::sync::atomic::AtomicI64::new(outbox.len() as i64),
+            queue: queue::Queue::load(outbox.iter().map(|entry| {
+                entry.map(|(key, value)| {
+                    (
+                        String::from_utf8_lossy(&key).into_owned(),
+                        writer::failures(&value),
+                    )
+                })
+            }))?,
             outbox,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
@@ -426,44 +434,21 @@ impl Store {
 
     /// How many deliveries wait in the outbox.
     pub fn outbox_depth(&self) -> usize {
-        let depth = self
-            .trees
-            .outbox_depth
-            .load(std::sync::atomic::Ordering::Relaxed);
-        usize::try_from(depth).unwrap_or(0)
+        self.trees.queue.len()
     }
 
-    /// Keys of the submissions waiting in the outbox (in key order).
-    pub fn pending(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .pending_where(usize::MAX, |_| true)?
+    /// Keys of the submissions waiting in the outbox, oldest first (in key order for those
+    /// that were waiting when the store was opened).
+    pub fn pending(&self) -> Vec<String> {
+        self.pending_where(usize::MAX, |_| true)
             .into_iter()
             .map(|p| p.key)
-            .collect())
+            .collect()
     }
 
-    /// Up to `limit` waiting deliveries whose keys `want` accepts; stops reading once it has
-    /// them.
-    pub fn pending_where(
-        &self,
-        limit: usize,
-        mut want: impl FnMut(&str) -> bool,
-    ) -> Result<Vec<Pending>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.trees.outbox.iter() {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, failures) = entry?;
-            let key = String::from_utf8_lossy(&key).into_owned();
-            if want(&key) {
-                out.push(Pending {
-                    key,
-                    failures: writer::failures(&failures),
-                });
-            }
-        }
-        Ok(out)
+    /// Up to `limit` waiting deliveries whose keys `want` accepts, oldest first.
+    pub fn pending_where(&self, limit: usize, want: impl FnMut(&str) -> bool) -> Vec<Pending> {
+        self.trees.queue.first(limit, want)
     }
 
     /// The submission that produced an EHR resource (`Observation/123`).
@@ -719,6 +704,6 @@ mod tests {
             None
         );
         assert_eq!(store.outbox_depth(), 0);
-        assert!(store.pending().unwrap().is_empty());
+        assert!(store.pending().is_empty());
     }
 }

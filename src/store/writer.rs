@@ -19,6 +19,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
 use super::bundles::{BundleAppender, BundleAt, BundleLog};
+use super::queue::{Change, Queue};
 use super::{
     decode, encode, split_stored, stored, Accepted, EhrResource, State, StoreError,
     SubmissionRecord, Transition,
@@ -96,8 +97,9 @@ pub(crate) struct Trees {
     /// Bundles accepted before the Bundle log existed (read only).
     pub legacy_bundles: sled::Tree,
     pub outbox: sled::Tree,
-    /// Entries in `outbox`, kept by the writer (sled's `len` reads the whole tree).
-    pub outbox_depth: std::sync::atomic::AtomicI64,
+    /// What `outbox` holds, oldest first, kept by the writer (and its length: sled's `len`
+    /// reads the whole tree).
+    pub queue: Queue,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
     pub fresh: Fresh,
@@ -336,26 +338,25 @@ fn bundle_places(
         .collect())
 }
 
-/// Applies a round in one transaction and keeps the outbox depth. A write that cannot be
-/// applied (an unreadable record) gets its own error; only a storage error fails the round.
+/// Applies a round in one transaction, then what it did to the outbox to the queue. A write
+/// that cannot be applied (an unreadable record) gets its own error; only a storage error fails
+/// the round.
 fn apply(
     trees: &Trees,
     writes: &[Write],
     places: &[Option<BundleAt>],
 ) -> Result<Outcomes, StoreError> {
-    let (outcomes, delta) = transact(trees, writes, places)?;
-    trees
-        .outbox_depth
-        .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    let (outcomes, changes) = transact(trees, writes, places)?;
+    trees.queue.apply(changes);
     Ok(outcomes)
 }
 
-/// The round's transaction: what each write did, and how the outbox's size changed.
+/// The round's transaction: what each write did, and what it did to the outbox.
 fn transact(
     trees: &Trees,
     writes: &[Write],
     places: &[Option<BundleAt>],
-) -> Result<(Outcomes, i64), StoreError> {
+) -> Result<(Outcomes, Vec<Change>), StoreError> {
     let outcome = (
         &trees.submissions,
         &trees.outbox,
@@ -368,14 +369,14 @@ fn transact(
                 outbox,
                 resources,
                 patients,
-                outbox_delta: std::cell::Cell::new(0),
+                changes: std::cell::RefCell::new(Vec::new()),
             };
             // Re-run from the start if sled retries the closure: outcomes are rebuilt.
             let mut out = Vec::with_capacity(writes.len());
             for (w, at) in writes.iter().zip(places) {
                 out.push(t.apply(w, *at)?);
             }
-            Ok((out, t.outbox_delta.get()))
+            Ok((out, t.changes.take()))
         });
     outcome.map_err(|e| match e {
         sled::transaction::TransactionError::Abort(e) => e,
@@ -388,11 +389,17 @@ struct Tx<'a> {
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
-    /// Entries added to the outbox minus entries removed, in this run of the transaction.
-    outbox_delta: std::cell::Cell<i64>,
+    /// What this run of the transaction did to the outbox.
+    changes: std::cell::RefCell<Vec<Change>>,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+impl Tx<'_> {
+    fn change(&self, change: Change) {
+        self.changes.borrow_mut().push(change);
+    }
+}
 
 /// What a change does to a submission's outbox entry.
 enum Outbox {
@@ -436,7 +443,7 @@ impl Tx<'_> {
                 };
                 self.subs.insert(key.as_bytes(), stored(Some(at), record))?;
                 if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
-                    self.outbox_delta.set(self.outbox_delta.get() + 1);
+                    self.change(Change::Enter(key.clone()));
                 }
                 self.patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Written::Accepted(Accepted::New))
@@ -491,7 +498,7 @@ impl Tx<'_> {
         let Some(bytes) = self.subs.get(key.as_bytes())? else {
             // An outbox entry without its record (a damaged store) has nothing to deliver.
             if self.outbox.remove(key.as_bytes())?.is_some() {
-                self.outbox_delta.set(self.outbox_delta.get() - 1);
+                self.change(Change::Leave(key.to_string()));
             }
             return Ok(Ok(Written::Record(None)));
         };
@@ -515,16 +522,19 @@ impl Tx<'_> {
             .insert(key.as_bytes(), stored(split_stored(&bytes).0, &encoded))?;
         match outbox {
             Outbox::Leave if self.outbox.remove(key.as_bytes())?.is_some() => {
-                self.outbox_delta.set(self.outbox_delta.get() - 1)
+                self.change(Change::Leave(key.to_string()))
             }
-            Outbox::Enter if self.outbox.insert(key.as_bytes(), &[])?.is_none() => {
-                self.outbox_delta.set(self.outbox_delta.get() + 1)
-            }
+            // A replay starts the count of failures again, waiting already or not.
+            Outbox::Enter => self.change(match self.outbox.insert(key.as_bytes(), &[])? {
+                None => Change::Enter(key.to_string()),
+                Some(_) => Change::Failed(key.to_string(), 0),
+            }),
             // Counted only while it waits: a failure recorded after it left changes nothing.
             Outbox::Failed => {
                 if let Some(value) = self.outbox.get(key.as_bytes())? {
                     let n = failures(&value).saturating_add(1);
                     self.outbox.insert(key.as_bytes(), &n.to_le_bytes())?;
+                    self.change(Change::Failed(key.to_string(), n));
                 }
             }
             _ => {}
