@@ -395,12 +395,6 @@ struct Tx<'a> {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
-impl Tx<'_> {
-    fn change(&self, change: Change) {
-        self.changes.borrow_mut().push(change);
-    }
-}
-
 /// What a change does to a submission's outbox entry.
 enum Outbox {
     Leave,
@@ -418,6 +412,10 @@ pub(super) fn failures(value: &[u8]) -> u32 {
 }
 
 impl Tx<'_> {
+    fn change(&self, change: Change) {
+        self.changes.borrow_mut().push(change);
+    }
+
     fn apply(&self, write: &Write, at: Option<BundleAt>) -> TxResult<Result<Written, StoreError>> {
         Ok(match write {
             Write::Accept {
