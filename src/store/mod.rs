@@ -184,23 +184,17 @@ impl Store {
             options.bundle_segment_bytes,
         )?;
         let outbox = db.open_tree("outbox")?;
+        let submissions = db.open_tree("submissions")?;
         let trees = Arc::new(Trees {
-            submissions: db.open_tree("submissions")?,
             bundle_at: db.open_tree("bundle_at")?,
             bundles,
             legacy_bundles: db.open_tree("bundles")?,
-            queue: queue::Queue::load(outbox.iter().map(|entry| {
-                entry.map(|(key, value)| {
-                    (
-                        String::from_utf8_lossy(&key).into_owned(),
-                        writer::failures(&value),
-                    )
-                })
-            }))?,
+            queue: waiting(&outbox, &submissions)?,
             outbox,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
             fresh: writer::Fresh::default(),
+            submissions,
             db,
         });
         let writer = Writer::start(Arc::clone(&trees), appender, dir)?;
@@ -437,8 +431,7 @@ impl Store {
         self.trees.queue.len()
     }
 
-    /// Keys of the submissions waiting in the outbox, oldest first (in key order for those
-    /// that were waiting when the store was opened).
+    /// Keys of the submissions waiting in the outbox, oldest first.
     pub fn pending(&self) -> Vec<String> {
         self.pending_where(usize::MAX, |_| true)
             .into_iter()
@@ -496,6 +489,35 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
             opened => return opened.map_err(StoreError::from),
         }
     }
+}
+
+/// The outbox's entries in the order they entered it: by the time of their record's last
+/// `mapped` transition (accepted, or put back by a replay), then key. An entry whose record
+/// cannot be read comes first (the outbox soon drops or dead-letters it). Reads every waiting
+/// record once, at open.
+fn waiting(outbox: &sled::Tree, submissions: &sled::Tree) -> Result<queue::Queue, StoreError> {
+    let mut entries = Vec::new();
+    for entry in outbox.iter() {
+        let (key, value) = entry?;
+        let key = String::from_utf8_lossy(&key).into_owned();
+        let entered = match submissions.get(key.as_bytes())? {
+            Some(record) => decode(&key, &record).ok().and_then(|r| {
+                r.transitions
+                    .iter()
+                    .rev()
+                    .find(|t| t.state == State::Mapped)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.at).ok())
+            }),
+            None => None,
+        };
+        entries.push((entered, key, writer::failures(&value)));
+    }
+    entries.sort();
+    Ok(queue::Queue::load(
+        entries
+            .into_iter()
+            .map(|(_, key, failures)| (key, failures)),
+    ))
 }
 
 fn corrupt(key: &str, why: String) -> StoreError {

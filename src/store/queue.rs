@@ -2,8 +2,8 @@
 //! is keyed by submission (so that leaving it is one removal), which is not the order they came
 //! in; picking in key order let a submission whose key sorts late wait behind every later
 //! arrival that sorts early, for as long as a backlog lasted. The writer applies each round's
-//! changes here once its transaction has applied them in sled; at open the queue is read back
-//! from the outbox tree (in key order: arrival order is not kept across a restart).
+//! changes here once its transaction has applied them in sled; at open the store rebuilds it
+//! from the outbox tree and the times in the records.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,21 +36,18 @@ struct Order {
 }
 
 impl Queue {
-    /// The queue of what `outbox` holds (key, failures), in that order.
-    pub(crate) fn load(
-        outbox: impl Iterator<Item = Result<(String, u32), sled::Error>>,
-    ) -> Result<Queue, sled::Error> {
+    /// A queue of `waiting` (key, failures), oldest first.
+    pub(crate) fn load(waiting: impl Iterator<Item = (String, u32)>) -> Queue {
         let queue = Queue::default();
         let mut changes = Vec::new();
-        for entry in outbox {
-            let (key, failures) = entry?;
+        for (key, failures) in waiting {
             changes.push(Change::Enter(key.clone()));
             if failures > 0 {
                 changes.push(Change::Failed(key, failures));
             }
         }
         queue.apply(changes);
-        Ok(queue)
+        queue
     }
 
     pub(crate) fn apply(&self, changes: Vec<Change>) {
@@ -118,8 +115,7 @@ mod tests {
 
     #[test]
     fn entries_come_out_in_arrival_order_with_their_failures() {
-        let q =
-            Queue::load([Ok(("a".to_string(), 0)), Ok(("b".to_string(), 2))].into_iter()).unwrap();
+        let q = Queue::load([("a".to_string(), 0), ("b".to_string(), 2)].into_iter());
         q.apply(vec![
             Change::Enter("0".into()),
             Change::Enter("a".into()), // already waiting: keeps its place
