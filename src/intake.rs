@@ -69,8 +69,10 @@ impl Intake {
     }
 
     /// Maps and records a submission; durable once this returns. The payload and everything
-    /// built from it are dropped before the wait for the disk, on the thread that made them.
-    /// `mapping` is one of `self.mapping(…)`; `payload` was parsed through its projection.
+    /// built from it are dropped before the wait for the disk, on the thread that made them —
+    /// but the Bundle's text, which goes to the store (its first delivery takes it from
+    /// memory). `mapping` is one of `self.mapping(…)`; `payload` was parsed through its
+    /// projection.
     pub async fn accept(
         &self,
         mapping: &Mapping,
