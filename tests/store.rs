@@ -395,7 +395,11 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
         );
         for id in ["delivered", "acknowledged"] {
             assert_eq!(store.bundle(&key(id)).unwrap(), None, "{id}");
+            assert!(store.bundle_expired(&key(id)).unwrap(), "{id}");
             assert!(store.get(&key(id)).unwrap().is_some(), "the record stays");
+        }
+        for id in ["dead", "waiting", "latest", "never accepted"] {
+            assert!(!store.bundle_expired(&key(id)).unwrap(), "{id}");
         }
         let after = segments(dir.path());
         assert!(before[..4].iter().all(|s| !after.contains(s)), "{after:?}");

@@ -250,14 +250,16 @@ async fn replay(
     Path((mapping_id, submission_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let key = store::key(&mapping_id, &submission_id);
-    // Past the retention a delivered submission's Bundle is gone: nothing to send again. (A
-    // Bundle that cannot be read is requeued: its delivery dead-letters, saying why.)
-    if let Ok(false) = state.intake.store().keeps_bundle(&key) {
-        if let Ok(Some(_)) = state.intake.store().get(&key) {
-            return Err(ApiError::Gone(format!(
-                "the Bundle of {key} is no longer kept (past bundle_retention_days): nothing to deliver again"
-            )));
-        }
+    // Past the retention a delivered submission's Bundle is gone: nothing to send again.
+    if state
+        .intake
+        .store()
+        .bundle_expired(&key)
+        .map_err(IntakeError::Store)?
+    {
+        return Err(ApiError::Gone(format!(
+            "the Bundle of {key} is no longer kept (past bundle_retention_days): nothing to deliver again"
+        )));
     }
     let requeued = state
         .intake

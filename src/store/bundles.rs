@@ -181,6 +181,11 @@ impl BundleLog {
         Some((start, Arc::clone(file)))
     }
 
+    /// Whether the segment holding `at` is still kept.
+    pub(crate) fn keeps(&self, at: BundleAt) -> bool {
+        self.segment(at.offset).is_some()
+    }
+
     /// Reads (and checks) the Bundle at `at`; `None` when its segment was dropped.
     pub(crate) fn read(&self, key: &str, at: BundleAt) -> Result<Option<Vec<u8>>, StoreError> {
         let Some((start, file)) = self.segment(at.offset) else {
@@ -232,17 +237,22 @@ impl BundleLog {
 
     /// Deletes the closed segments that end at or before `offset`; how many went.
     pub(crate) fn drop_below(&self, offset: u64) -> Result<usize, StoreError> {
-        let gone: Vec<u64> = self
-            .closed()?
-            .into_iter()
-            .filter(|s| s.end <= offset)
-            .map(|s| s.start)
-            .collect();
-        if let Ok(mut segments) = self.segments.write() {
-            for start in &gone {
-                segments.remove(start);
+        let gone: Vec<u64> = match self.segments.write() {
+            Ok(mut segments) => {
+                let starts: Vec<u64> = segments.keys().copied().collect();
+                // A segment ends where the next begins; the last one, appended to, never goes.
+                let gone: Vec<u64> = starts
+                    .windows(2)
+                    .filter(|pair| pair[1] <= offset)
+                    .map(|pair| pair[0])
+                    .collect();
+                for start in &gone {
+                    segments.remove(start);
+                }
+                gone
             }
-        }
+            Err(_) => Vec::new(),
+        };
         for start in &gone {
             let path = segment_path(&self.dir, *start);
             std::fs::remove_file(&path).map_err(io(&path))?;

@@ -263,9 +263,15 @@ impl Store {
             .map_err(|e| corrupt(key, format!("bundle is not LZ4: {e}")))
     }
 
-    /// Whether a submission's Bundle is still kept: a replay has something to send.
-    pub fn keeps_bundle(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(self.trees.fresh.contains(key) || self.kept_bundle(key)?.is_some())
+    /// Whether a submission's Bundle went with its segment of the Bundle log (past the
+    /// retention): the record is there, its Bundle's place is below the oldest segment kept.
+    pub fn bundle_expired(&self, key: &str) -> Result<bool, StoreError> {
+        let Some(record) = self.trees.submissions.get(key.as_bytes())? else {
+            return Ok(false);
+        };
+        Ok(self
+            .bundle_place(key.as_bytes(), Some(&record))?
+            .is_some_and(|at| !self.trees.bundles.keeps(at)))
     }
 
     /// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a

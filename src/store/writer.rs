@@ -130,10 +130,6 @@ impl Fresh {
         }
     }
 
-    pub(crate) fn contains(&self, key: &str) -> bool {
-        self.0.lock().is_ok_and(|f| f.by_key.contains_key(key))
-    }
-
     pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
         let mut f = self.0.lock().ok()?;
         let bundle = f.by_key.remove(key)?;
@@ -313,28 +309,24 @@ fn bundle_places(
     writes: &[Write],
 ) -> Result<Vec<Option<BundleAt>>, StoreError> {
     let mut seen = std::collections::HashSet::new();
-    let mut new = Vec::with_capacity(writes.len());
+    let mut appended = Vec::with_capacity(writes.len());
     for w in writes {
-        new.push(match w {
-            Write::Accept { key, .. } => {
-                seen.insert(key.as_str()) && !trees.submissions.contains_key(key.as_bytes())?
+        appended.push(match w {
+            Write::Accept { key, lz4, .. }
+                if seen.insert(key.as_str())
+                    && !trees.submissions.contains_key(key.as_bytes())? =>
+            {
+                Some(lz4.as_slice())
             }
-            Write::Move { .. } => true,
-            _ => false,
+            Write::Move { lz4, .. } => Some(lz4.as_slice()),
+            _ => None,
         });
     }
-    let bundles: Vec<&[u8]> = writes
-        .iter()
-        .zip(&new)
-        .filter_map(|(w, new)| match w {
-            Write::Accept { lz4, .. } | Write::Move { lz4, .. } if *new => Some(lz4.as_slice()),
-            _ => None,
-        })
-        .collect();
+    let bundles: Vec<&[u8]> = appended.iter().flatten().copied().collect();
     let mut places = appender.append(&bundles)?.into_iter();
-    Ok(new
-        .into_iter()
-        .map(|new| if new { places.next() } else { None })
+    Ok(appended
+        .iter()
+        .map(|b| b.and_then(|_| places.next()))
         .collect())
 }
 
@@ -471,16 +463,13 @@ impl Tx<'_> {
                 let Some(at) = at else {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
-                match self.subs.get(key.as_bytes())? {
-                    // The record keeps its encoding; only its Bundle's place changes (a record of
-                    // the earliest form gains one, as new records have).
-                    Some(value) => {
-                        self.subs
-                            .insert(key.as_bytes(), stored(Some(at), split_stored(&value).1))?;
-                        Ok(Written::Moved)
-                    }
-                    None => Ok(Written::Moved),
+                // The record keeps its encoding; only its Bundle's place changes (a record of
+                // the earliest form gains one, as new records have).
+                if let Some(value) = self.subs.get(key.as_bytes())? {
+                    self.subs
+                        .insert(key.as_bytes(), stored(Some(at), split_stored(&value).1))?;
                 }
+                Ok(Written::Moved)
             }
             Write::Barrier => Ok(Written::Barrier),
         })
