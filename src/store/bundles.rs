@@ -68,6 +68,9 @@ pub(crate) struct BundleLog {
 }
 
 /// Appends: owned by the writer thread alone.
+/// The most buffer memory an appender keeps between appends.
+const FRAMES_KEPT: usize = 4 << 20;
+
 pub(crate) struct BundleAppender {
     dir: PathBuf,
     segments: Segments,
@@ -76,6 +79,9 @@ pub(crate) struct BundleAppender {
     start: u64,
     append: File,
     end: u64,
+    /// The frames of one append, kept between appends: a round's Bundles are often over
+    /// 128 KiB, and an allocation that large freed each round costs fresh (zeroed) pages.
+    frames: Vec<u8>,
 }
 
 /// A closed segment (not the one appended to), oldest first.
@@ -169,6 +175,7 @@ impl BundleLog {
                 start,
                 append,
                 end,
+                frames: Vec::new(),
             },
         ))
     }
@@ -275,7 +282,9 @@ impl BundleAppender {
             self.roll()?;
         }
         let path = segment_path(&self.dir, self.start);
-        let mut buf = Vec::with_capacity(bundles.iter().map(|b| b.len() + HEADER).sum());
+        let buf = &mut self.frames;
+        buf.clear();
+        buf.reserve(bundles.iter().map(|b| b.len() + HEADER).sum());
         let mut at = Vec::with_capacity(bundles.len());
         let mut offset = self.end;
         for b in bundles {
@@ -289,7 +298,7 @@ impl BundleAppender {
         }
         let written = self
             .append
-            .write_all(&buf)
+            .write_all(buf)
             .and_then(|_| self.append.sync_data());
         if let Err(e) = written {
             // A partial write may have moved the end: find it again, so that later offsets
@@ -302,6 +311,10 @@ impl BundleAppender {
             return Err(io(&path)(e));
         }
         self.end = offset;
+        if self.frames.capacity() > FRAMES_KEPT {
+            // A rare large append (a retention move) does not keep its memory.
+            self.frames = Vec::new();
+        }
         Ok(at)
     }
 
