@@ -18,6 +18,9 @@ pub struct Config {
     pub ehr: Option<EhrConfig>,
     /// How each intake source authenticates, by mapping id; `"*"` applies to the others.
     pub sources: HashMap<String, SourceAuth>,
+    /// Sources whose webhooks only announce a submission, by mapping id: the gateway fetches
+    /// the submission from the source's API before mapping it.
+    pub fetch: HashMap<String, FetchSource>,
     /// Days a delivered submission's Bundle (PHI) is kept for a replay; `0` keeps it for good.
     /// Bundles still waiting or dead-lettered are kept whatever their age.
     pub bundle_retention_days: u64,
@@ -35,6 +38,7 @@ impl Default for Config {
             limits: Limits::default(),
             ehr: None,
             sources: HashMap::new(),
+            fetch: HashMap::new(),
             bundle_retention_days: 30,
             echo_route: false,
         }
@@ -173,6 +177,25 @@ pub enum SourceAuth {
     },
 }
 
+/// Where the submission a source announces is fetched from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum FetchSource {
+    /// Healthie: the webhook names a FormAnswerGroup; its answers come from the GraphQL API.
+    HealthieGraphql {
+        /// e.g. `https://api.gethealthie.com/graphql` (`https://staging-api.gethealthie.com/graphql`)
+        url: String,
+        api_key: String,
+        /// The whole query, answer included (ms).
+        #[serde(default = "default_fetch_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_fetch_timeout_ms() -> u64 {
+    10_000
+}
+
 fn default_tolerance() -> u64 {
     300
 }
@@ -298,6 +321,25 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's example configuration is a configuration this version reads.
+    #[test]
+    fn the_readme_example_reads() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let c: Config = toml::from_str(&readme[start..end]).unwrap();
+        assert!(matches!(
+            c.fetch.get("glp1-intake-healthie"),
+            Some(FetchSource::HealthieGraphql { url, timeout_ms: 10_000, .. })
+                if url == "https://api.gethealthie.com/graphql"
+        ));
+        assert!(
+            toml::from_str::<Config>("[fetch.x]\ntype = \"healthie_graphql\"\nurl = \"u\"\n")
+                .is_err(),
+            "an api_key is required"
+        );
+    }
 
     #[test]
     fn file_then_environment() {

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod fetch;
 pub mod fhir;
 pub mod golden;
 pub mod http;

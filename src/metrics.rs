@@ -23,6 +23,8 @@ pub struct Metrics {
     pub submissions_duplicate: AtomicU64,
     pub submissions_rejected: AtomicU64,
     pub submissions_unauthorized: AtomicU64,
+    /// Notifications whose submission could not be fetched from the source's API.
+    pub submissions_unfetched: AtomicU64,
     pub deliveries_ok: AtomicU64,
     pub delivery_retries: AtomicU64,
     pub dead_letters: AtomicU64,
@@ -70,6 +72,7 @@ impl Metrics {
             ("duplicate", &self.submissions_duplicate),
             ("rejected", &self.submissions_rejected),
             ("unauthorized", &self.submissions_unauthorized),
+            ("unfetched", &self.submissions_unfetched),
         ] {
             let _ = writeln!(
                 s,

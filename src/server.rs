@@ -12,6 +12,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::delivery::outbox::Outbox;
+use crate::fetch::Fetch;
 use crate::http::{router, AppState};
 use crate::intake::Intake;
 use crate::mapping;
@@ -26,6 +27,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("EHR client: {0}")]
     Client(#[from] crate::delivery::client::ClientError),
+    #[error("the client for fetched sources: {0}")]
+    Fetch(reqwest::Error),
     #[error("starting the outbox: {0}")]
     Outbox(std::io::Error),
     #[error("listen on {addr}: {source}")]
@@ -96,6 +99,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             tracing::warn!(source, "source authentication is off");
         }
     }
+    for source in config.fetch.keys() {
+        if mappings.iter().any(|m| &m.id == source) {
+            tracing::info!(
+                source,
+                "its notifications are exchanged for the submission they announce"
+            );
+        } else {
+            tracing::warn!(
+                source,
+                "a fetch is configured for a mapping that is not loaded"
+            );
+        }
+    }
+    let fetch = Fetch::new(config.fetch.clone()).map_err(ServeError::Fetch)?;
 
     let state = Arc::new(AppState {
         intake: Intake::new(mappings, Arc::clone(&store)),
@@ -103,6 +120,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         metrics,
         outbox: wake,
         ehr: ehr.map(|(c, _)| c),
+        fetch,
     });
     let (http_stop, http_stopped) = watch::channel(false);
     let app = router(Arc::clone(&state));

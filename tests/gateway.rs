@@ -658,3 +658,179 @@ fn bundles_past_their_retention_are_swept_and_a_waiting_one_is_still_delivered()
     app.wait_for_state(KEY, "delivered", 30);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
 }
+
+/// Healthie's GraphQL API as the gateway meets it: `formAnswerGroup(id:)` answered with the
+/// recorded answer of the Healthie fixture for its id, `null` for any other id, GraphQL's
+/// "API Key is Invalid" error for a wrong key, `503` while `down`. It answers from the
+/// recording because Healthie itself cannot run here; what it checks of the request is what
+/// Healthie's documentation asks for.
+struct HealthieApi {
+    url: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+const HEALTHIE_KEY: &str = "healthie-test-key";
+const HEALTHIE_FORM: &str = "fixtures/glp1-intake-healthie/priya-unknown-family-history.input.json";
+
+impl HealthieApi {
+    fn start() -> HealthieApi {
+        use axum::http::{HeaderMap, StatusCode};
+        use axum::response::IntoResponse;
+        use std::sync::atomic::Ordering;
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (d, q) = (down.clone(), queries.clone());
+        let recorded = fixture(HEALTHIE_FORM);
+        let url = runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/graphql", listener.local_addr().unwrap());
+            let graphql = move |headers: HeaderMap, body: axum::body::Bytes| async move {
+                q.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+                let json = |v: &Value| ([("content-type", "application/json")], v.to_string());
+                if header("authorization") != Some(&format!("Basic {HEALTHIE_KEY}"))
+                    || header("authorizationsource") != Some("API")
+                {
+                    let e = serde_json::json!({"data": null, "errors": [{"message": "API Key is Invalid"}]});
+                    return json(&e).into_response();
+                }
+                let query: Value = serde_json::from_slice(&body).unwrap();
+                assert!(query["query"]
+                    .as_str()
+                    .unwrap()
+                    .contains("formAnswerGroup(id: $id)"));
+                match query["variables"]["id"].as_str() {
+                    Some("4718203") => (
+                        [("content-type", "application/json")],
+                        recorded.clone(),
+                    )
+                        .into_response(),
+                    _ => json(&serde_json::json!({"data": {"formAnswerGroup": null}})).into_response(),
+                }
+            };
+            let app = axum::Router::new().route("/graphql", axum::routing::post(graphql));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        });
+        HealthieApi {
+            url,
+            down,
+            queries,
+            _runtime: runtime,
+        }
+    }
+
+    fn fetch_table(&self, key: &str) -> String {
+        format!(
+            "\n[fetch.glp1-intake-healthie]\ntype = \"healthie_graphql\"\nurl = \"{}\"\napi_key = \"{key}\"\ntimeout_ms = 5000\n",
+            self.url
+        )
+    }
+}
+
+#[test]
+fn a_healthie_notification_is_exchanged_for_its_form_and_reaches_the_ehr() {
+    use std::sync::atomic::Ordering;
+    let ehr = FhirServer::start();
+    let healthie = HealthieApi::start();
+    let app = App::start_with_tables(Some(&ehr.url), &healthie.fetch_table(HEALTHIE_KEY));
+    let notify = |body: &[u8]| {
+        app.post(
+            "/submissions/glp1-intake-healthie",
+            body,
+            &[
+                ("x-api-key", "test-key".into()),
+                ("content-type", "application/json".into()),
+            ],
+        )
+    };
+    let created = fixture("fixtures/vendors/healthie.webhook.form_answer_group.created.json");
+    let key = "glp1-intake-healthie/4718203";
+
+    // Healthie's API down: a 502 the source retries, and nothing stored.
+    healthie.down.store(true, Ordering::SeqCst);
+    let (status, outcome, headers) = notify(&created);
+    assert_eq!(status, 502, "{outcome}");
+    assert_eq!(outcome["issue"][0]["code"], "transient");
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(app.get(&format!("/submissions/{key}")).0, 404);
+    app.wait_for_metrics(&["chartbridge_submissions_total{outcome=\"unfetched\"} 1"]);
+
+    // Up: the form is fetched, mapped, stored and delivered.
+    healthie.down.store(false, Ordering::SeqCst);
+    let (status, receipt, _) = notify(&created);
+    assert_eq!(status, 202, "{receipt}");
+    assert_eq!(receipt["key"], key);
+    assert_eq!(
+        receipt["flags"],
+        serde_json::json!(["family_history_unknown"])
+    );
+    let view = app.wait_for_state(key, "delivered", 30);
+    assert!(view["ehr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["reference"]
+            .as_str()
+            .unwrap()
+            .starts_with("QuestionnaireResponse/")));
+    let found = ehr.search("Patient?identifier=https://secure.gethealthie.com/users|3029471");
+    assert_eq!(found["entry"].as_array().map(Vec::len), Some(1), "{found}");
+
+    // A later event about the same form (locked) fetches the same answer: a duplicate.
+    let locked = String::from_utf8(created.clone())
+        .unwrap()
+        .replace("form_answer_group.created", "form_answer_group.locked");
+    let (status, again, headers) = notify(locked.as_bytes());
+    assert_eq!((status, &again), (202, &receipt));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+
+    // A form Healthie does not have, a notification about something else, and not JSON.
+    let (status, outcome, _) =
+        notify(br#"{"resource_id":"999","resource_id_type":"FormAnswerGroup","event_type":"form_answer_group.created"}"#);
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (422, Some("not-found")),
+        "{outcome}"
+    );
+    let before = healthie.queries.load(Ordering::SeqCst);
+    for bad in [
+        &br#"{"resource_id":"77","resource_id_type":"Appointment","event_type":"appointment.created"}"#[..],
+        b"{not json",
+    ] {
+        let (status, outcome, _) = notify(bad);
+        assert_eq!((status, outcome["issue"][0]["code"].as_str()), (422, Some("structure")), "{outcome}");
+    }
+    assert_eq!(
+        healthie.queries.load(Ordering::SeqCst),
+        before,
+        "no query for a bad notification"
+    );
+    // The notification is authenticated before anything is fetched.
+    let (status, _, _) = app.post("/submissions/glp1-intake-healthie", &created, &[]);
+    assert_eq!(status, 401);
+    assert_eq!(healthie.queries.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn a_wrong_healthie_api_key_is_a_502_that_says_so() {
+    let healthie = HealthieApi::start();
+    let app = App::start_with_tables(None, &healthie.fetch_table("wrong-key"));
+    let (status, outcome, _) = app.post(
+        "/submissions/glp1-intake-healthie",
+        &fixture("fixtures/vendors/healthie.webhook.form_answer_group.created.json"),
+        &[("x-api-key", "test-key".into())],
+    );
+    assert_eq!(status, 502, "{outcome}");
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("API Key is Invalid"));
+}

@@ -3,6 +3,7 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::fetch::FetchError;
 use crate::fhir::{Issue, OperationOutcome};
 use crate::intake::IntakeError;
 use crate::mapping::PayloadError;
@@ -28,6 +29,8 @@ pub enum ApiError {
     Form(#[from] super::form::FormError),
     #[error(transparent)]
     Intake(#[from] IntakeError),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
     #[error("internal error")]
@@ -63,6 +66,11 @@ impl ApiError {
             ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Fetch(FetchError::Notification(_) | FetchError::NotFound(_)) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            // The source's retry is what fetches it again later: nothing was stored.
+            ApiError::Fetch(FetchError::Unavailable(_)) => StatusCode::BAD_GATEWAY,
             ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -79,6 +87,9 @@ impl ApiError {
             ApiError::Gone(_) => issue("deleted", self.to_string()),
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
+            ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),
+            ApiError::Fetch(FetchError::NotFound(_)) => issue("not-found", self.to_string()),
+            ApiError::Fetch(FetchError::Unavailable(_)) => issue("transient", self.to_string()),
             ApiError::TooLarge(_) => issue("too-costly", self.to_string()),
             ApiError::TooDeep(_)
             | ApiError::NotJson(_)
@@ -115,7 +126,10 @@ impl IntoResponse for ApiError {
             body,
         )
             .into_response();
-        if matches!(self, ApiError::Overloaded(_)) {
+        if matches!(
+            self,
+            ApiError::Overloaded(_) | ApiError::Fetch(FetchError::Unavailable(_))
+        ) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
                 header::HeaderValue::from_static(OVERLOADED_RETRY_AFTER),

@@ -30,6 +30,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
+use crate::fetch::Fetch;
 use crate::intake::{Intake, IntakeError};
 use crate::metrics::Metrics;
 use crate::store::{self, SubmissionRecord};
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Wakes the outbox when a submission is accepted or replayed.
     pub outbox: Arc<Notify>,
     pub ehr: Option<Arc<EhrClient>>,
+    /// Sources whose webhooks only announce a submission (Healthie).
+    pub fetch: Fetch,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -132,6 +135,17 @@ async fn submit(
         Metrics::inc(&state.metrics.submissions_rejected);
         return Err(ApiError::Overloaded(waiting));
     }
+    // A notification (Healthie's) is exchanged for the submission it announces.
+    let raw = match state.fetch.source(&mapping_id) {
+        Some(source) => match state.fetch.submission(source, &raw, limit).await {
+            Ok(fetched) => Bytes::from(fetched),
+            Err(e) => {
+                Metrics::inc(&state.metrics.submissions_unfetched);
+                return Err(e.into());
+            }
+        },
+        None => raw,
+    };
     // One pass: parse (what the mapping reads) and the depth limit (everything).
     let depth = state.config.limits.max_json_depth;
     let payload = mapping.parse_payload_within(&raw, depth)?;

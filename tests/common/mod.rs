@@ -174,13 +174,20 @@ impl App {
 
     /// Same, with more lines for the `[limits]` table too.
     pub fn start_configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str) -> App {
-        let mut app = Self::configured(ehr, ehr_extra, limits_extra);
+        let mut app = Self::configured(ehr, ehr_extra, limits_extra, "");
+        app.restart();
+        app
+    }
+
+    /// Same, with more tables at the end of the configuration (e.g. `[fetch.…]`).
+    pub fn start_with_tables(ehr: Option<&str>, tables: &str) -> App {
+        let mut app = Self::configured(ehr, "", "", tables);
         app.restart();
         app
     }
 
     /// The gateway's data directory and configuration, not started yet.
-    fn configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str) -> App {
+    fn configured(ehr: Option<&str>, ehr_extra: &str, limits_extra: &str, tables: &str) -> App {
         let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
@@ -195,6 +202,7 @@ impl App {
         if let Some(url) = ehr {
             config.push_str(&format!("\n[ehr]\nbase_url = \"{url}\"\nbackoff_base_ms = 50\nbackoff_cap_ms = 400\ntimeout_ms = 5000\n{ehr_extra}\n"));
         }
+        config.push_str(tables);
         std::fs::write(&config_path, config).expect("write config");
         App {
             child: None,
@@ -208,7 +216,7 @@ impl App {
 
     /// Starts the gateway logging at `info` into a file (read with `log_lines`).
     pub fn start_logged(ehr: Option<&str>) -> App {
-        let mut app = Self::configured(ehr, "", "");
+        let mut app = Self::configured(ehr, "", "", "");
         app.log = Some(app.dir.path().join("serve.log"));
         app.restart();
         app
