@@ -166,6 +166,9 @@ pub enum SourceAuth {
         #[serde(default)]
         encoding: SignatureEncoding,
     },
+    /// Healthie's signed webhooks: `Content-Digest` (SHA-256 of the body) and `Signature:
+    /// sig1=<hex>`, an HMAC-SHA256 of the request line, that digest, the content type and length.
+    Healthie { secret: String },
     /// The Standard Webhooks scheme (a custom portal): `webhook-id`, `webhook-timestamp` and
     /// `webhook-signature: v1,<base64>` over `{id}.{timestamp}.{body}`; a timestamp outside
     /// `tolerance_seconds` is refused, so a captured request cannot be replayed later.

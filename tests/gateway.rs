@@ -726,12 +726,39 @@ impl HealthieApi {
         }
     }
 
-    fn fetch_table(&self, key: &str) -> String {
+    /// The configuration of the Healthie source: its webhooks signed, its forms fetched with
+    /// `key`.
+    fn tables(&self, key: &str) -> String {
         format!(
-            "\n[fetch.glp1-intake-healthie]\ntype = \"healthie_graphql\"\nurl = \"{}\"\napi_key = \"{key}\"\ntimeout_ms = 5000\n",
+            "\n[sources.glp1-intake-healthie]\ntype = \"healthie\"\nsecret = \"{HEALTHIE_WEBHOOK_SECRET}\"\n\
+             \n[fetch.glp1-intake-healthie]\ntype = \"healthie_graphql\"\nurl = \"{}\"\napi_key = \"{key}\"\ntimeout_ms = 5000\n",
             self.url
         )
     }
+}
+
+const HEALTHIE_WEBHOOK_SECRET: &str = "healthie-webhook-secret";
+const HEALTHIE_PATH: &str = "/submissions/glp1-intake-healthie";
+
+/// POSTs a notification signed as Healthie signs its webhooks.
+fn notify_healthie(app: &App, body: &[u8]) -> (u16, Value, reqwest::header::HeaderMap) {
+    let target = chartbridge::http::auth::Target {
+        method: "POST",
+        path: HEALTHIE_PATH,
+        query: "",
+    };
+    let (digest, signature) =
+        chartbridge::http::auth::sign_healthie(HEALTHIE_WEBHOOK_SECRET, &target, body);
+    app.post(
+        HEALTHIE_PATH,
+        body,
+        &[
+            ("content-type", "application/json".into()),
+            ("content-digest", digest),
+            ("signature", signature),
+            ("signature-input", "sig1=(\"@method\" \"@path\" \"@query\" \"content-digest\" \"content-type\" \"content-length\")".into()),
+        ],
+    )
 }
 
 #[test]
@@ -739,19 +766,20 @@ fn a_healthie_notification_is_exchanged_for_its_form_and_reaches_the_ehr() {
     use std::sync::atomic::Ordering;
     let ehr = FhirServer::start();
     let healthie = HealthieApi::start();
-    let app = App::start_with_tables(Some(&ehr.url), &healthie.fetch_table(HEALTHIE_KEY));
-    let notify = |body: &[u8]| {
-        app.post(
-            "/submissions/glp1-intake-healthie",
-            body,
-            &[
-                ("x-api-key", "test-key".into()),
-                ("content-type", "application/json".into()),
-            ],
-        )
-    };
+    let app = App::start_with_tables(Some(&ehr.url), &healthie.tables(HEALTHIE_KEY));
+    let notify = |body: &[u8]| notify_healthie(&app, body);
     let created = fixture("fixtures/vendors/healthie.webhook.form_answer_group.created.json");
     let key = "glp1-intake-healthie/4718203";
+    let target = chartbridge::http::auth::Target {
+        method: "POST",
+        path: HEALTHIE_PATH,
+        query: "",
+    };
+    let (_, signed_created) =
+        chartbridge::http::auth::sign_healthie(HEALTHIE_WEBHOOK_SECRET, &target, &created);
+    let sha256_of = |body: &[u8]| {
+        chartbridge::http::auth::sign_healthie(HEALTHIE_WEBHOOK_SECRET, &target, body).0
+    };
 
     // Healthie's API down: a 502 the source retries, and nothing stored.
     healthie.down.store(true, Ordering::SeqCst);
@@ -813,20 +841,29 @@ fn a_healthie_notification_is_exchanged_for_its_form_and_reaches_the_ehr() {
         before,
         "no query for a bad notification"
     );
-    // The notification is authenticated before anything is fetched.
-    let (status, _, _) = app.post("/submissions/glp1-intake-healthie", &created, &[]);
+    // The notification is authenticated before anything is fetched: unsigned, or its
+    // signature over another body.
+    let (status, _, _) = app.post(HEALTHIE_PATH, &created, &[]);
     assert_eq!(status, 401);
+    let (status, outcome, _) = app.post(
+        HEALTHIE_PATH,
+        br#"{"resource_id":"4718204","resource_id_type":"FormAnswerGroup"}"#,
+        &[
+            ("content-digest", sha256_of(&created)),
+            ("signature", signed_created),
+        ],
+    );
+    assert_eq!(status, 401, "{outcome}");
     assert_eq!(healthie.queries.load(Ordering::SeqCst), before);
 }
 
 #[test]
 fn a_wrong_healthie_api_key_is_a_502_that_says_so() {
     let healthie = HealthieApi::start();
-    let app = App::start_with_tables(None, &healthie.fetch_table("wrong-key"));
-    let (status, outcome, _) = app.post(
-        "/submissions/glp1-intake-healthie",
+    let app = App::start_with_tables(None, &healthie.tables("wrong-key"));
+    let (status, outcome, _) = notify_healthie(
+        &app,
         &fixture("fixtures/vendors/healthie.webhook.form_answer_group.created.json"),
-        &[("x-api-key", "test-key".into())],
     );
     assert_eq!(status, 502, "{outcome}");
     assert!(outcome["issue"][0]["diagnostics"]

@@ -1,5 +1,7 @@
-//! Checks that a submission comes from its source: an API key, or an HMAC-SHA256 signature of
-//! the raw body as the vendors send them. Comparisons are constant-time.
+//! Checks that a submission comes from its source: an API key, or an HMAC-SHA256 signature as
+//! the vendors send them — of the raw body (Typeform, Tally), of an id, a timestamp and the body
+//! (Standard Webhooks), or of the request line and a digest of the body (Healthie).
+//! Comparisons are constant-time.
 
 use axum::http::HeaderMap;
 use base64::Engine;
@@ -9,9 +11,25 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{SignatureEncoding, SourceAuth};
 
+/// The request line a signature may cover.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Without its `?`; empty when there is none.
+    pub query: &'a str,
+}
+
 /// `Ok` or why not (no secret in the message). `now` is the Unix time in seconds.
-pub fn verify(auth: &SourceAuth, headers: &HeaderMap, body: &[u8], now: u64) -> Result<(), String> {
+pub fn verify(
+    auth: &SourceAuth,
+    target: &Target,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: u64,
+) -> Result<(), String> {
     match auth {
+        SourceAuth::Healthie { secret } => healthie(secret, target, headers, body),
         SourceAuth::StandardWebhooks {
             secret,
             tolerance_seconds,
@@ -96,6 +114,91 @@ pub fn verify(auth: &SourceAuth, headers: &HeaderMap, body: &[u8], now: u64) -> 
     }
 }
 
+/// Healthie's signed webhooks: `Content-Digest: SHA-256=<digest of the body>`, and
+/// `Signature: sig1=<hex HMAC-SHA256>` of `"<method> <path> <query> <digest> application/json
+/// <body length>"` (method in lower case), as Healthie's webhook guide builds it. The HMAC
+/// covers the digest, not the body: the digest is checked against the body here.
+fn healthie(secret: &str, target: &Target, headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| format!("missing `{name}` header"))
+    };
+    let digest_header = header("content-digest")?;
+    let signature = header("signature")?;
+    // As Healthie's own verifiers read them: what follows the first `=`, up to any next one.
+    let digest = digest_header.split('=').nth(1).unwrap_or("").trim();
+    let algorithm = digest_header.split('=').next().unwrap_or("").trim();
+    if !algorithm.eq_ignore_ascii_case("sha-256") {
+        return Err("`content-digest` is not a SHA-256 digest".into());
+    }
+    if !digest_of(body, digest_header) {
+        return Err("`content-digest` does not match the body".into());
+    }
+    let given = signature
+        .split('=')
+        .nth(1)
+        .and_then(|s| hex_decode(s.trim()))
+        .ok_or_else(|| "`signature` is not sig1=<hex>".to_string())?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .map_err(|_| "unusable secret".to_string())?;
+    mac.update(healthie_signed(target, digest, body.len()).as_bytes());
+    mac.verify_slice(&given)
+        .map_err(|_| "`signature` does not match the request".into())
+}
+
+fn healthie_signed(target: &Target, digest: &str, len: usize) -> String {
+    format!(
+        "{} {} {} {digest} application/json {len}",
+        target.method.to_ascii_lowercase(),
+        target.path,
+        target.query
+    )
+}
+
+/// Whether `content-digest` (`SHA-256=` then hex, base64, or RFC 9530's `:base64:`) is the
+/// body's SHA-256.
+fn digest_of(body: &[u8], content_digest: &str) -> bool {
+    let Some((_, value)) = content_digest.split_once('=') else {
+        return false;
+    };
+    let value = value.trim();
+    let value = value
+        .strip_prefix(':')
+        .and_then(|v| v.strip_suffix(':'))
+        .unwrap_or(value);
+    let given = hex_decode(value)
+        .filter(|d| d.len() == 32)
+        .or_else(|| base64::engine::general_purpose::STANDARD.decode(value).ok())
+        .or_else(|| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(value)
+                .ok()
+        });
+    let actual = <Sha256 as sha2::Digest>::digest(body);
+    given.is_some_and(|g| bool::from(g.as_slice().ct_eq(actual.as_slice())))
+}
+
+/// The `Content-Digest` and `Signature` headers Healthie would send for `body` to `target`.
+pub fn sign_healthie(secret: &str, target: &Target, body: &[u8]) -> (String, String) {
+    let digest: String = <Sha256 as sha2::Digest>::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
+        return (String::new(), String::new());
+    };
+    mac.update(healthie_signed(target, &digest, body.len()).as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (format!("SHA-256={digest}"), format!("sig1={sig}"))
+}
+
 fn standard_webhooks_key(secret: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
@@ -145,6 +248,12 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    const T: Target = Target {
+        method: "POST",
+        path: "/submissions/x",
+        query: "",
+    };
+
     fn typeform() -> SourceAuth {
         SourceAuth::Hmac {
             header: "typeform-signature".into(),
@@ -164,11 +273,11 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(verify(&typeform(), &h, body, 0), Ok(()));
-        assert!(verify(&typeform(), &h, br#"{"event_id":"2"}"#, 0).is_err());
-        assert!(verify(&typeform(), &HeaderMap::new(), body, 0).is_err());
+        assert_eq!(verify(&typeform(), &T, &h, body, 0), Ok(()));
+        assert!(verify(&typeform(), &T, &h, br#"{"event_id":"2"}"#, 0).is_err());
+        assert!(verify(&typeform(), &T, &HeaderMap::new(), body, 0).is_err());
         h.insert("typeform-signature", "sha256=!!!".parse().unwrap());
-        assert!(verify(&typeform(), &h, body, 0).is_err());
+        assert!(verify(&typeform(), &T, &h, body, 0).is_err());
     }
 
     #[test]
@@ -188,12 +297,12 @@ mod tests {
         };
         let now = 1_764_000_000;
         let good = headers(now, sign_standard_webhooks(secret, "msg_1", now, body));
-        assert_eq!(verify(&auth, &good, body, now + 10), Ok(()));
+        assert_eq!(verify(&auth, &T, &good, body, now + 10), Ok(()));
         // Replayed an hour later: refused though the signature is right.
-        assert!(verify(&auth, &good, body, now + 3600)
+        assert!(verify(&auth, &T, &good, body, now + 3600)
             .unwrap_err()
             .contains("window"));
-        assert!(verify(&auth, &good, br#"{"a":2}"#, now).is_err());
+        assert!(verify(&auth, &T, &good, br#"{"a":2}"#, now).is_err());
         let several = headers(
             now,
             format!(
@@ -201,7 +310,7 @@ mod tests {
                 sign_standard_webhooks(secret, "msg_1", now, body)
             ),
         );
-        assert_eq!(verify(&auth, &several, body, now), Ok(()));
+        assert_eq!(verify(&auth, &T, &several, body, now), Ok(()));
     }
 
     #[test]
@@ -212,8 +321,51 @@ mod tests {
         };
         let mut h = HeaderMap::new();
         h.insert("x-api-key", "k1".parse().unwrap());
-        assert_eq!(verify(&auth, &h, b"", 0), Ok(()));
+        assert_eq!(verify(&auth, &T, &h, b"", 0), Ok(()));
         h.insert("x-api-key", "k2".parse().unwrap());
-        assert!(verify(&auth, &h, b"", 0).is_err());
+        assert!(verify(&auth, &T, &h, b"", 0).is_err());
+    }
+
+    #[test]
+    fn healthie_signatures_cover_the_request_line_and_the_body_digest() {
+        let auth = SourceAuth::Healthie {
+            secret: "hs3cret".into(),
+        };
+        let body = br#"{"resource_id":"1","resource_id_type":"FormAnswerGroup"}"#;
+        let (digest, signature) = sign_healthie("hs3cret", &T, body);
+        let headers = |digest: &str, signature: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-digest", digest.parse().unwrap());
+            h.insert("signature", signature.parse().unwrap());
+            h.insert(
+                "signature-input",
+                "sig1=(\"@method\" \"@path\")".parse().unwrap(),
+            );
+            h
+        };
+        let good = headers(&digest, &signature);
+        assert_eq!(verify(&auth, &T, &good, body, 0), Ok(()));
+        // Another body under the same headers: its digest does not match.
+        let other = br#"{"resource_id":"2","resource_id_type":"FormAnswerGroup"}"#;
+        assert!(verify(&auth, &T, &good, other, 0)
+            .unwrap_err()
+            .contains("content-digest"));
+        // The digest of another body, with the signature made for the first: refused.
+        let (other_digest, _) = sign_healthie("hs3cret", &T, other);
+        assert!(verify(&auth, &T, &headers(&other_digest, &signature), other, 0).is_err());
+        // Another path, or another secret.
+        let elsewhere = Target {
+            path: "/submissions/y",
+            ..T
+        };
+        assert!(verify(&auth, &elsewhere, &good, body, 0).is_err());
+        let (_, forged) = sign_healthie("other", &T, body);
+        assert!(verify(&auth, &T, &headers(&digest, &forged), body, 0).is_err());
+        assert!(verify(&auth, &T, &HeaderMap::new(), body, 0).is_err());
+        // The digest in base64 (RFC 9530 style) is the same digest.
+        let b64 = base64::engine::general_purpose::STANDARD
+            .encode(<Sha256 as sha2::Digest>::digest(body));
+        assert!(digest_of(body, &format!("sha-256=:{b64}:")));
+        assert!(!digest_of(other, &format!("sha-256=:{b64}:")));
     }
 }

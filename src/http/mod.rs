@@ -116,8 +116,14 @@ async fn submit(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let target = auth::Target {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+    };
     if let Err(why) = auth::verify(
         state.config.source_auth(&mapping_id),
+        &target,
         &parts.headers,
         &raw,
         unix_now,
