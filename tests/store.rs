@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use chartbridge::store::{
-    Accepted, EhrResource, State, Store, StoreOptions, SubmissionRecord, Swept, Transition,
+    Accepted, EhrResource, Requeued, State, Store, StoreOptions, SubmissionRecord, Swept,
+    Transition,
 };
 
 const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
@@ -411,6 +412,84 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
     }
     assert_eq!(store.bundle(&key("delivered")).unwrap(), None);
     assert_eq!(store.pending(), vec![key("latest"), key("waiting")]);
+}
+
+#[test]
+fn a_replay_during_a_retention_sweep_is_refused_or_kept_never_lost() {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let dir = tempfile::tempdir().unwrap();
+    let key = |id: &str| format!("glp1-intake-typeform/{id}");
+    let to = |state| Transition {
+        state,
+        at: "2026-01-02T00:00:00Z".into(),
+        detail: None,
+    };
+    let store = Store::open_with(
+        dir.path(),
+        StoreOptions {
+            bundle_segment_bytes: 1,
+        },
+    )
+    .unwrap();
+    for id in ["delivered", "replayed", "dead", "latest"] {
+        store.accept(&record(id, "aaaa"), id.as_bytes()).unwrap();
+    }
+    for (id, state) in [
+        ("delivered", State::Delivered),
+        ("replayed", State::Delivered),
+        ("dead", State::DeadLettered),
+    ] {
+        store.transition(&key(id), to(state), vec![]).unwrap();
+    }
+    let waiting = |r: Requeued| matches!(r, Requeued::Waiting(_));
+    // Replayed before the sweep begins: the sweep sees it waiting and keeps its Bundle.
+    assert!(waiting(
+        store
+            .requeue(&key("replayed"), "2026-01-03T00:00:00Z")
+            .unwrap()
+    ));
+
+    let later = std::time::SystemTime::now() + 31 * DAY;
+    assert!(store.expire_bundles(30 * DAY, later).unwrap().is_some());
+    // The sweep under way (its segments still there): a delivered submission's replay is
+    // refused, though its Bundle can still be read — it would be dropped before the delivery.
+    assert_eq!(
+        store.bundle(&key("delivered")).unwrap(),
+        Some(b"delivered".to_vec())
+    );
+    assert_eq!(
+        store
+            .requeue(&key("delivered"), "2026-01-03T00:00:00Z")
+            .unwrap(),
+        Requeued::Expired
+    );
+    // A dead-lettered one is replayed: the sweep moves its Bundle.
+    assert!(waiting(
+        store.requeue(&key("dead"), "2026-01-03T00:00:00Z").unwrap()
+    ));
+
+    let swept = store.sweep_bundles(30 * DAY, later).unwrap();
+    assert_eq!((swept.expired, swept.moved), (1, 2), "{swept:?}");
+    assert_eq!(store.bundle(&key("delivered")).unwrap(), None);
+    for id in ["replayed", "dead", "latest"] {
+        assert_eq!(
+            store.bundle(&key(id)).unwrap(),
+            Some(id.as_bytes().to_vec()),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        store
+            .requeue(&key("delivered"), "2026-01-04T00:00:00Z")
+            .unwrap(),
+        Requeued::Expired
+    );
+    assert_eq!(
+        store
+            .requeue(&key("never accepted"), "2026-01-04T00:00:00Z")
+            .unwrap(),
+        Requeued::Unknown
+    );
 }
 
 /// The Bundle log's segment files, in order.

@@ -33,7 +33,7 @@ use crate::delivery::client::EhrClient;
 use crate::fetch::Fetch;
 use crate::intake::{Intake, IntakeError};
 use crate::metrics::Metrics;
-use crate::store::{self, SubmissionRecord};
+use crate::store::{self, Requeued, SubmissionRecord};
 pub use error::ApiError;
 
 /// What every handler shares.
@@ -270,17 +270,6 @@ async fn replay(
     Path((mapping_id, submission_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let key = store::key(&mapping_id, &submission_id);
-    // Past the retention a delivered submission's Bundle is gone: nothing to send again.
-    if state
-        .intake
-        .store()
-        .bundle_expired(&key)
-        .map_err(IntakeError::Store)?
-    {
-        return Err(ApiError::Gone(format!(
-            "the Bundle of {key} is no longer kept (past bundle_retention_days): nothing to deliver again"
-        )));
-    }
     let requeued = state
         .intake
         .store()
@@ -288,11 +277,15 @@ async fn replay(
         .await
         .map_err(IntakeError::Store)?;
     match requeued {
-        Some(r) => {
+        Requeued::Waiting(r) => {
             state.outbox.notify_one();
             Ok((StatusCode::ACCEPTED, Json(public_view(&r))).into_response())
         }
-        None => Err(ApiError::NotFound(format!("no submission {key}"))),
+        // Past the retention a delivered submission's Bundle is gone: nothing to send again.
+        Requeued::Expired => Err(ApiError::Gone(format!(
+            "the Bundle of {key} is no longer kept (past bundle_retention_days): nothing to deliver again"
+        ))),
+        Requeued::Unknown => Err(ApiError::NotFound(format!("no submission {key}"))),
     }
 }
 

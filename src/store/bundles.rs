@@ -23,6 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
@@ -65,12 +66,15 @@ type Segments = Arc<RwLock<BTreeMap<u64, Arc<File>>>>;
 pub(crate) struct BundleLog {
     dir: PathBuf,
     segments: Segments,
+    /// Bundles below this offset are expiring: a retention sweep is about to drop their
+    /// segments, so they are no longer kept for a replay though still readable.
+    expiring_below: AtomicU64,
 }
 
-/// Appends: owned by the writer thread alone.
 /// The most buffer memory an appender keeps between appends.
 const FRAMES_KEPT: usize = 4 << 20;
 
+/// Appends: owned by the writer thread alone.
 pub(crate) struct BundleAppender {
     dir: PathBuf,
     segments: Segments,
@@ -167,6 +171,7 @@ impl BundleLog {
             BundleLog {
                 dir: dir.to_path_buf(),
                 segments: Arc::clone(&segments),
+                expiring_below: AtomicU64::new(0),
             },
             BundleAppender {
                 dir: dir.to_path_buf(),
@@ -188,9 +193,15 @@ impl BundleLog {
         Some((start, Arc::clone(file)))
     }
 
-    /// Whether the segment holding `at` is still kept.
+    /// Whether the Bundle at `at` is still kept for a replay: its segment is there and no
+    /// sweep is about to drop it.
     pub(crate) fn keeps(&self, at: BundleAt) -> bool {
-        self.segment(at.offset).is_some()
+        at.offset >= self.expiring_below.load(Ordering::SeqCst) && self.segment(at.offset).is_some()
+    }
+
+    /// Marks the Bundles below `offset` as expiring (never undone: segments only go).
+    pub(crate) fn expire_below(&self, offset: u64) {
+        self.expiring_below.fetch_max(offset, Ordering::SeqCst);
     }
 
     /// Reads (and checks) the Bundle at `at`; `None` when its segment was dropped.

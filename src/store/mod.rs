@@ -103,6 +103,17 @@ pub enum Accepted {
     Conflict(Box<SubmissionRecord>),
 }
 
+/// What `requeue` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requeued {
+    /// Back in the outbox (or still there), with a transition saying so.
+    Waiting(Box<SubmissionRecord>),
+    /// Its Bundle is past the retention (gone, or about to go): nothing to deliver again.
+    Expired,
+    /// No such submission.
+    Unknown,
+}
+
 /// Why the store failed. Always the server's problem, never the client's.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -263,15 +274,15 @@ impl Store {
             .map_err(|e| corrupt(key, format!("bundle is not LZ4: {e}")))
     }
 
-    /// Whether a submission's Bundle went with its segment of the Bundle log (past the
-    /// retention): the record is there, its Bundle's place is below the oldest segment kept.
+    /// Whether a submission's Bundle went, or is going, with its segment of the Bundle log
+    /// (past the retention): the record is there, its Bundle's place is below the oldest
+    /// segment kept or below what a sweep under way marked expiring.
     pub fn bundle_expired(&self, key: &str) -> Result<bool, StoreError> {
         let Some(record) = self.trees.submissions.get(key.as_bytes())? else {
             return Ok(false);
         };
-        Ok(self
-            .bundle_place(key.as_bytes(), Some(&record))?
-            .is_some_and(|at| !self.trees.bundles.keeps(at)))
+        let place = self.bundle_place(key.as_bytes(), Some(&record))?;
+        Ok(replay_expired(&self.trees.bundles, key, &record, place))
     }
 
     /// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a
@@ -323,15 +334,7 @@ impl Store {
         retention: std::time::Duration,
         now: std::time::SystemTime,
     ) -> Result<Swept, StoreError> {
-        let below = self
-            .trees
-            .bundles
-            .closed()?
-            .into_iter()
-            .take_while(|s| s.modified.checked_add(retention).is_some_and(|t| t <= now))
-            .last()
-            .map(|s| s.end);
-        let Some(below) = below else {
+        let Some(below) = self.expire_bundles(retention, now)? else {
             return Ok(Swept::default());
         };
         let mut swept = Swept::default();
@@ -367,6 +370,29 @@ impl Store {
         // Every move is on disk before any segment goes.
         swept.segments = self.trees.bundles.drop_below(below)?;
         Ok(swept)
+    }
+
+    /// A sweep's first step: marks the Bundles of the segments past `retention` as expiring —
+    /// replays of their submissions are refused from now on — and returns the offset they end
+    /// at (`None`: nothing has expired). Every replay that got in before is in the store when
+    /// this returns, so the sweep's scan sees it and keeps its Bundle.
+    pub fn expire_bundles(
+        &self,
+        retention: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let below = self
+            .trees
+            .bundles
+            .closed()?
+            .into_iter()
+            .take_while(|s| s.modified.checked_add(retention).is_some_and(|t| t <= now))
+            .last()
+            .map(|s| s.end);
+        if let Some(below) = below {
+            self.writer.write(Write::Expire { below })?;
+        }
+        Ok(below)
     }
 
     /// Queues `writes` at once (the writer takes them in as few rounds as it can) and returns
@@ -417,19 +443,17 @@ impl Store {
         )
     }
 
-    /// Puts a submission back in the outbox (a replay), with a transition saying so. `None`
-    /// when there is no such submission; a submission already waiting stays there once.
-    pub fn requeue(&self, key: &str, at: &str) -> Result<Option<SubmissionRecord>, StoreError> {
-        record(self.writer.write(requeue_write(key, at))?)
+    /// Puts a submission back in the outbox (a replay), with a transition saying so; a
+    /// submission already waiting stays there once. Refused when its Bundle has expired —
+    /// decided by the writer, so a replay and a retention sweep never cross: one that got in
+    /// before the sweep marked the Bundle expiring is seen (and its Bundle kept) by the sweep.
+    pub fn requeue(&self, key: &str, at: &str) -> Result<Requeued, StoreError> {
+        requeued(self.writer.write(requeue_write(key, at))?)
     }
 
     /// `requeue` for async callers.
-    pub async fn requeue_async(
-        &self,
-        key: &str,
-        at: &str,
-    ) -> Result<Option<SubmissionRecord>, StoreError> {
-        record(self.writer.write_async(requeue_write(key, at)).await?)
+    pub async fn requeue_async(&self, key: &str, at: &str) -> Result<Requeued, StoreError> {
+        requeued(self.writer.write_async(requeue_write(key, at)).await?)
     }
 
     /// How many deliveries wait in the outbox.
@@ -566,6 +590,30 @@ fn accepted(w: Written) -> Result<Accepted, StoreError> {
         _ => Err(StoreError::Failed(
             "the writer answered another write".into(),
         )),
+    }
+}
+
+/// Whether a submission (its stored record, its Bundle's place) can no longer be replayed: it
+/// was delivered and its Bundle is gone or expiring. A sweep moves the Bundles of the others
+/// before it drops their segment; a record without a place keeps its Bundle in sled for good.
+fn replay_expired(
+    log: &bundles::BundleLog,
+    key: &str,
+    stored: &[u8],
+    place: Option<bundles::BundleAt>,
+) -> bool {
+    place.is_some_and(|at| !log.keeps(at))
+        && decode(key, stored)
+            .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)))
+}
+
+fn requeued(w: Written) -> Result<Requeued, StoreError> {
+    match w {
+        Written::Expired => Ok(Requeued::Expired),
+        w => Ok(match record(w)? {
+            Some(r) => Requeued::Waiting(Box::new(r)),
+            None => Requeued::Unknown,
+        }),
     }
 }
 

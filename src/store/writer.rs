@@ -60,6 +60,13 @@ pub(crate) enum Write {
         key: String,
         lz4: Vec<u8>,
     },
+    /// Bundles below this offset of the log are expiring (a retention sweep is about to drop
+    /// their segments): replays of their submissions are refused from this round on. Answered
+    /// once every write before it is durable, so the sweep's scan sees every replay that got
+    /// in before.
+    Expire {
+        below: u64,
+    },
     /// Nothing to write: answered once everything queued before it is durable.
     Barrier,
 }
@@ -70,6 +77,8 @@ pub(crate) enum Written {
     Record(Option<Box<SubmissionRecord>>),
     /// A `Move` (its record, if there, points at the new place).
     Moved,
+    /// A `Requeue` refused: the submission's Bundle has expired (or is expiring).
+    Expired,
     Barrier,
 }
 
@@ -338,6 +347,13 @@ fn apply(
     writes: &[Write],
     places: &[Option<BundleAt>],
 ) -> Result<Outcomes, StoreError> {
+    // Before the transaction: a replay in the same round may see either horizon — it commits
+    // before the `Expire` is answered, so the sweep's scan sees it either way.
+    for w in writes {
+        if let Write::Expire { below } = w {
+            trees.bundles.expire_below(*below);
+        }
+    }
     let (outcomes, changes) = transact(trees, writes, places)?;
     trees.queue.apply(changes);
     Ok(outcomes)
@@ -361,6 +377,7 @@ fn transact(
                 outbox,
                 resources,
                 patients,
+                trees,
                 changes: std::cell::RefCell::new(Vec::new()),
             };
             // Re-run from the start if sled retries the closure: outcomes are rebuilt.
@@ -381,6 +398,8 @@ struct Tx<'a> {
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
+    /// For what is read outside the transaction: the Bundle log, legacy Bundle places.
+    trees: &'a Trees,
     /// What this run of the transaction did to the outbox.
     changes: std::cell::RefCell<Vec<Change>>,
 }
@@ -451,6 +470,7 @@ impl Tx<'_> {
                     _ => Outbox::Stay,
                 }
             })?,
+            Write::Requeue { key, .. } if self.expired(key)? => Ok(Written::Expired),
             Write::Requeue { key, at } => self.update(key, |record| {
                 record.transitions.push(Transition {
                     state: State::Mapped,
@@ -471,8 +491,30 @@ impl Tx<'_> {
                 }
                 Ok(Written::Moved)
             }
-            Write::Barrier => Ok(Written::Barrier),
+            Write::Expire { .. } | Write::Barrier => Ok(Written::Barrier),
         })
+    }
+
+    /// Whether `key`'s Bundle is no longer kept for a replay (`super::replay_expired`).
+    fn expired(&self, key: &str) -> TxResult<bool> {
+        let Some(value) = self.subs.get(key.as_bytes())? else {
+            return Ok(false);
+        };
+        let place = match split_stored(&value).0 {
+            Some(at) => Some(at),
+            None => self
+                .trees
+                .bundle_at
+                .get(key.as_bytes())
+                .map_err(|e| ConflictableTransactionError::Abort(StoreError::from(e)))?
+                .and_then(|at| BundleAt::from_bytes(&at)),
+        };
+        Ok(super::replay_expired(
+            &self.trees.bundles,
+            key,
+            &value,
+            place,
+        ))
     }
 
     /// Read-modify-write of one record; `change` says what becomes of its outbox entry. New EHR
