@@ -63,7 +63,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Show a submission's status, transitions and EHR references (asks the running gateway).
+    /// Show a submission's status, transitions and EHR references (asks the running gateway,
+    /// with the admin key of `CHARTBRIDGE_ADMIN_KEY` if it is set).
     Inspect {
         /// `<mapping id>/<submission id>`
         key: String,
@@ -349,9 +350,17 @@ fn serve(config: Option<&Path>) -> ExitCode {
     }
 }
 
-/// `inspect` and `replay`: one request to the running gateway, its JSON answer printed.
+/// `inspect` and `replay`: one request to the running gateway, its JSON answer printed; with
+/// the admin key of `CHARTBRIDGE_ADMIN_KEY` when it is set.
 fn remote(method: reqwest::Method, url: &str) -> ExitCode {
-    let response = reqwest::blocking::Client::new().request(method, url).send();
+    let mut request = reqwest::blocking::Client::new().request(method, url);
+    if let Some(key) = std::env::var("CHARTBRIDGE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+    {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send();
     match response {
         Ok(r) => {
             let ok = r.status().is_success();

@@ -24,6 +24,10 @@ pub struct Config {
     /// Days a delivered submission's Bundle (PHI) is kept for a replay; `0` keeps it for good.
     /// Bundles still waiting or dead-lettered are kept whatever their age.
     pub bundle_retention_days: u64,
+    /// The key operators present (`Authorization: Bearer <key>`) to read a submission's status,
+    /// look up provenance or a patient's submissions, and replay. Unset, those endpoints are
+    /// open (said at start-up). `CHARTBRIDGE_ADMIN_KEY`.
+    pub admin_key: Option<String>,
     /// Serves `POST /echo`, the bare baseline the load benchmark measures beside submissions;
     /// off unless asked for (`CHARTBRIDGE_ECHO_ROUTE=1`).
     pub echo_route: bool,
@@ -40,6 +44,7 @@ impl Default for Config {
             sources: HashMap::new(),
             fetch: HashMap::new(),
             bundle_retention_days: 30,
+            admin_key: None,
             echo_route: false,
         }
     }
@@ -251,7 +256,8 @@ impl Config {
 
     /// Overrides from the environment: `CHARTBRIDGE_LISTEN`, `CHARTBRIDGE_DATA_DIR`,
     /// `CHARTBRIDGE_MAPPINGS_DIR`, `CHARTBRIDGE_EHR_URL`, `CHARTBRIDGE_EHR_BEARER_TOKEN`,
-    /// `CHARTBRIDGE_BUNDLE_RETENTION_DAYS`, `CHARTBRIDGE_ECHO_ROUTE` (`1` or `true`).
+    /// `CHARTBRIDGE_BUNDLE_RETENTION_DAYS`, `CHARTBRIDGE_ADMIN_KEY`, `CHARTBRIDGE_ECHO_ROUTE`
+    /// (`1` or `true`).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("CHARTBRIDGE_LISTEN") {
             self.listen = v.parse().map_err(|e| ConfigError::Env {
@@ -264,6 +270,9 @@ impl Config {
         }
         if let Some(v) = var("CHARTBRIDGE_MAPPINGS_DIR") {
             self.mappings_dir = PathBuf::from(v);
+        }
+        if let Some(v) = var("CHARTBRIDGE_ADMIN_KEY") {
+            self.admin_key = Some(v).filter(|k| !k.is_empty());
         }
         if let Some(v) = var("CHARTBRIDGE_ECHO_ROUTE") {
             self.echo_route = matches!(v.as_str(), "1" | "true");
@@ -378,6 +387,13 @@ mod tests {
         c.apply_env(|n| (n == "CHARTBRIDGE_BUNDLE_RETENTION_DAYS").then(|| "0".to_string()))
             .unwrap();
         assert_eq!(c.bundle_retention(), None, "0 keeps Bundles for good");
+        assert_eq!(c.admin_key, None);
+        c.apply_env(|n| (n == "CHARTBRIDGE_ADMIN_KEY").then(|| "k3y".to_string()))
+            .unwrap();
+        assert_eq!(c.admin_key.as_deref(), Some("k3y"));
+        c.apply_env(|n| (n == "CHARTBRIDGE_ADMIN_KEY").then(String::new))
+            .unwrap();
+        assert_eq!(c.admin_key, None, "empty: no key");
         assert!(c
             .apply_env(|n| (n == "CHARTBRIDGE_BUNDLE_RETENTION_DAYS").then(|| "a week".into()))
             .is_err());

@@ -99,6 +99,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             tracing::warn!(source, "source authentication is off");
         }
     }
+    if config.admin_key.is_none() {
+        tracing::warn!(
+            "no admin_key: status, provenance, patient lookups and replays are open to whoever reaches the gateway"
+        );
+    }
     for source in config.fetch.keys() {
         if mappings.iter().any(|m| &m.id == source) {
             tracing::info!(

@@ -269,11 +269,24 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
     // The cause is fixed (the EHR lifts the limit); an operator replays it.
     drop(strict);
     let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
-    common::succeeds(common::chartbridge().args(["replay", key, "--url", &app.url]));
+    // Without the admin key the gateway refuses (exit 1, the OperationOutcome printed).
+    let refused = common::chartbridge()
+        .args(["replay", key, "--url", &app.url])
+        .env_remove("CHARTBRIDGE_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("security"));
+    common::succeeds(
+        common::chartbridge()
+            .args(["replay", key, "--url", &app.url])
+            .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+    );
     app.wait_for_state(key, "delivered", 30);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
     let out = common::chartbridge()
         .args(["inspect", key, "--url", &app.url])
+        .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY)
         .output()
         .unwrap();
     let view: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -870,4 +883,67 @@ fn a_wrong_healthie_api_key_is_a_502_that_says_so() {
         .as_str()
         .unwrap()
         .contains("API Key is Invalid"));
+}
+
+#[test]
+fn operator_endpoints_need_the_admin_key_and_find_a_patients_submissions() {
+    let app = App::start(None);
+    let (status, receipt, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202, "{receipt}");
+    let anyone = reqwest::blocking::Client::new();
+    for (method, path) in [
+        ("GET", format!("/submissions/{KEY}")),
+        ("POST", format!("/submissions/{KEY}/replay")),
+        ("GET", "/provenance?target=Observation/1".to_string()),
+        (
+            "GET",
+            "/submissions?patient=https://crm.example-clinic.com/patient|pt_8f3c2a91".to_string(),
+        ),
+    ] {
+        for authorization in [None, Some("Bearer wrong"), Some("test-admin-key")] {
+            let mut request = anyone.request(method.parse().unwrap(), format!("{}{path}", app.url));
+            if let Some(a) = authorization {
+                request = request.header("authorization", a);
+            }
+            let r = request.send().unwrap();
+            assert_eq!(
+                r.status().as_u16(),
+                401,
+                "{method} {path} {authorization:?}"
+            );
+            let outcome: Value = r.json().unwrap();
+            assert_eq!(outcome["issue"][0]["code"], "security");
+        }
+    }
+    // Liveness, readiness and metrics stay open (probes and scrapers).
+    for path in ["/health", "/ready", "/metrics"] {
+        let r = anyone.get(format!("{}{path}", app.url)).send().unwrap();
+        assert_ne!(r.status().as_u16(), 401, "{path}");
+    }
+
+    let (status, found) =
+        app.get("/submissions?patient=https://crm.example-clinic.com/patient|pt_8f3c2a91");
+    assert_eq!(status, 200, "{found}");
+    let keys: Vec<&str> = found["submissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, [KEY]);
+    assert!(!found.to_string().contains("Okafor"), "no PHI values");
+    let (status, none) =
+        app.get("/submissions?patient=https://crm.example-clinic.com/patient|nobody");
+    assert_eq!(
+        (status, &none["submissions"]),
+        (200, &serde_json::json!([]))
+    );
+    for bad in ["/submissions?patient=no-bar", "/submissions"] {
+        let (status, outcome) = app.get(bad);
+        assert_eq!(
+            (status, outcome["issue"][0]["code"].as_str()),
+            (400, Some("invalid")),
+            "{bad}"
+        );
+    }
 }

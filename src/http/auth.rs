@@ -114,6 +114,20 @@ pub fn verify(
     }
 }
 
+/// An operator's request: `Authorization: Bearer <key>`.
+pub fn operator(key: &str, headers: &HeaderMap) -> Result<(), String> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or("this endpoint is for operators: send `Authorization: Bearer <admin key>`")?;
+    if bool::from(given.trim().as_bytes().ct_eq(key.as_bytes())) {
+        Ok(())
+    } else {
+        Err("wrong admin key".into())
+    }
+}
+
 /// Healthie's signed webhooks: `Content-Digest: SHA-256=<digest of the body>`, and
 /// `Signature: sig1=<hex HMAC-SHA256>` of `"<method> <path> <query> <digest> application/json
 /// <body length>"` (method in lower case), as Healthie's webhook guide builds it. The HMAC

@@ -23,6 +23,8 @@ pub enum ApiError {
     TooDeep(usize),
     #[error("the body is not JSON: {0}")]
     NotJson(String),
+    #[error("{0}")]
+    BadQuery(String),
     #[error("unsupported content type `{0}`: send application/json or multipart/form-data")]
     UnsupportedMediaType(String),
     #[error("the form body: {0}")]
@@ -58,9 +60,10 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooDeep(_) | ApiError::NotJson(_) | ApiError::Form(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::TooDeep(_)
+            | ApiError::NotJson(_)
+            | ApiError::Form(_)
+            | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
             ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -85,6 +88,7 @@ impl ApiError {
                 issue("not-found", self.to_string())
             }
             ApiError::Gone(_) => issue("deleted", self.to_string()),
+            ApiError::BadQuery(_) => issue("invalid", self.to_string()),
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),

@@ -5,6 +5,7 @@
 //! - `POST /submissions/{mapping_id}` — a submission in → `202` once it is durable
 //! - `GET  /submissions/{mapping_id}/{submission_id}` — status, transitions, EHR references
 //! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
+//! - `GET  /submissions?patient=<system>|<value>` — a patient's submissions
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
 //! - `GET  /health`, `GET /ready`, `GET /metrics`
 
@@ -49,14 +50,22 @@ pub struct AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let routes = Router::new()
-        .route("/submissions/{mapping_id}", post(submit))
+    // What operators use: behind the admin key when one is configured.
+    let operators = Router::new()
+        .route("/submissions", get(patient_submissions))
         .route("/submissions/{mapping_id}/{submission_id}", get(status))
         .route(
             "/submissions/{mapping_id}/{submission_id}/replay",
             post(replay),
         )
         .route("/provenance", get(provenance))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            operators_only,
+        ));
+    let routes = Router::new()
+        .route("/submissions/{mapping_id}", post(submit))
+        .merge(operators)
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics));
@@ -69,6 +78,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn(request_log))
         .with_state(state)
+}
+
+/// Refuses an operator endpoint without the admin key (when one is configured).
+async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.config.admin_key {
+        if let Err(why) = auth::operator(key, req.headers()) {
+            return ApiError::Unauthorized(why).into_response();
+        }
+    }
+    next.run(req).await
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -287,6 +306,35 @@ async fn replay(
         ))),
         Requeued::Unknown => Err(ApiError::NotFound(format!("no submission {key}"))),
     }
+}
+
+#[derive(Deserialize)]
+struct PatientQuery {
+    patient: Option<String>,
+}
+
+/// `GET /submissions?patient=<system>|<value>`: a patient's submissions, each as its status
+/// view (no PHI values), by the identifier the mapping recorded.
+async fn patient_submissions(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<PatientQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let Some((system, value)) = q.patient.as_deref().and_then(|p| p.split_once('|')) else {
+        return Err(ApiError::BadQuery(
+            "give `patient=<system>|<value>`, the identifier the mapping recorded".into(),
+        ));
+    };
+    let store = state.intake.store();
+    let mut submissions = Vec::new();
+    for key in store
+        .by_patient(system, value)
+        .map_err(IntakeError::Store)?
+    {
+        if let Some(r) = store.get(&key).map_err(IntakeError::Store)? {
+            submissions.push(public_view(&r));
+        }
+    }
+    Ok(Json(json!({ "submissions": submissions })))
 }
 
 #[derive(Deserialize)]

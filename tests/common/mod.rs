@@ -159,6 +159,8 @@ pub struct App {
 }
 
 pub const TYPEFORM_SECRET: &str = "typeform-test-secret";
+pub const ADMIN_KEY: &str = "test-admin-key";
+const ADMIN_AUTHORIZATION: &str = "Bearer test-admin-key";
 pub const PORTAL_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 impl App {
@@ -191,7 +193,7 @@ impl App {
         let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
         let config_path = dir.path().join("chartbridge.toml");
         let mut config = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\nadmin_key = \"{ADMIN_KEY}\"\n\n\
              [limits]\nmax_body_bytes = 65536\n{limits_extra}\n\n\
              [sources.glp1-intake-typeform]\ntype = \"hmac\"\nheader = \"typeform-signature\"\nprefix = \"sha256=\"\nsecret = \"{TYPEFORM_SECRET}\"\n\n\
              [sources.consult-intake-portal]\ntype = \"standard_webhooks\"\nsecret = \"{PORTAL_SECRET}\"\n\n\
@@ -209,7 +211,19 @@ impl App {
             url: String::new(),
             config_path,
             dir,
-            http: reqwest::blocking::Client::new(),
+            // As an operator: every request carries the admin key (sources authenticate
+            // with their own headers besides).
+            http: reqwest::blocking::Client::builder()
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        reqwest::header::HeaderValue::from_static(ADMIN_AUTHORIZATION),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
+                .build()
+                .expect("HTTP client"),
             log: None,
         }
     }
