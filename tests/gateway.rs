@@ -21,6 +21,19 @@ fn states(view: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// Waits until `key` is delivered and checks the EHR stored its QuestionnaireResponse.
+fn delivered_with_a_questionnaire_response(app: &App, key: &str) {
+    let view = app.wait_for_state(key, "delivered", 30);
+    assert!(
+        view["ehr"]
+            .as_array()
+            .is_some_and(|refs| refs.iter().any(|r| r["reference"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("QuestionnaireResponse/")))),
+        "{view}"
+    );
+}
+
 fn count(server: &FhirServer, kind: &str) -> u64 {
     server.counts()[kind].as_u64().unwrap_or(0)
 }
@@ -147,15 +160,7 @@ fn a_jotform_multipart_webhook_is_read_as_its_fields_and_reaches_the_ehr() {
     assert_eq!(status, 202, "{first}");
     let key = "glp1-intake-jotform/6231907715427700618";
     assert_eq!(first["key"], key);
-    let view = app.wait_for_state(key, "delivered", 30);
-    assert!(view["ehr"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|r| r["reference"]
-            .as_str()
-            .unwrap()
-            .starts_with("QuestionnaireResponse/")));
+    delivered_with_a_questionnaire_response(&app, key);
 
     let (status, again, headers) = post("------------------------bbbb2222");
     assert_eq!((status, &again), (202, &first));
@@ -812,15 +817,7 @@ fn a_healthie_notification_is_exchanged_for_its_form_and_reaches_the_ehr() {
         receipt["flags"],
         serde_json::json!(["family_history_unknown"])
     );
-    let view = app.wait_for_state(key, "delivered", 30);
-    assert!(view["ehr"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|r| r["reference"]
-            .as_str()
-            .unwrap()
-            .starts_with("QuestionnaireResponse/")));
+    delivered_with_a_questionnaire_response(&app, key);
     let found = ehr.search("Patient?identifier=https://secure.gethealthie.com/users|3029471");
     assert_eq!(found["entry"].as_array().map(Vec::len), Some(1), "{found}");
 

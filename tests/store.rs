@@ -345,17 +345,25 @@ fn a_reopen_waits_for_the_lock_a_moment_and_then_gives_up() {
     drop(second);
 }
 
+/// The key of a Typeform submission `id`.
+fn key(id: &str) -> String {
+    format!("glp1-intake-typeform/{id}")
+}
+
+/// A transition to `state`, a day after the test records' acceptance.
+fn to(state: State) -> Transition {
+    Transition {
+        state,
+        at: "2026-01-02T00:00:00Z".into(),
+        detail: None,
+    }
+}
+
 #[test]
 fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed() {
     const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
     let dir = tempfile::tempdir().unwrap();
-    let key = |id: &str| format!("glp1-intake-typeform/{id}");
     let bundle_of = |id: &str| format!("the bundle of {id}").into_bytes();
-    let to = |state| Transition {
-        state,
-        at: "2026-01-02T00:00:00Z".into(),
-        detail: None,
-    };
     {
         // Segments of a byte: every write round's Bundles begin a segment of their own.
         let options = StoreOptions {
@@ -418,12 +426,6 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
 fn a_replay_during_a_retention_sweep_is_refused_or_kept_never_lost() {
     const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
     let dir = tempfile::tempdir().unwrap();
-    let key = |id: &str| format!("glp1-intake-typeform/{id}");
-    let to = |state| Transition {
-        state,
-        at: "2026-01-02T00:00:00Z".into(),
-        detail: None,
-    };
     let store = Store::open_with(
         dir.path(),
         StoreOptions {
@@ -505,12 +507,6 @@ fn segments(dir: &std::path::Path) -> Vec<std::ffi::OsString> {
 #[test]
 fn waiting_deliveries_come_out_oldest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let key = |id: &str| format!("glp1-intake-typeform/{id}");
-    let to = |state| Transition {
-        state,
-        at: "2026-01-02T00:00:00Z".into(),
-        detail: None,
-    };
     {
         let store = Store::open(dir.path()).unwrap();
         // Accepted in this order, a second apart.
