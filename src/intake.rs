@@ -60,6 +60,11 @@ impl Intake {
         self.mappings.get(id)
     }
 
+    /// Every loaded mapping, in no particular order.
+    pub fn mappings(&self) -> impl Iterator<Item = &Arc<Mapping>> {
+        self.mappings.values()
+    }
+
     pub fn mapping_count(&self) -> usize {
         self.mappings.len()
     }

@@ -126,6 +126,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         outbox: wake,
         ehr: ehr.map(|(c, _)| c),
         fetch,
+        started: crate::delivery::outbox::now(),
     });
     let (http_stop, http_stopped) = watch::channel(false);
     let app = router(Arc::clone(&state));

@@ -944,3 +944,58 @@ fn operator_endpoints_need_the_admin_key_and_find_a_patients_submissions() {
         );
     }
 }
+
+#[test]
+fn the_mappings_questionnaires_are_served_as_fhir_with_a_capability_statement() {
+    use chartbridge::fhir::validate::validate;
+    let app = App::start(None);
+    let valid = |v: &Value| {
+        validate(v).unwrap_or_else(|o| panic!("{}: {}", v["resourceType"], o.to_json()));
+    };
+    let (status, capability) = app.get("/metadata");
+    assert_eq!(status, 200, "{capability}");
+    valid(&capability);
+    assert_eq!(
+        capability["rest"][0]["resource"][0]["type"],
+        "Questionnaire"
+    );
+
+    let url = "https://forms.example-clinic.com/Questionnaire/glp1-intake";
+    let (status, q) = app.get("/Questionnaire/glp1-intake-typeform");
+    assert_eq!(status, 200, "{q}");
+    valid(&q);
+    assert_eq!(
+        (q["resourceType"].as_str(), q["url"].as_str()),
+        (Some("Questionnaire"), Some(url))
+    );
+    let (status, found) = app.get(&format!("/Questionnaire?url={url}"));
+    assert_eq!(status, 200, "{found}");
+    valid(&found);
+    assert_eq!(found["total"], 1);
+    assert_eq!(found["entry"][0]["resource"], q);
+    let (_, all) = app.get("/Questionnaire");
+    valid(&all);
+    let shipped = std::fs::read_dir(root().join("mappings")).unwrap().count();
+    assert_eq!(all["total"].as_u64(), Some(shipped as u64));
+    // What the mapping's QuestionnaireResponses point at (its golden Bundle) is what is served.
+    let golden = common::read_json(
+        &root().join("fixtures/glp1-intake-typeform/maya-happy-path.expected.json"),
+    );
+    let canonical = format!("{url}|{}", q["version"].as_str().unwrap());
+    assert!(
+        golden
+            .to_string()
+            .contains(&format!("\"questionnaire\":\"{canonical}\"")),
+        "{canonical}"
+    );
+
+    let (status, none) = app.get("/Questionnaire?url=https://example.org/nothing");
+    assert_eq!((status, &none["total"]), (200, &serde_json::json!(0)));
+    assert!(none.get("entry").is_none());
+    valid(&none);
+    let (status, outcome) = app.get("/Questionnaire/nothing");
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (404, Some("not-found"))
+    );
+}

@@ -1,6 +1,9 @@
-//! FHIR `transaction` Bundles: entries with `urn:uuid` fullUrls and conditional requests.
+//! FHIR `transaction` Bundles: entries with `urn:uuid` fullUrls and conditional requests; and
+//! the `searchset` Bundle a search answers with.
 
 use std::borrow::Cow;
+
+use serde_json::{json, Value};
 
 use super::json::Json;
 
@@ -80,6 +83,23 @@ pub fn reference<'a>(full_url: impl Into<Cow<'a, str>>, resource_type: &'a str) 
         ("reference", full_url.into().into()),
         ("type", resource_type.into()),
     ])
+}
+
+/// A search's answer: every match, in order (no paging).
+pub fn searchset(matches: Vec<Value>) -> Value {
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": matches.len(),
+    });
+    // FHIR allows no empty arrays: no match, no `entry`.
+    if !matches.is_empty() {
+        bundle["entry"] = matches
+            .into_iter()
+            .map(|resource| json!({"resource": resource, "search": {"mode": "match"}}))
+            .collect();
+    }
+    bundle
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
-//! FHIR R4 building blocks shared by every layer above: transaction Bundles, Provenance,
-//! OperationOutcome, deterministic `urn:uuid`s and search-string encoding.
+//! FHIR R4 building blocks shared by every layer above: transaction and searchset Bundles,
+//! Provenance, OperationOutcome, the CapabilityStatement, deterministic `urn:uuid`s and
+//! search-string encoding.
 //!
 //! This module knows JSON and FHIR, nothing else: not mapping files, not HTTP, not the store.
 //! Resources are built as `Json` trees and written once as bytes (typed validation through
 //! fhirbolt is done by `validate`, outside the hot path).
 
 pub mod bundle;
+pub mod capability;
 pub mod json;
 pub mod outcome;
 pub mod provenance;

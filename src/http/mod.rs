@@ -7,6 +7,8 @@
 //! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
 //! - `GET  /submissions?patient=<system>|<value>` — a patient's submissions
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
+//! - `GET  /Questionnaire/{id}`, `GET /Questionnaire?url=…` — the Questionnaire each mapping
+//!   defines (what its QuestionnaireResponses point at), and `GET /metadata`
 //! - `GET  /health`, `GET /ready`, `GET /metrics`
 
 pub mod auth;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub ehr: Option<Arc<EhrClient>>,
     /// Sources whose webhooks only announce a submission (Healthie).
     pub fetch: Fetch,
+    /// When the gateway started (RFC 3339): the CapabilityStatement's date.
+    pub started: String,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -66,6 +70,9 @@ pub fn router(state: Arc<AppState>) -> Router {
     let routes = Router::new()
         .route("/submissions/{mapping_id}", post(submit))
         .merge(operators)
+        .route("/metadata", get(metadata))
+        .route("/Questionnaire", get(questionnaires))
+        .route("/Questionnaire/{id}", get(questionnaire))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics));
@@ -306,6 +313,63 @@ async fn replay(
         ))),
         Requeued::Unknown => Err(ApiError::NotFound(format!("no submission {key}"))),
     }
+}
+
+/// A FHIR resource as the answer, with FHIR's media type.
+fn fhir_json(resource: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        resource.to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /metadata`: what the gateway serves as a FHIR server (its Questionnaires).
+async fn metadata(State(state): State<Arc<AppState>>) -> Response {
+    fhir_json(&crate::fhir::capability::capability_statement(
+        "chartbridge",
+        env!("CARGO_PKG_VERSION"),
+        &state.started,
+        &[crate::fhir::capability::Served {
+            resource_type: "Questionnaire",
+            search: &[("url", "uri")],
+        }],
+    ))
+}
+
+#[derive(Deserialize)]
+struct QuestionnaireQuery {
+    url: Option<String>,
+}
+
+/// `GET /Questionnaire[?url=<canonical>]`: the mappings' Questionnaires (those with that
+/// canonical URL), as a searchset Bundle, by id.
+async fn questionnaires(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<QuestionnaireQuery>,
+) -> Response {
+    let mut found: Vec<Value> = state
+        .intake
+        .mappings()
+        .filter(|m| q.url.as_ref().is_none_or(|url| &m.url == url))
+        .map(|m| m.questionnaire())
+        .collect();
+    found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    fhir_json(&crate::fhir::bundle::searchset(found))
+}
+
+/// `GET /Questionnaire/{id}`: the Questionnaire a mapping defines.
+async fn questionnaire(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state
+        .intake
+        .mappings()
+        .map(|m| m.questionnaire())
+        .find(|q| q["id"].as_str() == Some(id.as_str()))
+        .map(|q| fhir_json(&q))
+        .ok_or_else(|| ApiError::NotFound(format!("no Questionnaire {id}")))
 }
 
 #[derive(Deserialize)]
