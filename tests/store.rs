@@ -419,7 +419,11 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
         assert_eq!(store.bundle(&key(id)).unwrap(), Some(bundle_of(id)), "{id}");
     }
     assert_eq!(store.bundle(&key("delivered")).unwrap(), None);
-    assert_eq!(store.pending(), vec![key("latest"), key("waiting")]);
+    assert_eq!(
+        store.pending(),
+        vec![key("waiting"), key("latest")],
+        "in the order they arrived"
+    );
 }
 
 #[test]
@@ -539,5 +543,42 @@ fn waiting_deliveries_come_out_oldest_first() {
         [key("c"), key("b"), key("a")],
         "the same order after reopening: by when each entered (the replay's time for a)"
     );
+    assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
+    drop(store);
+
+    // The order comes from the entries themselves (failures, then Unix µs), not the records:
+    // times written the other way round give the other order, failures kept.
+    let rewrite = |values: &[(&str, Vec<u8>)]| {
+        // sled lets go of its lock a moment after the store is dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::open(dir.path()) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        let outbox = db.open_tree("outbox").unwrap();
+        for (id, value) in values {
+            outbox.insert(key(id), value.as_slice()).unwrap();
+        }
+        db.flush().unwrap();
+    };
+    let entry = |failures: u32, micros: i64| {
+        [failures.to_le_bytes().as_slice(), &micros.to_le_bytes()].concat()
+    };
+    rewrite(&[("a", entry(0, 1)), ("b", entry(0, 2)), ("c", entry(1, 3))]);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.pending(), [key("a"), key("b"), key("c")]);
+    assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
+    drop(store);
+    // Entries of earlier versions (failures alone, or nothing): their records' times.
+    rewrite(&[
+        ("a", vec![]),
+        ("b", vec![]),
+        ("c", 1u32.to_le_bytes().to_vec()),
+    ]);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.pending(), [key("c"), key("b"), key("a")]);
     assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
 }

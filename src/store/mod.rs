@@ -521,24 +521,28 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// The outbox's entries in the order they entered it: by the time of their record's last
-/// `mapped` transition (accepted, or put back by a replay), then key. An entry whose record
-/// cannot be read comes first (the outbox soon drops or dead-letters it). Reads every waiting
-/// record once, at open.
+/// The outbox's entries in the order they entered it (accepted, or put back by a replay), then
+/// key: the time the entry keeps, or — written by an earlier version — its record's last
+/// `mapped` transition (one record read each). An entry whose record cannot be read comes
+/// first (the outbox soon drops or dead-letters it).
 fn waiting(outbox: &sled::Tree, submissions: &sled::Tree) -> Result<queue::Queue, StoreError> {
     let mut entries = Vec::new();
     for entry in outbox.iter() {
         let (key, value) = entry?;
         let key = String::from_utf8_lossy(&key).into_owned();
-        let entered = match submissions.get(key.as_bytes())? {
-            Some(record) => decode(&key, &record).ok().and_then(|r| {
-                r.transitions
-                    .iter()
-                    .rev()
-                    .find(|t| t.state == State::Mapped)
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.at).ok())
-            }),
-            None => None,
+        let entered = match writer::entered(&value) {
+            Some(micros) => Some(micros),
+            None => match submissions.get(key.as_bytes())? {
+                Some(record) => decode(&key, &record).ok().and_then(|r| {
+                    r.transitions
+                        .iter()
+                        .rev()
+                        .find(|t| t.state == State::Mapped)
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t.at).ok())
+                        .map(|t| t.timestamp_micros())
+                }),
+                None => None,
+            },
         };
         entries.push((entered, key, writer::failures(&value)));
     }

@@ -365,6 +365,9 @@ fn transact(
     writes: &[Write],
     places: &[Option<BundleAt>],
 ) -> Result<(Outcomes, Vec<Change>), StoreError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
     let outcome = (
         &trees.submissions,
         &trees.outbox,
@@ -378,6 +381,7 @@ fn transact(
                 resources,
                 patients,
                 trees,
+                now,
                 changes: std::cell::RefCell::new(Vec::new()),
             };
             // Re-run from the start if sled retries the closure: outcomes are rebuilt.
@@ -400,6 +404,8 @@ struct Tx<'a> {
     patients: &'a TransactionalTree,
     /// For what is read outside the transaction: the Bundle log, legacy Bundle places.
     trees: &'a Trees,
+    /// The round's time (Unix µs): when what it puts in the outbox entered it.
+    now: i64,
     /// What this run of the transaction did to the outbox.
     changes: std::cell::RefCell<Vec<Change>>,
 }
@@ -416,10 +422,30 @@ enum Outbox {
     Failed,
 }
 
-/// An outbox entry's value: its failures as four little-endian bytes (empty: none, as written
-/// by earlier versions).
+/// An outbox entry's value: its failures (four little-endian bytes), then when it entered the
+/// outbox (Unix microseconds, eight little-endian bytes), so that opening the store orders the
+/// waiting deliveries without reading their records. Earlier versions wrote the failures
+/// alone, or nothing.
 pub(super) fn failures(value: &[u8]) -> u32 {
-    <[u8; 4]>::try_from(value).map_or(0, u32::from_le_bytes)
+    value
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_le_bytes)
+}
+
+/// When an outbox entry entered it (Unix µs), if its value says.
+pub(super) fn entered(value: &[u8]) -> Option<i64> {
+    value
+        .get(4..12)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(i64::from_le_bytes)
+}
+
+fn outbox_entry(failures: u32, entered: i64) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..4].copy_from_slice(&failures.to_le_bytes());
+    v[4..].copy_from_slice(&entered.to_le_bytes());
+    v
 }
 
 impl Tx<'_> {
@@ -451,7 +477,11 @@ impl Tx<'_> {
                     }));
                 };
                 self.subs.insert(key.as_bytes(), stored(Some(at), record))?;
-                if self.outbox.insert(key.as_bytes(), &[])?.is_none() {
+                if self
+                    .outbox
+                    .insert(key.as_bytes(), &outbox_entry(0, self.now))?
+                    .is_none()
+                {
                     self.change(Change::Enter(key.clone()));
                 }
                 self.patients.insert(patient_key.as_bytes(), &[])?;
@@ -554,15 +584,24 @@ impl Tx<'_> {
                 self.change(Change::Leave(key.to_string()))
             }
             // A replay starts the count of failures again, waiting already or not.
-            Outbox::Enter => self.change(match self.outbox.insert(key.as_bytes(), &[])? {
-                None => Change::Enter(key.to_string()),
-                Some(_) => Change::Failed(key.to_string(), 0),
-            }),
+            Outbox::Enter => self.change(
+                match self
+                    .outbox
+                    .insert(key.as_bytes(), &outbox_entry(0, self.now))?
+                {
+                    None => Change::Enter(key.to_string()),
+                    Some(_) => Change::Failed(key.to_string(), 0),
+                },
+            ),
             // Counted only while it waits: a failure recorded after it left changes nothing.
             Outbox::Failed => {
                 if let Some(value) = self.outbox.get(key.as_bytes())? {
                     let n = failures(&value).saturating_add(1);
-                    self.outbox.insert(key.as_bytes(), &n.to_le_bytes())?;
+                    // An entry of an earlier version gains this round's time (its order at the
+                    // next open is its record's otherwise).
+                    let since = entered(&value).unwrap_or(self.now);
+                    self.outbox
+                        .insert(key.as_bytes(), &outbox_entry(n, since))?;
                     self.change(Change::Failed(key.to_string(), n));
                 }
             }
