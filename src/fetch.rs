@@ -162,7 +162,14 @@ fn answered(body: &[u8], id: &str) -> Result<(), FetchError> {
     let answer: Value = serde_json::from_slice(body)
         .map_err(|e| FetchError::Unavailable(format!("its answer is not JSON ({e})")))?;
     match answer.pointer("/data/formAnswerGroup") {
-        Some(Value::Object(_)) => Ok(()),
+        // The form asked for, not another one: its id becomes the submission id.
+        Some(Value::Object(form)) => match form.get("id") {
+            Some(Value::String(s)) if s == id => Ok(()),
+            Some(Value::Number(n)) if n.to_string() == id => Ok(()),
+            _ => Err(FetchError::Unavailable(format!(
+                "its answer is not FormAnswerGroup {id}"
+            ))),
+        },
         _ => match answer
             .get("errors")
             .and_then(|e| e.get(0)?.get("message")?.as_str())
@@ -212,6 +219,16 @@ mod tests {
     #[test]
     fn graphql_errors_and_a_null_form_are_told_apart() {
         assert!(answered(br#"{"data":{"formAnswerGroup":{"id":"1"}}}"#, "1").is_ok());
+        assert!(answered(br#"{"data":{"formAnswerGroup":{"id":1}}}"#, "1").is_ok());
+        for other in [
+            &br#"{"data":{"formAnswerGroup":{"id":"2"}}}"#[..],
+            br#"{"data":{"formAnswerGroup":{}}}"#,
+        ] {
+            assert!(matches!(
+                answered(other, "1"),
+                Err(FetchError::Unavailable(m)) if m.contains("not FormAnswerGroup 1")
+            ));
+        }
         assert!(matches!(
             answered(br#"{"data":{"formAnswerGroup":null}}"#, "1"),
             Err(FetchError::NotFound(id)) if id == "1"
