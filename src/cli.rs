@@ -1,6 +1,6 @@
-//! The command line: `serve`, `check`, `map`, `test`, `questionnaire`, `inspect`, `replay`. Thin:
-//! parses arguments, calls the library, prints, and turns results into exit codes (0 ok,
-//! 1 problems found, 2 usage or I/O).
+//! The command line: `serve`, `check`, `map`, `test`, `questionnaire`, `inspect`, `patient`,
+//! `replay`. Thin: parses arguments, calls the library, prints, and turns results into exit
+//! codes (0 ok, 1 problems found, 2 usage or I/O).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -71,6 +71,14 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// List a patient's submissions, by the identifier their mapping recorded (asks the running
+    /// gateway, with `CHARTBRIDGE_ADMIN_KEY` as inspect does).
+    Patient {
+        /// `<identifier system>|<value>`, e.g. `https://crm.example-clinic.com/patient|pt_8f3c2a91`
+        identifier: String,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Deliver a submission again, e.g. after a dead letter's cause was fixed.
     Replay {
         /// `<mapping id>/<submission id>`
@@ -115,12 +123,20 @@ pub fn run() -> ExitCode {
             update,
         } => test(&mappings, &fixtures, update),
         Command::Serve { config } => serve(config.as_deref()),
-        Command::Inspect { key, url } => {
-            remote(reqwest::Method::GET, &format!("{url}/submissions/{key}"))
-        }
+        Command::Inspect { key, url } => remote(
+            reqwest::Method::GET,
+            &format!("{url}/submissions/{key}"),
+            &[],
+        ),
+        Command::Patient { identifier, url } => remote(
+            reqwest::Method::GET,
+            &format!("{url}/submissions"),
+            &[("patient", &identifier)],
+        ),
         Command::Replay { key, url } => remote(
             reqwest::Method::POST,
             &format!("{url}/submissions/{key}/replay"),
+            &[],
         ),
         Command::Questionnaire { mapping, mappings } => match find(&mapping, &mappings) {
             Ok(m) => {
@@ -350,10 +366,12 @@ fn serve(config: Option<&Path>) -> ExitCode {
     }
 }
 
-/// `inspect` and `replay`: one request to the running gateway, its JSON answer printed; with
-/// the admin key of `CHARTBRIDGE_ADMIN_KEY` when it is set.
-fn remote(method: reqwest::Method, url: &str) -> ExitCode {
-    let mut request = reqwest::blocking::Client::new().request(method, url);
+/// `inspect`, `patient` and `replay`: one request to the running gateway, its JSON answer
+/// printed; with the admin key of `CHARTBRIDGE_ADMIN_KEY` when it is set.
+fn remote(method: reqwest::Method, url: &str, query: &[(&str, &str)]) -> ExitCode {
+    let mut request = reqwest::blocking::Client::new()
+        .request(method, url)
+        .query(query);
     if let Some(key) = std::env::var("CHARTBRIDGE_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty())

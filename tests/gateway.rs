@@ -929,6 +929,19 @@ fn operator_endpoints_need_the_admin_key_and_find_a_patients_submissions() {
         .collect();
     assert_eq!(keys, [KEY]);
     assert!(!found.to_string().contains("Okafor"), "no PHI values");
+    // The same from the command line (the identifier URL-encoded on the way).
+    let out = common::succeeds(
+        common::chartbridge()
+            .args([
+                "patient",
+                "https://crm.example-clinic.com/patient|pt_8f3c2a91",
+                "--url",
+                &app.url,
+            ])
+            .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, found);
     let (status, none) =
         app.get("/submissions?patient=https://crm.example-clinic.com/patient|nobody");
     assert_eq!(
