@@ -1001,6 +1001,11 @@ fn the_mappings_questionnaires_are_served_as_fhir_with_a_capability_statement() 
             .contains(&format!("\"questionnaire\":\"{canonical}\"")),
         "{canonical}"
     );
+    // ... and that versioned canonical finds it; another version does not.
+    let (_, by_version) = app.get(&format!("/Questionnaire?url={canonical}"));
+    assert_eq!(by_version["entry"][0]["resource"], q);
+    let (_, other) = app.get(&format!("/Questionnaire?url={url}|999"));
+    assert_eq!(other["total"], 0);
 
     let (status, none) = app.get("/Questionnaire?url=https://example.org/nothing");
     assert_eq!((status, &none["total"]), (200, &serde_json::json!(0)));

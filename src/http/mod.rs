@@ -342,16 +342,24 @@ struct QuestionnaireQuery {
     url: Option<String>,
 }
 
-/// `GET /Questionnaire[?url=<canonical>]`: the mappings' Questionnaires (those with that
-/// canonical URL), as a searchset Bundle, by id.
+/// `GET /Questionnaire[?url=<canonical>[|<version>]]`: the mappings' Questionnaires (those
+/// with that canonical URL — and version, as a QuestionnaireResponse names it), as a searchset
+/// Bundle, by id.
 async fn questionnaires(
     State(state): State<Arc<AppState>>,
     Query(q): Query<QuestionnaireQuery>,
 ) -> Response {
+    let wanted = q.url.as_deref().map(|u| match u.split_once('|') {
+        Some((url, version)) => (url, Some(version)),
+        None => (u, None),
+    });
     let mut found: Vec<Value> = state
         .intake
         .mappings()
-        .filter(|m| q.url.as_ref().is_none_or(|url| &m.url == url))
+        .filter(|m| {
+            wanted
+                .is_none_or(|(url, version)| m.url == url && version.is_none_or(|v| m.version == v))
+        })
         .map(|m| m.questionnaire())
         .collect();
     found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
