@@ -283,11 +283,12 @@ async fn sweep_bundles(
                 Metrics::add(&metrics.bundles_expired, swept.expired as u64);
                 Metrics::add(&metrics.bundles_moved, swept.moved as u64);
                 Metrics::add(&metrics.bundle_segments_deleted, swept.segments as u64);
-                if swept.segments > 0 {
+                if swept.segments > 0 || swept.migrated > 0 {
                     tracing::info!(
                         segments = swept.segments,
                         expired = swept.expired,
                         moved = swept.moved,
+                        migrated = swept.migrated,
                         "bundle log swept"
                     );
                 }

@@ -297,6 +297,68 @@ fn bundles_kept_in_sled_by_an_earlier_version_are_still_found() {
 }
 
 #[test]
+fn bundles_kept_in_sled_by_an_earlier_version_move_into_the_log_and_expire_like_the_others() {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The earliest form: the record is LZ4 JSON with no Bundle place, the Bundle an LZ4
+        // value in sled's `bundles` tree.
+        let db = sled::open(dir.path()).unwrap();
+        let mut old = record("old", "aaaa");
+        old.transitions.push(to(State::Delivered));
+        db.open_tree("submissions")
+            .unwrap()
+            .insert(
+                key("old"),
+                lz4_flex::compress_prepend_size(&serde_json::to_vec(&old).unwrap()),
+            )
+            .unwrap();
+        db.open_tree("bundles")
+            .unwrap()
+            .insert(key("old"), lz4_flex::compress_prepend_size(BUNDLE))
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let options = || StoreOptions {
+        bundle_segment_bytes: 1,
+    };
+    {
+        let store = Store::open_with(dir.path(), options()).unwrap();
+        let now = std::time::SystemTime::now();
+        let swept = store.sweep_bundles(30 * DAY, now).unwrap();
+        assert_eq!(swept.migrated, 1, "{swept:?}");
+        assert_eq!(store.bundle(&key("old")).unwrap().as_deref(), Some(BUNDLE));
+        assert_eq!(
+            store.sweep_bundles(30 * DAY, now).unwrap().migrated,
+            0,
+            "once"
+        );
+        // A later write closes the segment the Bundle moved to; past the retention it goes.
+        store.accept(&record("new", "bbbb"), BUNDLE).unwrap();
+        let swept = store.sweep_bundles(30 * DAY, now + 31 * DAY).unwrap();
+        assert_eq!((swept.expired, swept.migrated), (1, 0), "{swept:?}");
+        assert_eq!(store.bundle(&key("old")).unwrap(), None);
+        assert_eq!(
+            store.requeue(&key("old"), "2026-03-01T00:00:00Z").unwrap(),
+            Requeued::Expired
+        );
+        assert!(
+            store.get(&key("old")).unwrap().is_some(),
+            "the record stays"
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::open(dir.path()) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    assert!(db.open_tree("bundles").unwrap().is_empty());
+}
+
+#[test]
 fn outbox_depth_follows_every_write_and_survives_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let delivered = Transition {
@@ -398,7 +460,8 @@ fn the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed()
             Swept {
                 segments: 4,
                 expired: 2,
-                moved: 2
+                moved: 2,
+                migrated: 0
             },
             "the segment appended to (latest's) stays"
         );

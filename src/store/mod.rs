@@ -172,6 +172,9 @@ pub struct Swept {
     /// Bundles still needed (waiting in the outbox or dead-lettered) moved to the end of the
     /// log first.
     pub moved: usize,
+    /// Bundles the earliest versions kept in sled itself, moved into the log (where retention
+    /// applies to them as to the others; once).
+    pub migrated: usize,
 }
 
 impl Store {
@@ -334,10 +337,17 @@ impl Store {
         retention: std::time::Duration,
         now: std::time::SystemTime,
     ) -> Result<Swept, StoreError> {
+        let migrated = self.migrate_legacy_bundles()?;
         let Some(below) = self.expire_bundles(retention, now)? else {
-            return Ok(Swept::default());
+            return Ok(Swept {
+                migrated,
+                ..Swept::default()
+            });
         };
-        let mut swept = Swept::default();
+        let mut swept = Swept {
+            migrated,
+            ..Swept::default()
+        };
         let mut moves = Vec::new();
         for entry in self.trees.submissions.iter() {
             let (key, value) = entry?;
@@ -370,6 +380,40 @@ impl Store {
         // Every move is on disk before any segment goes.
         swept.segments = self.trees.bundles.drop_below(below)?;
         Ok(swept)
+    }
+
+    /// Moves the Bundles the earliest versions kept in sled's `bundles` tree into the Bundle log,
+    /// their records gaining a place (`Write::Move`), then deletes them from the tree — only
+    /// once the move is durable, and a reader that raced it reads the record again
+    /// (`Store::bundle`). Their retention runs from the move. After the first sweep the tree is
+    /// empty and this reads nothing.
+    fn migrate_legacy_bundles(&self) -> Result<usize, StoreError> {
+        let mut migrated = 0;
+        let mut batch: Vec<(sled::IVec, Vec<u8>)> = Vec::new();
+        let mut entries = self.trees.legacy_bundles.iter();
+        loop {
+            let next = entries.next().transpose()?;
+            let done = next.is_none();
+            if let Some((key, lz4)) = next {
+                batch.push((key, lz4.to_vec()));
+            }
+            if batch.len() == MOVES_AT_ONCE || (done && !batch.is_empty()) {
+                let (keys, moves): (Vec<_>, Vec<_>) = batch
+                    .drain(..)
+                    .map(|(key, lz4)| {
+                        let k = String::from_utf8_lossy(&key).into_owned();
+                        (key, Write::Move { key: k, lz4 })
+                    })
+                    .unzip();
+                migrated += self.write_all(moves)?;
+                for key in keys {
+                    self.trees.legacy_bundles.remove(key)?;
+                }
+            }
+            if done {
+                return Ok(migrated);
+            }
+        }
     }
 
     /// A sweep's first step: marks the Bundles of the segments past `retention` as expiring —
