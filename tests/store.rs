@@ -347,14 +347,7 @@ fn bundles_kept_in_sled_by_an_earlier_version_move_into_the_log_and_expire_like_
             "the record stays"
         );
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let db = loop {
-        match sled::open(dir.path()) {
-            Ok(db) => break db,
-            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-        }
-    };
+    let db = raw_sled(dir.path());
     assert!(db.open_tree("bundles").unwrap().is_empty());
 }
 
@@ -405,6 +398,19 @@ fn a_reopen_waits_for_the_lock_a_moment_and_then_gives_up() {
     assert!(third.is_err());
     assert!(started.elapsed() >= std::time::Duration::from_secs(2));
     drop(second);
+}
+
+/// The store's sled database opened directly, as another version would (sled lets go of its
+/// lock a moment after a store is dropped: retried for up to 5 s).
+fn raw_sled(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
 }
 
 /// The key of a Typeform submission `id`.
@@ -612,15 +618,7 @@ fn waiting_deliveries_come_out_oldest_first() {
     // The order comes from the entries themselves (failures, then Unix µs), not the records:
     // times written the other way round give the other order, failures kept.
     let rewrite = |values: &[(&str, Vec<u8>)]| {
-        // sled lets go of its lock a moment after the store is dropped.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let db = loop {
-            match sled::open(dir.path()) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        };
+        let db = raw_sled(dir.path());
         let outbox = db.open_tree("outbox").unwrap();
         for (id, value) in values {
             outbox.insert(key(id), value.as_slice()).unwrap();
