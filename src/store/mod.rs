@@ -284,38 +284,13 @@ impl Store {
         let Some(record) = self.trees.submissions.get(key.as_bytes())? else {
             return Ok(false);
         };
-        let place = self.bundle_place(key.as_bytes(), Some(&record))?;
-        Ok(replay_expired(&self.trees.bundles, key, &record, place))
-    }
-
-    /// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a
-    /// version that kept the place in a tree of its own) in `bundle_at`.
-    fn bundle_place(
-        &self,
-        key: &[u8],
-        stored_record: Option<&[u8]>,
-    ) -> Result<Option<bundles::BundleAt>, StoreError> {
-        if let Some(at) = stored_record.and_then(|r| split_stored(r).0) {
-            return Ok(Some(at));
-        }
-        self.trees
-            .bundle_at
-            .get(key)?
-            .map(|at| {
-                bundles::BundleAt::from_bytes(&at).ok_or_else(|| {
-                    corrupt(
-                        &String::from_utf8_lossy(key),
-                        "its Bundle's place is unreadable".into(),
-                    )
-                })
-            })
-            .transpose()
+        replay_expired(&self.trees, key, &record)
     }
 
     /// A submission's Bundle as kept (LZ4); `None` when there is none, or no longer.
     fn kept_bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let record = self.trees.submissions.get(key.as_bytes())?;
-        match self.bundle_place(key.as_bytes(), record.as_deref())? {
+        match bundle_place(&self.trees, key.as_bytes(), record.as_deref())? {
             Some(at) => self.trees.bundles.read(key, at),
             // Accepted before the Bundle log existed: the Bundle is in sled itself.
             None => Ok(self
@@ -351,7 +326,7 @@ impl Store {
         let mut moves = Vec::new();
         for entry in self.trees.submissions.iter() {
             let (key, value) = entry?;
-            let Some(at) = self.bundle_place(&key, Some(&value))? else {
+            let Some(at) = bundle_place(&self.trees, &key, Some(&value))? else {
                 continue;
             };
             if at.offset >= below {
@@ -359,9 +334,7 @@ impl Store {
             }
             let key = String::from_utf8_lossy(&key).into_owned();
             // An unreadable record counts as needed: its Bundle is kept.
-            let done = decode(&key, &value)
-                .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)));
-            if done {
+            if delivered(&key, &value) {
                 swept.expired += 1;
                 continue;
             }
@@ -389,29 +362,27 @@ impl Store {
     /// empty and this reads nothing.
     fn migrate_legacy_bundles(&self) -> Result<usize, StoreError> {
         let mut migrated = 0;
-        let mut batch: Vec<(sled::IVec, Vec<u8>)> = Vec::new();
-        let mut entries = self.trees.legacy_bundles.iter();
         loop {
-            let next = entries.next().transpose()?;
-            let done = next.is_none();
-            if let Some((key, lz4)) = next {
-                batch.push((key, lz4.to_vec()));
-            }
-            if batch.len() == MOVES_AT_ONCE || (done && !batch.is_empty()) {
-                let (keys, moves): (Vec<_>, Vec<_>) = batch
-                    .drain(..)
-                    .map(|(key, lz4)| {
-                        let k = String::from_utf8_lossy(&key).into_owned();
-                        (key, Write::Move { key: k, lz4 })
-                    })
-                    .unzip();
-                migrated += self.write_all(moves)?;
-                for key in keys {
-                    self.trees.legacy_bundles.remove(key)?;
-                }
-            }
-            if done {
+            // Each batch is removed once moved: the next read starts at what is left.
+            let batch = self
+                .trees
+                .legacy_bundles
+                .iter()
+                .take(MOVES_AT_ONCE)
+                .collect::<Result<Vec<_>, _>>()?;
+            if batch.is_empty() {
                 return Ok(migrated);
+            }
+            let moves = batch
+                .iter()
+                .map(|(key, lz4)| Write::Move {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    lz4: lz4.to_vec(),
+                })
+                .collect();
+            migrated += self.write_all(moves)?;
+            for (key, _) in batch {
+                self.trees.legacy_bundles.remove(key)?;
             }
         }
     }
@@ -641,18 +612,45 @@ fn accepted(w: Written) -> Result<Accepted, StoreError> {
     }
 }
 
-/// Whether a submission (its stored record, its Bundle's place) can no longer be replayed: it
-/// was delivered and its Bundle is gone or expiring. A sweep moves the Bundles of the others
-/// before it drops their segment; a record without a place keeps its Bundle in sled for good.
-fn replay_expired(
-    log: &bundles::BundleLog,
-    key: &str,
-    stored: &[u8],
-    place: Option<bundles::BundleAt>,
-) -> bool {
-    place.is_some_and(|at| !log.keeps(at))
-        && decode(key, stored)
-            .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)))
+/// Where a submission's Bundle is in the Bundle log: in its record, or (accepted by a version
+/// that kept the place in a tree of its own) in `bundle_at`; `None`: in sled's `bundles` tree
+/// (the earliest versions), or nowhere.
+fn bundle_place(
+    trees: &Trees,
+    key: &[u8],
+    stored_record: Option<&[u8]>,
+) -> Result<Option<bundles::BundleAt>, StoreError> {
+    if let Some(at) = stored_record.and_then(|r| split_stored(r).0) {
+        return Ok(Some(at));
+    }
+    trees
+        .bundle_at
+        .get(key)?
+        .map(|at| {
+            bundles::BundleAt::from_bytes(&at).ok_or_else(|| {
+                corrupt(
+                    &String::from_utf8_lossy(key),
+                    "its Bundle's place is unreadable".into(),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Whether a stored record says its submission was delivered (or acknowledged): its Bundle is
+/// no longer needed once past the retention. An unreadable record counts as not delivered.
+fn delivered(key: &str, stored: &[u8]) -> bool {
+    decode(key, stored)
+        .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)))
+}
+
+/// Whether a submission (its stored record) can no longer be replayed: it was delivered and its
+/// Bundle in the log is gone or expiring. A sweep moves the Bundles of the others before it
+/// drops their segment; a Bundle still in sled's `bundles` tree moves into the log first.
+fn replay_expired(trees: &Trees, key: &str, stored: &[u8]) -> Result<bool, StoreError> {
+    Ok(bundle_place(trees, key.as_bytes(), Some(stored))?
+        .is_some_and(|at| !trees.bundles.keeps(at))
+        && delivered(key, stored))
 }
 
 fn requeued(w: Written) -> Result<Requeued, StoreError> {

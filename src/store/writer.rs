@@ -103,7 +103,8 @@ pub(crate) struct Trees {
     /// that went into the record itself (read only).
     pub bundle_at: sled::Tree,
     pub bundles: BundleLog,
-    /// Bundles accepted before the Bundle log existed (read only).
+    /// Bundles accepted before the Bundle log existed; the retention sweep moves them into the
+    /// log and empties it.
     pub legacy_bundles: sled::Tree,
     pub outbox: sled::Tree,
     /// What `outbox` holds, oldest first, kept by the writer (and its length: sled's `len`
@@ -525,26 +526,18 @@ impl Tx<'_> {
         })
     }
 
-    /// Whether `key`'s Bundle is no longer kept for a replay (`super::replay_expired`).
+    /// Whether `key`'s Bundle is no longer kept for a replay (`super::replay_expired`). An
+    /// unreadable place is not this round's failure: the replay goes ahead, and its delivery
+    /// dead-letters it saying why.
     fn expired(&self, key: &str) -> TxResult<bool> {
-        let Some(value) = self.subs.get(key.as_bytes())? else {
+        let Some(stored) = self.subs.get(key.as_bytes())? else {
             return Ok(false);
         };
-        let place = match split_stored(&value).0 {
-            Some(at) => Some(at),
-            None => self
-                .trees
-                .bundle_at
-                .get(key.as_bytes())
-                .map_err(|e| ConflictableTransactionError::Abort(StoreError::from(e)))?
-                .and_then(|at| BundleAt::from_bytes(&at)),
-        };
-        Ok(super::replay_expired(
-            &self.trees.bundles,
-            key,
-            &value,
-            place,
-        ))
+        match super::replay_expired(self.trees, key, &stored) {
+            Ok(expired) => Ok(expired),
+            Err(StoreError::Corrupt { .. }) => Ok(false),
+            Err(e) => Err(ConflictableTransactionError::Abort(e)),
+        }
     }
 
     /// Read-modify-write of one record; `change` says what becomes of its outbox entry. New EHR
