@@ -3,7 +3,8 @@
 //! in; picking in key order let a submission whose key sorts late wait behind every later
 //! arrival that sorts early, for as long as a backlog lasted. The writer applies each round's
 //! changes here once its transaction has applied them in sled; at open the store rebuilds it
-//! from the outbox tree and the times in the records.
+//! from the outbox tree and the time each entry keeps of when it entered (its record's, for
+//! entries of earlier versions).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
