@@ -118,30 +118,67 @@ pub(crate) struct Trees {
 /// Bundles accepted moments ago, by submission key, until their first delivery attempt takes
 /// them: most deliveries follow their acceptance within milliseconds, and reading the Bundle
 /// back from the log (a read and a decompression) was a tenth of the outbox's work. Only the
-/// writer puts one in, once it is durable; at most `FRESH_BUDGET` bytes.
-#[derive(Default)]
-pub(crate) struct Fresh(Mutex<FreshBundles>);
+/// writer puts one in, once it is durable and before the outbox can see its entry; at most
+/// `FRESH_BUDGET` bytes: past that the oldest go (a Bundle nobody took — no EHR configured, a
+/// delivery that failed before taking it — must not keep the newer ones out).
+pub(crate) struct Fresh {
+    bundles: Mutex<FreshBundles>,
+    budget: usize,
+}
+
+impl Default for Fresh {
+    fn default() -> Self {
+        Fresh::within(FRESH_BUDGET)
+    }
+}
 
 #[derive(Default)]
 struct FreshBundles {
     by_key: std::collections::HashMap<String, Vec<u8>>,
+    /// Keys in the order they were put; a key taken since is skipped when its turn comes.
+    order: std::collections::VecDeque<String>,
     bytes: usize,
 }
 
 impl Fresh {
+    fn within(budget: usize) -> Fresh {
+        Fresh {
+            bundles: Mutex::default(),
+            budget,
+        }
+    }
+
     fn put(&self, key: &str, bundle: Vec<u8>) {
-        if let Ok(mut f) = self.0.lock() {
-            if f.bytes + bundle.len() <= FRESH_BUDGET {
-                f.bytes += bundle.len();
-                if let Some(old) = f.by_key.insert(key.to_string(), bundle) {
-                    f.bytes -= old.len();
-                }
+        let Ok(mut f) = self.bundles.lock() else {
+            return;
+        };
+        if bundle.len() > self.budget {
+            return;
+        }
+        while f.bytes + bundle.len() > self.budget {
+            let Some(oldest) = f.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = f.by_key.remove(&oldest) {
+                f.bytes -= gone.len();
             }
+        }
+        // Taken keys leave their place in `order` behind: drop those once they outnumber
+        // the Bundles held, so the order stays within a constant of `by_key`.
+        if f.order.len() > 2 * f.by_key.len() + 1024 {
+            let FreshBundles { by_key, order, .. } = &mut *f;
+            order.retain(|k| by_key.contains_key(k));
+        }
+        f.bytes += bundle.len();
+        if let Some(old) = f.by_key.insert(key.to_string(), bundle) {
+            f.bytes -= old.len();
+        } else {
+            f.order.push_back(key.to_string());
         }
     }
 
     pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
-        let mut f = self.0.lock().ok()?;
+        let mut f = self.bundles.lock().ok()?;
         let bundle = f.by_key.remove(key)?;
         f.bytes -= bundle.len();
         Some(bundle)
@@ -263,6 +300,10 @@ fn write_loop(
         // Bundles first, on disk before any sled write that points at them can be.
         let applied =
             bundle_places(trees, appender, &writes).and_then(|at| apply(trees, &writes, &at));
+        let (applied, changes) = match applied {
+            Ok((outcomes, changes)) => (Ok(outcomes), changes),
+            Err(e) => (Err(e), Vec::new()),
+        };
         let started = Instant::now();
         let flushed = trees.db.flush().map_err(StoreError::from);
         let flush_time = started.elapsed();
@@ -283,14 +324,22 @@ fn write_loop(
         }
         match (applied, durable) {
             (Ok(results), Ok(())) => {
-                for ((write, reply), result) in writes.into_iter().zip(replies).zip(results) {
+                let mut writes = writes;
+                for (write, result) in writes.iter_mut().zip(&results) {
                     if let (
                         Write::Accept { key, bundle, .. },
                         Ok(Written::Accepted(Accepted::New)),
-                    ) = (write, &result)
+                    ) = (write, result)
                     {
-                        trees.fresh.put(&key, bundle);
+                        trees.fresh.put(key, std::mem::take(bundle));
                     }
+                }
+                // Only now can the outbox see the round's entries: it delivers what is on disk,
+                // and finds a new Bundle in `fresh` rather than reading the log. Before the
+                // replies: whoever is answered (a replay, a sweep's `Expire`) sees the queue
+                // as the round left it.
+                trees.queue.apply(changes);
+                for (reply, result) in replies.into_iter().zip(results) {
                     reply(result);
                 }
             }
@@ -299,6 +348,9 @@ fn write_loop(
             (Err(e), _) | (Ok(_), Err(e)) => {
                 let why = e.to_string();
                 tracing::error!(error = %why, writes = writes.len(), "store: a write round failed");
+                // What sled holds is what the queue follows, durable or not (a retry is answered
+                // as a duplicate and must still be delivered).
+                trees.queue.apply(changes);
                 for reply in replies {
                     reply(Err(StoreError::Failed(why.clone())));
                 }
@@ -340,14 +392,14 @@ fn bundle_places(
         .collect())
 }
 
-/// Applies a round in one transaction, then what it did to the outbox to the queue. A write
-/// that cannot be applied (an unreadable record) gets its own error; only a storage error fails
-/// the round.
+/// Applies a round in one transaction; what it did to the outbox goes to the queue once the
+/// round is durable (`write_loop`). A write that cannot be applied (an unreadable record) gets
+/// its own error; only a storage error fails the round.
 fn apply(
     trees: &Trees,
     writes: &[Write],
     places: &[Option<BundleAt>],
-) -> Result<Outcomes, StoreError> {
+) -> Result<(Outcomes, Vec<Change>), StoreError> {
     // Before the transaction: a replay in the same round may see either horizon — it commits
     // before the `Expire` is answered, so the sweep's scan sees it either way.
     for w in writes {
@@ -355,9 +407,7 @@ fn apply(
             trees.bundles.expire_below(*below);
         }
     }
-    let (outcomes, changes) = transact(trees, writes, places)?;
-    trees.queue.apply(changes);
-    Ok(outcomes)
+    transact(trees, writes, places)
 }
 
 /// The round's transaction: what each write did, and what it did to the outbox.
@@ -601,5 +651,42 @@ impl Tx<'_> {
             _ => {}
         }
         Ok(Ok(Written::Record(Some(Box::new(record)))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fresh;
+
+    #[test]
+    fn fresh_bundles_nobody_took_make_room_for_new_ones() {
+        let fresh = Fresh::within(10);
+        fresh.put("never-taken", vec![0; 4]);
+        fresh.put("taken", vec![1; 4]);
+        assert_eq!(fresh.take("taken"), Some(vec![1; 4]));
+        fresh.put("a", vec![2; 4]);
+        // Full (8 of 10 bytes): the oldest goes, not the newest.
+        fresh.put("b", vec![3; 4]);
+        assert_eq!(fresh.take("never-taken"), None);
+        assert_eq!(fresh.take("b"), Some(vec![3; 4]));
+        assert_eq!(fresh.take("a"), Some(vec![2; 4]));
+        // Larger than the whole budget: not kept, and nothing else is dropped for it.
+        fresh.put("c", vec![4; 4]);
+        fresh.put("huge", vec![5; 11]);
+        assert_eq!(fresh.take("huge"), None);
+        assert_eq!(fresh.take("c"), Some(vec![4; 4]));
+    }
+
+    #[test]
+    fn fresh_forgets_the_places_of_taken_bundles() {
+        let fresh = Fresh::within(1 << 20);
+        for i in 0..10_000 {
+            let key = i.to_string();
+            fresh.put(&key, vec![0; 8]);
+            assert!(fresh.take(&key).is_some());
+        }
+        let f = fresh.bundles.lock().unwrap();
+        assert!(f.order.len() <= 2 * f.by_key.len() + 1024 + 1);
+        assert_eq!(f.bytes, 0);
     }
 }
