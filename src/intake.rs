@@ -65,6 +65,17 @@ impl Intake {
         self.mappings.values()
     }
 
+    /// The mappings whose Questionnaire a canonical names: `url` (any version) or `url|version`,
+    /// as `QuestionnaireResponse.questionnaire` and `GET /Questionnaire?url=` give it.
+    pub fn defining<'a>(&'a self, canonical: &'a str) -> impl Iterator<Item = &'a Arc<Mapping>> {
+        let (url, version) = match canonical.split_once('|') {
+            Some((url, version)) => (url, Some(version)),
+            None => (canonical, None),
+        };
+        self.mappings()
+            .filter(move |m| m.url == url && version.is_none_or(|v| m.version == v))
+    }
+
     pub fn mapping_count(&self) -> usize {
         self.mappings.len()
     }

@@ -33,6 +33,9 @@ pub enum ApiError {
     Intake(#[from] IntakeError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// `$extract` input that is not a QuestionnaireResponse (and its Questionnaire).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
     #[error("internal error")]
@@ -66,7 +69,9 @@ impl ApiError {
             | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
-            ApiError::Intake(IntakeError::Invalid(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Intake(IntakeError::Invalid(_)) | ApiError::Unprocessable(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Fetch(FetchError::Notification(_) | FetchError::NotFound(_)) => {
@@ -88,7 +93,9 @@ impl ApiError {
                 issue("not-found", self.to_string())
             }
             ApiError::Gone(_) => issue("deleted", self.to_string()),
-            ApiError::BadQuery(_) => issue("invalid", self.to_string()),
+            ApiError::BadQuery(_) | ApiError::Unprocessable(_) => {
+                issue("invalid", self.to_string())
+            }
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),

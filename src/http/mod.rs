@@ -9,6 +9,8 @@
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
 //! - `GET  /Questionnaire/{id}`, `GET /Questionnaire?url=…` — the Questionnaire each mapping
 //!   defines (what its QuestionnaireResponses point at), and `GET /metadata`
+//! - `POST /QuestionnaireResponse/$extract` — SDC observation-based extraction of a
+//!   QuestionnaireResponse (stores and delivers nothing)
 //! - `GET  /health`, `GET /ready`, `GET /metrics`
 
 pub mod auth;
@@ -73,6 +75,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metadata", get(metadata))
         .route("/Questionnaire", get(questionnaires))
         .route("/Questionnaire/{id}", get(questionnaire))
+        .route("/QuestionnaireResponse/$extract", post(extract))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics));
@@ -349,19 +352,14 @@ async fn questionnaires(
     State(state): State<Arc<AppState>>,
     Query(q): Query<QuestionnaireQuery>,
 ) -> Response {
-    let wanted = q.url.as_deref().map(|u| match u.split_once('|') {
-        Some((url, version)) => (url, Some(version)),
-        None => (u, None),
-    });
-    let mut found: Vec<Value> = state
-        .intake
-        .mappings()
-        .filter(|m| {
-            wanted
-                .is_none_or(|(url, version)| m.url == url && version.is_none_or(|v| m.version == v))
-        })
-        .map(|m| m.questionnaire())
-        .collect();
+    let mut found: Vec<Value> = match q.url.as_deref() {
+        Some(canonical) => state
+            .intake
+            .defining(canonical)
+            .map(|m| m.questionnaire())
+            .collect(),
+        None => state.intake.mappings().map(|m| m.questionnaire()).collect(),
+    };
     found.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     fhir_json(&crate::fhir::bundle::searchset(found))
 }
@@ -378,6 +376,80 @@ async fn questionnaire(
         .find(|q| q["id"].as_str() == Some(id.as_str()))
         .map(|q| fhir_json(&q))
         .ok_or_else(|| ApiError::NotFound(format!("no Questionnaire {id}")))
+}
+
+/// `POST /QuestionnaireResponse/$extract`: the Observations a QuestionnaireResponse's
+/// Questionnaire marks for SDC observation-based extraction, as a transaction Bundle (the
+/// caller posts it; nothing is stored or delivered here). The body is the QuestionnaireResponse,
+/// or `Parameters` with `questionnaire-response` and, for a Questionnaire this gateway does not
+/// define, `questionnaire`. The answer is the Bundle, or — with warnings — `Parameters` with
+/// `return` and `issues`.
+async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let limits = &state.config.limits;
+    let raw = to_bytes(body, limits.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::TooLarge(limits.max_body_bytes))?;
+    let input = crate::mapping::select::Projection::all().parse(&raw, limits.max_json_depth)?;
+    let (response, inline) = match input.get("resourceType").and_then(Value::as_str) {
+        Some("Parameters") => (
+            parameter(&input, "questionnaire-response"),
+            parameter(&input, "questionnaire"),
+        ),
+        _ => (Some(&input), None),
+    };
+    let Some(response) = response else {
+        return Err(ApiError::Unprocessable(
+            "the Parameters have no `questionnaire-response` resource".into(),
+        ));
+    };
+    let defined;
+    let questionnaire = match inline {
+        Some(q) => q,
+        None => {
+            let canonical = response.get("questionnaire").and_then(Value::as_str);
+            let mut defining = canonical
+                .map(|c| state.intake.defining(c).collect::<Vec<_>>())
+                .unwrap_or_default();
+            if defining.len() > 1 {
+                return Err(ApiError::Unprocessable(format!(
+                    "several versions of the Questionnaire `{}` are defined here: name one \
+                     (`url|version`)",
+                    canonical.unwrap_or_default()
+                )));
+            }
+            defined = defining.pop().map(|m| m.questionnaire()).ok_or_else(|| {
+                ApiError::Unprocessable(format!(
+                    "the Questionnaire {} is not one this gateway defines: send it as the \
+                     `questionnaire` parameter",
+                    canonical.map_or("(none named)".into(), |c| format!("`{c}`"))
+                ))
+            })?;
+            &defined
+        }
+    };
+    let extraction = crate::mapping::extract::extract(questionnaire, response)
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    if extraction.issues.is_empty() {
+        return Ok(fhir_json(&extraction.bundle));
+    }
+    let issues = crate::fhir::OperationOutcome::new(extraction.issues).to_json();
+    Ok(fhir_json(&json!({
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "return", "resource": extraction.bundle},
+            {"name": "issues", "resource": issues},
+        ],
+    })))
+}
+
+/// The resource of a `Parameters` parameter.
+fn parameter<'v>(parameters: &'v Value, name: &str) -> Option<&'v Value> {
+    parameters
+        .get("parameter")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
+        .get("resource")
 }
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@
 mod compile;
 pub mod condition;
 pub mod engine;
+pub mod extract;
 pub mod questionnaire;
 mod read;
 pub mod select;

@@ -1,0 +1,753 @@
+//! HL7 SDC observation-based extraction, as `QuestionnaireResponse/$extract` does it: a
+//! QuestionnaireResponse and the Questionnaire it answers become a `transaction` Bundle of
+//! Observations, by the rules in SDC 4.0.0 (`notes/sdc-extraction.md`).
+//!
+//! - An item is extracted where `sdc-questionnaire-observationExtract` says so on it, on one of
+//!   its `code` Codings (then only the flagged Codings become the code), or on its nearest
+//!   ancestor (the Questionnaire itself included) that says anything; `false` turns it off
+//!   below. Of the 4.0.0 codes, `independent`, `member` and `derived` extract the item as an
+//!   Observation of its own (links between extracted Observations are not made); `component`
+//!   items are left out, with a warning.
+//! - Each answer is an Observation of its own: `false` and `0` are answers; an unanswered item
+//!   makes none. A number with `questionnaire-unit` becomes a `valueQuantity`; a decimal without
+//!   one too (R4 Observations have no `valueDecimal`); a `date` becomes a `valueDateTime`.
+//! - `status` final (amended for an amended response), `subject`, `encounter`, `basedOn` and
+//!   the Procedures of `partOf` from the response; `effectiveDateTime` — and `issued`, when it is
+//!   an instant — from `authored`; `performer` from `author` where an Observation allows it;
+//!   `derivedFrom` the response; the category from `sdc-questionnaire-observation-extract-category`
+//!   (a lower item's replaces its ancestors').
+//! - A response with a business identifier yields Observations with identifiers of their own
+//!   (the response's, `/<linkId path>`) written as conditional updates: extracting the same or an
+//!   amended response again updates them, never duplicates. Without one, plain creates (and a
+//!   warning saying so).
+//!
+//! Pure logic: no HTTP, no store. What cannot be extracted is an `Issue` in the answer, not an
+//! error; only input that is not a Questionnaire and a QuestionnaireResponse is refused.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::fhir::{identifier_query, urn_uuid, Issue};
+
+const OBSERVATION_EXTRACT: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observationExtract";
+const EXTRACT_CATEGORY: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observation-extract-category";
+const QUESTIONNAIRE_UNIT: &str = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
+
+/// What `$extract` answers: the Bundle, and what it could not extract (warnings).
+#[derive(Debug)]
+pub struct Extraction {
+    pub bundle: Value,
+    pub issues: Vec<Issue>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ExtractError {
+    #[error("expected a {expected}, got {got}")]
+    NotA { expected: &'static str, got: String },
+}
+
+/// Whether (and how) an item is extracted, as its nearest word on it says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Flag {
+    Extract,
+    Component,
+    Off,
+}
+
+/// What the Questionnaire says of one item, its ancestors' words applied.
+struct Definition<'q> {
+    flag: Option<Flag>,
+    /// The Codings the Observation's code is made of.
+    codes: Vec<&'q Value>,
+    category: Option<&'q Value>,
+    unit: Option<&'q Value>,
+}
+
+/// Extracts `response`'s Observations by `questionnaire`'s SDC rules.
+pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, ExtractError> {
+    expect_type(questionnaire, "Questionnaire")?;
+    expect_type(response, "QuestionnaireResponse")?;
+    let mut definitions = HashMap::new();
+    let root_flag = flag_of(questionnaire);
+    define(
+        items_in(questionnaire),
+        root_flag,
+        extension(questionnaire, EXTRACT_CATEGORY),
+        &mut definitions,
+    );
+    let mut run = Run {
+        response,
+        definitions,
+        identity: identity(response),
+        entries: Vec::new(),
+        issues: Vec::new(),
+    };
+    if run.identity.is_none() {
+        run.issues.push(Issue::warning(
+            "incomplete",
+            "the QuestionnaireResponse has no identifier (system and value): its Observations \
+             are plain creates, and extracting it again creates them again",
+        ));
+    }
+    run.walk(items_in(response), "QuestionnaireResponse", "");
+    if run.entries.is_empty() {
+        run.issues.push(Issue::warning(
+            "not-found",
+            "nothing to extract: no answered item is marked for observation extraction",
+        ));
+    }
+    Ok(Extraction {
+        bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": run.entries}),
+        issues: run.issues,
+    })
+}
+
+fn expect_type(v: &Value, expected: &'static str) -> Result<(), ExtractError> {
+    match v.get("resourceType").and_then(Value::as_str) {
+        Some(t) if t == expected => Ok(()),
+        Some(t) => Err(ExtractError::NotA {
+            expected,
+            got: format!("a {t}"),
+        }),
+        None => Err(ExtractError::NotA {
+            expected,
+            got: "something without a resourceType".into(),
+        }),
+    }
+}
+
+fn items_in(v: &Value) -> &[Value] {
+    v.get("item")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// The value of `v`'s extension `url`, if it has one.
+fn extension<'v>(v: &'v Value, url: &str) -> Option<&'v Value> {
+    v.get("extension")?
+        .as_array()?
+        .iter()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(url))
+        .and_then(|e| {
+            e.as_object()?
+                .iter()
+                .find(|(k, _)| k.starts_with("value"))
+                .map(|(_, v)| v)
+        })
+}
+
+fn flag_of(v: &Value) -> Option<Flag> {
+    Some(match extension(v, OBSERVATION_EXTRACT)? {
+        Value::Bool(true) => Flag::Extract,
+        Value::Bool(false) => Flag::Off,
+        Value::String(c) if c == "component" => Flag::Component,
+        Value::String(_) => Flag::Extract,
+        _ => return None,
+    })
+}
+
+/// Indexes the Questionnaire's items by linkId (unique within a Questionnaire), each with what
+/// applies to it.
+fn define<'q>(
+    items: &'q [Value],
+    inherited: Option<Flag>,
+    category: Option<&'q Value>,
+    out: &mut HashMap<&'q str, Definition<'q>>,
+) {
+    for item in items {
+        let Some(link_id) = item.get("linkId").and_then(Value::as_str) else {
+            continue;
+        };
+        let codes: Vec<&Value> = item
+            .get("code")
+            .and_then(Value::as_array)
+            .map_or(Vec::new(), |c| c.iter().collect());
+        let flagged: Vec<&Value> = codes
+            .iter()
+            .copied()
+            .filter(|c| flag_of(c) == Some(Flag::Extract))
+            .collect();
+        let flag = match flag_of(item) {
+            Some(f) => Some(f),
+            None if !flagged.is_empty() => Some(Flag::Extract),
+            None => inherited,
+        };
+        let codes = if flagged.is_empty() { codes } else { flagged };
+        let category = extension(item, EXTRACT_CATEGORY).or(category);
+        define(items_in(item), flag, category, out);
+        out.insert(
+            link_id,
+            Definition {
+                flag,
+                codes,
+                category,
+                unit: extension(item, QUESTIONNAIRE_UNIT),
+            },
+        );
+    }
+}
+
+struct Run<'a> {
+    response: &'a Value,
+    definitions: HashMap<&'a str, Definition<'a>>,
+    /// The response's business identifier (system, value).
+    identity: Option<(&'a str, &'a str)>,
+    entries: Vec<Value>,
+    issues: Vec<Issue>,
+}
+
+fn identity(response: &Value) -> Option<(&str, &str)> {
+    let id = response.get("identifier")?;
+    // R4: 0..1 Identifier; tolerate the array form of later versions.
+    let id = id.as_array().and_then(|a| a.first()).unwrap_or(id);
+    Some((id.get("system")?.as_str()?, id.get("value")?.as_str()?))
+}
+
+impl<'a> Run<'a> {
+    /// Walks the response's items (`at`: their FHIRPath, for issues; `path`: the linkId path
+    /// that names an Observation).
+    fn walk(&mut self, items: &'a [Value], at: &str, path: &str) {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let here = format!("{at}.item[{i}]");
+            let Some(link_id) = item.get("linkId").and_then(Value::as_str) else {
+                self.issues
+                    .push(Issue::warning("structure", "an item without a linkId").at(here));
+                continue;
+            };
+            // Repeated groups: the second and later occurrences of a linkId are numbered.
+            let n = seen.entry(link_id).or_default();
+            let name = if *n == 0 {
+                link_id.to_string()
+            } else {
+                format!("{link_id}[{n}]")
+            };
+            *n += 1;
+            let path = if path.is_empty() {
+                name
+            } else {
+                format!("{path}/{name}")
+            };
+            let answers = item
+                .get("answer")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice);
+            match self.definitions.get(link_id).map(|d| d.flag) {
+                None => self.issues.push(
+                    Issue::warning(
+                        "not-found",
+                        format!("the Questionnaire has no item `{link_id}`: not extracted"),
+                    )
+                    .at(here.clone()),
+                ),
+                Some(Some(Flag::Extract)) => {
+                    for (k, answer) in answers.iter().enumerate() {
+                        let name = if answers.len() > 1 {
+                            format!("{path}#{k}")
+                        } else {
+                            path.clone()
+                        };
+                        self.observation(link_id, answer, &name, &format!("{here}.answer[{k}]"));
+                    }
+                }
+                Some(Some(Flag::Component)) if !answers.is_empty() => self.issues.push(
+                    Issue::warning(
+                        "not-supported",
+                        format!(
+                            "item `{link_id}` is to be a component of its parent's \
+                             Observation, which this gateway does not build: not extracted"
+                        ),
+                    )
+                    .at(here.clone()),
+                ),
+                Some(_) => {}
+            }
+            // Children: of a group directly, of a question under each answer.
+            self.walk(items_in(item), &here, &path);
+            for (k, answer) in answers.iter().enumerate() {
+                self.walk(items_in(answer), &format!("{here}.answer[{k}]"), &path);
+            }
+        }
+    }
+
+    fn observation(&mut self, link_id: &str, answer: &'a Value, name: &str, at: &str) {
+        let Some(def) = self.definitions.get(link_id) else {
+            return;
+        };
+        if def.codes.is_empty() {
+            self.issues.push(
+                Issue::warning(
+                    "incomplete",
+                    format!("item `{link_id}` is marked for extraction but has no code"),
+                )
+                .at(at),
+            );
+            return;
+        }
+        let value = match observation_value(answer, def.unit) {
+            Ok(v) => v,
+            Err(why) => {
+                self.issues.push(
+                    Issue::warning("not-supported", format!("item `{link_id}`: {why}")).at(at),
+                );
+                return;
+            }
+        };
+        let r = self.response;
+        let mut obs = Map::new();
+        obs.insert("resourceType".into(), json!("Observation"));
+        if let Some((system, value)) = self.identity {
+            obs.insert(
+                "identifier".into(),
+                json!([{"system": system, "value": format!("{value}/{name}")}]),
+            );
+        }
+        if let Some(b) = r.get("basedOn") {
+            obs.insert("basedOn".into(), b.clone());
+        }
+        let procedures: Vec<&Value> = r
+            .get("partOf")
+            .and_then(Value::as_array)
+            .map_or(Vec::new(), |p| {
+                p.iter().filter(|p| is_a(p, &["Procedure"])).collect()
+            });
+        if !procedures.is_empty() {
+            obs.insert("partOf".into(), json!(procedures));
+        }
+        let amended = r.get("status").and_then(Value::as_str) == Some("amended");
+        obs.insert(
+            "status".into(),
+            json!(if amended { "amended" } else { "final" }),
+        );
+        if let Some(c) = def.category {
+            obs.insert("category".into(), json!([c]));
+        }
+        let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
+        obs.insert("code".into(), json!({ "coding": codes }));
+        for (from, to) in [("subject", "subject"), ("encounter", "encounter")] {
+            if let Some(v) = r.get(from) {
+                obs.insert(to.into(), v.clone());
+            }
+        }
+        if let Some(authored) = r.get("authored").and_then(Value::as_str) {
+            obs.insert("effectiveDateTime".into(), json!(authored));
+            if is_instant(authored) {
+                obs.insert("issued".into(), json!(authored));
+            }
+        }
+        if let Some(author) = r.get("author").filter(|a| {
+            is_a(
+                a,
+                &[
+                    "Practitioner",
+                    "PractitionerRole",
+                    "Organization",
+                    "CareTeam",
+                    "Patient",
+                    "RelatedPerson",
+                ],
+            )
+        }) {
+            obs.insert("performer".into(), json!([author]));
+        }
+        let (key, v) = value;
+        obs.insert(key.into(), v);
+        if let Some(derived) = self.derived_from() {
+            obs.insert("derivedFrom".into(), json!([derived]));
+        }
+        let full_url = urn_uuid(&[
+            "sdc-extract",
+            self.identity.map_or("", |i| i.0),
+            self.identity.map_or("", |i| i.1),
+            r.get("id").and_then(Value::as_str).unwrap_or(""),
+            name,
+        ]);
+        let request = match self.identity {
+            Some((system, value)) => json!({
+                "method": "PUT",
+                "url": format!(
+                    "Observation?{}",
+                    identifier_query(system, &format!("{value}/{name}"))
+                ),
+            }),
+            None => json!({"method": "POST", "url": "Observation"}),
+        };
+        self.entries.push(json!({
+            "fullUrl": full_url,
+            "resource": Value::Object(obs),
+            "request": request,
+        }));
+    }
+
+    /// The response as a reference: its id on the server, else its identifier.
+    fn derived_from(&self) -> Option<Value> {
+        if let Some(id) = self.response.get("id").and_then(Value::as_str) {
+            return Some(json!({"reference": format!("QuestionnaireResponse/{id}")}));
+        }
+        let (system, value) = self.identity?;
+        Some(json!({"type": "QuestionnaireResponse",
+                     "identifier": {"system": system, "value": value}}))
+    }
+}
+
+/// Whether a Reference points at one of `types` (by its literal reference or its `type`).
+fn is_a(reference: &Value, types: &[&str]) -> bool {
+    let named = reference
+        .get("reference")
+        .and_then(Value::as_str)
+        .and_then(|r| r.split('/').rev().nth(1))
+        .or_else(|| reference.get("type").and_then(Value::as_str));
+    named.is_some_and(|t| types.contains(&t))
+}
+
+/// A FHIR `instant` has a time and a zone; a `dateTime` may have neither.
+fn is_instant(s: &str) -> bool {
+    match s.split_once('T') {
+        Some((_, time)) => time.ends_with('Z') || time.contains('+') || time.contains('-'),
+        None => false,
+    }
+}
+
+/// A Coding as the Observation carries it: without the Questionnaire's own extensions (the
+/// extraction flag).
+fn coding(c: &Value) -> Value {
+    match c.as_object() {
+        Some(o) => Value::Object(
+            o.iter()
+                .filter(|(k, _)| k.as_str() != "extension")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        None => c.clone(),
+    }
+}
+
+/// The Observation's `value[x]` for an answer.
+fn observation_value(
+    answer: &Value,
+    unit: Option<&Value>,
+) -> Result<(&'static str, Value), String> {
+    let Some((kind, v)) = answer
+        .as_object()
+        .and_then(|o| o.iter().find(|(k, _)| k.starts_with("value")))
+    else {
+        return Err("an answer without a value".into());
+    };
+    let quantity = |value: &Value| {
+        let mut q = Map::new();
+        q.insert("value".into(), value.clone());
+        if let Some(u) = unit {
+            if let Some(d) = u.get("display").or_else(|| u.get("code")) {
+                q.insert("unit".into(), d.clone());
+            }
+            if let Some(s) = u.get("system") {
+                q.insert("system".into(), s.clone());
+            }
+            if let Some(c) = u.get("code") {
+                q.insert("code".into(), c.clone());
+            }
+        }
+        Value::Object(q)
+    };
+    Ok(match kind.as_str() {
+        "valueBoolean" => ("valueBoolean", v.clone()),
+        "valueInteger" if unit.is_some() => ("valueQuantity", quantity(v)),
+        "valueInteger" => ("valueInteger", v.clone()),
+        "valueDecimal" => ("valueQuantity", quantity(v)),
+        "valueQuantity" => ("valueQuantity", v.clone()),
+        "valueDate" | "valueDateTime" => ("valueDateTime", v.clone()),
+        "valueTime" => ("valueTime", v.clone()),
+        "valueString" | "valueUri" => ("valueString", v.clone()),
+        "valueCoding" => (
+            "valueCodeableConcept",
+            match v.get("display") {
+                Some(d) => json!({"coding": [v], "text": d}),
+                None => json!({"coding": [v]}),
+            },
+        ),
+        other => {
+            return Err(format!(
+                "a {} answer has no Observation value[x] to go to: not extracted",
+                other.trim_start_matches("value")
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Value {
+        let path = format!("{}/fixtures/sdc/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn observations(bundle: &Value) -> Vec<&Value> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["resource"])
+            .collect()
+    }
+
+    /// CSIRO's PHQ-2 sample: the Questionnaire's `false` reaches every item that says nothing;
+    /// an item's `true` reaches its children; an item's own `true` under a `false` parent turns
+    /// it on again.
+    #[test]
+    fn the_flag_is_inherited_and_false_turns_it_off_below() {
+        let q = fixture("qObservationSampleWithExtractExtension.json");
+        let qr = fixture("qrObservationSample.json");
+        let out = extract(&q, &qr).unwrap();
+        let ids: Vec<&str> = out.bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["code"]["coding"][0]["code"].as_str().unwrap())
+            .collect();
+        // phq2-1, phq2-8 (inherits phq2-1's), phq2-4 (its own, under phq2-2's false), phq2-5
+        // (its own); not phq2-2, phq2-6 (their own false), phq2-3 (the Questionnaire's false)
+        // nor phq2-7 (phq2-3's) — the 4 CSIRO's own test expects.
+        assert_eq!(ids.len(), 4, "{:#}", out.bundle);
+        assert!(ids.iter().all(|c| *c == "28669007"));
+        let first = observations(&out.bundle)[0];
+        // As CSIRO's expected `obs-phq2-1`, field by field.
+        assert_eq!(first["status"], "final");
+        assert_eq!(first["subject"], json!({"reference": "Patient/123"}));
+        assert_eq!(
+            first["derivedFrom"],
+            json!([{"reference": "QuestionnaireResponse/phq2-response"}])
+        );
+        assert_eq!(first["effectiveDateTime"], "2024-08-29T12:00:00Z");
+        assert_eq!(first["issued"], "2024-08-29T12:00:00Z");
+        assert_eq!(
+            first["valueCodeableConcept"]["coding"],
+            json!([{"code": "2", "display": "More than half the days"}])
+        );
+        assert_eq!(
+            first["code"]["coding"],
+            json!([{"system": "http://snomed.info/sct", "code": "28669007", "display": "Anhedonia"}])
+        );
+        // No identifier on the response: plain creates, and a warning that says why.
+        assert!(out.bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["request"] == json!({"method": "POST", "url": "Observation"})));
+        assert!(out.issues.iter().any(|i| i.code == "incomplete"));
+        crate::fhir::validate::validate(&out.bundle).unwrap();
+    }
+
+    fn flag(on: Value) -> Value {
+        let key = if on.is_boolean() {
+            "valueBoolean"
+        } else {
+            "valueCode"
+        };
+        json!([{"url": OBSERVATION_EXTRACT, key: on}])
+    }
+
+    fn traps() -> (Value, Value) {
+        let loinc = |code: &str| json!([{"system": "http://loinc.org", "code": code}]);
+        let q = json!({
+            "resourceType": "Questionnaire", "status": "active",
+            "item": [
+                {"linkId": "vitals", "type": "group", "extension": [
+                    {"url": OBSERVATION_EXTRACT, "valueBoolean": true},
+                    {"url": EXTRACT_CATEGORY, "valueCodeableConcept": {"coding": [{
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "vital-signs"}]}}],
+                 "item": [
+                    {"linkId": "weight", "type": "decimal", "code": loinc("29463-7"),
+                     "extension": [{"url": QUESTIONNAIRE_UNIT, "valueCoding": {
+                        "system": "http://unitsofmeasure.org", "code": "kg", "display": "kg"}}]},
+                    {"linkId": "pulse", "type": "integer", "code": loinc("8867-4")},
+                    {"linkId": "bp", "type": "group", "code": loinc("85354-9"), "item": [
+                        {"linkId": "systolic", "type": "integer", "code": loinc("8480-6"),
+                         "extension": flag(json!("component"))}]}]},
+                {"linkId": "smoker", "type": "boolean", "code": loinc("72166-2"),
+                 "extension": flag(json!(true))},
+                {"linkId": "score", "type": "decimal", "code": loinc("44261-6"),
+                 "extension": flag(json!("independent"))},
+                {"linkId": "symptoms", "type": "choice", "repeats": true,
+                 "extension": flag(json!(true)),
+                 "code": [{"system": "http://snomed.info/sct", "code": "418799008",
+                           "extension": flag(json!(true))},
+                          {"system": "http://example.org/local", "code": "sx"}]},
+                {"linkId": "meds", "type": "group", "repeats": true, "item": [
+                    {"linkId": "med-start", "type": "date", "code": loinc("80276-9"),
+                     "extension": flag(json!(true))}]},
+                {"linkId": "note", "type": "string", "code": loinc("48767-8"),
+                 "extension": flag(json!(false))},
+                {"linkId": "photo", "type": "attachment", "code": loinc("72170-4"),
+                 "extension": flag(json!(true))},
+                {"linkId": "unanswered", "type": "integer", "code": loinc("8310-5"),
+                 "extension": flag(json!(true))}
+            ]
+        });
+        let qr = json!({
+            "resourceType": "QuestionnaireResponse", "id": "qr-1", "status": "amended",
+            "identifier": {"system": "https://forms.example.org/responses", "value": "r-7"},
+            "subject": {"reference": "Patient/p1"}, "encounter": {"reference": "Encounter/e1"},
+            "author": {"reference": "Practitioner/dr"}, "authored": "2026-11-20",
+            "basedOn": [{"reference": "ServiceRequest/s1"}],
+            "partOf": [{"reference": "Observation/o9"}, {"reference": "Procedure/x1"}],
+            "item": [
+                {"linkId": "vitals", "item": [
+                    {"linkId": "weight", "answer": [{"valueDecimal": 72.50}]},
+                    {"linkId": "pulse", "answer": [{"valueInteger": 0}]},
+                    {"linkId": "bp", "item": [
+                        {"linkId": "systolic", "answer": [{"valueInteger": 120}]}]}]},
+                {"linkId": "smoker", "answer": [{"valueBoolean": false}]},
+                {"linkId": "score", "answer": [{"valueDecimal": 7}]},
+                {"linkId": "symptoms", "answer": [
+                    {"valueCoding": {"system": "http://snomed.info/sct", "code": "25064002",
+                                     "display": "Headache"}},
+                    {"valueCoding": {"system": "http://snomed.info/sct", "code": "422587007",
+                                     "display": "Nausea"}}]},
+                {"linkId": "meds", "item": [
+                    {"linkId": "med-start", "answer": [{"valueDate": "2026-10-01"}]}]},
+                {"linkId": "meds", "item": [
+                    {"linkId": "med-start", "answer": [{"valueDate": "2026-11-01"}]}]},
+                {"linkId": "note", "answer": [{"valueString": "Ünïcode ok"}]},
+                {"linkId": "photo", "answer": [{"valueAttachment": {"contentType": "image/png"}}]},
+                {"linkId": "unanswered"},
+                {"linkId": "not-in-q", "answer": [{"valueString": "x"}]}
+            ]
+        });
+        (q, qr)
+    }
+
+    fn by_code<'b>(bundle: &'b Value, code: &str) -> Vec<&'b Value> {
+        bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["code"]["coding"][0]["code"] == code)
+            .collect()
+    }
+
+    /// The traps peer engines fall into (notes/sdc-extraction.md), each answered.
+    #[test]
+    fn false_zero_decimals_units_and_every_answer_are_extracted() {
+        let (q, qr) = traps();
+        let out = extract(&q, &qr).unwrap();
+        let b = &out.bundle;
+        crate::fhir::validate::validate(b).unwrap();
+        let weight = &by_code(b, "29463-7")[0]["resource"];
+        // A number stays a number; the unit makes it a Quantity; the group's category applies.
+        assert_eq!(
+            weight["valueQuantity"],
+            json!({"value": 72.50, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"})
+        );
+        assert_eq!(weight["category"][0]["coding"][0]["code"], "vital-signs");
+        assert_eq!(
+            by_code(b, "8867-4")[0]["resource"]["valueInteger"],
+            json!(0)
+        );
+        assert_eq!(
+            by_code(b, "72166-2")[0]["resource"]["valueBoolean"],
+            json!(false)
+        );
+        assert!(by_code(b, "72166-2")[0]["resource"]
+            .get("category")
+            .is_none());
+        // A decimal without a unit: R4 has no valueDecimal.
+        assert_eq!(
+            by_code(b, "44261-6")[0]["resource"]["valueQuantity"],
+            json!({"value": 7})
+        );
+        // Only the flagged Coding; each answer its own Observation.
+        let symptoms = by_code(b, "418799008");
+        assert_eq!(symptoms.len(), 2);
+        assert_eq!(
+            symptoms[0]["resource"]["code"]["coding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(symptoms[0]["resource"]["code"]["coding"][0]
+            .get("extension")
+            .is_none());
+        // A repeated group: one Observation per occurrence, dates as dateTimes.
+        let starts = by_code(b, "80276-9");
+        assert_eq!(starts.len(), 2);
+        assert_eq!(starts[1]["resource"]["valueDateTime"], "2026-11-01");
+        // Off, unanswered, a component, an attachment, an unknown item: none.
+        for code in ["48767-8", "8310-5", "8480-6", "72170-4", "85354-9"] {
+            assert!(by_code(b, code).is_empty(), "{code}");
+        }
+        let codes: Vec<&str> = out.issues.iter().map(|i| i.code).collect();
+        assert_eq!(
+            codes,
+            ["not-supported", "not-supported", "not-found"],
+            "{:?}",
+            out.issues
+        );
+        assert_eq!(b["entry"].as_array().unwrap().len(), 8);
+        // What every Observation takes from the response.
+        let o = &starts[0]["resource"];
+        assert_eq!(o["status"], "amended");
+        assert_eq!(o["subject"]["reference"], "Patient/p1");
+        assert_eq!(o["encounter"]["reference"], "Encounter/e1");
+        assert_eq!(o["performer"], json!([{"reference": "Practitioner/dr"}]));
+        assert_eq!(o["effectiveDateTime"], "2026-11-20");
+        assert!(o.get("issued").is_none(), "a date is no instant");
+        assert_eq!(o["basedOn"], json!([{"reference": "ServiceRequest/s1"}]));
+        assert_eq!(o["partOf"], json!([{"reference": "Procedure/x1"}]));
+        assert_eq!(
+            o["derivedFrom"],
+            json!([{"reference": "QuestionnaireResponse/qr-1"}])
+        );
+    }
+
+    /// With the response's identifier every Observation has its own, written as a conditional
+    /// update: the same response extracted again (or amended) updates, never duplicates.
+    #[test]
+    fn an_identified_response_yields_conditional_updates_that_repeat_exactly() {
+        let (q, qr) = traps();
+        let out = extract(&q, &qr).unwrap();
+        let again = extract(&q, &qr).unwrap();
+        assert_eq!(out.bundle, again.bundle);
+        let entries = out.bundle["entry"].as_array().unwrap();
+        let mut values: Vec<&str> = entries
+            .iter()
+            .map(|e| e["resource"]["identifier"][0]["value"].as_str().unwrap())
+            .collect();
+        assert!(values.contains(&"r-7/meds[1]/med-start"));
+        assert!(values.contains(&"r-7/symptoms#1"));
+        values.sort_unstable();
+        values.dedup();
+        assert_eq!(values.len(), entries.len(), "identifiers are unique");
+        for e in entries {
+            assert_eq!(e["request"]["method"], "PUT");
+            let url = e["request"]["url"].as_str().unwrap();
+            assert!(
+                url.starts_with("Observation?identifier=https://forms.example.org/responses|r-7/"),
+                "{url}"
+            );
+            assert!(!url.contains('#'), "encoded: {url}");
+        }
+    }
+
+    #[test]
+    fn nothing_to_extract_is_a_warning_and_wrong_resources_are_refused() {
+        let q =
+            json!({"resourceType": "Questionnaire", "item": [{"linkId": "a", "type": "string"}]});
+        let qr = json!({"resourceType": "QuestionnaireResponse", "item": [
+            {"linkId": "a", "answer": [{"valueString": "x"}]}]});
+        let out = extract(&q, &qr).unwrap();
+        assert_eq!(out.bundle["entry"], json!([]));
+        assert!(out.issues.iter().any(|i| i.code == "not-found"));
+        assert_eq!(
+            extract(&qr, &qr).unwrap_err().to_string(),
+            "expected a Questionnaire, got a QuestionnaireResponse"
+        );
+        assert!(extract(&q, &json!({"item": []})).is_err());
+    }
+}
