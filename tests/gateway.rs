@@ -972,6 +972,10 @@ fn the_mappings_questionnaires_are_served_as_fhir_with_a_capability_statement() 
         capability["rest"][0]["resource"][0]["type"],
         "Questionnaire"
     );
+    assert_eq!(
+        capability["rest"][0]["resource"][1]["operation"][0]["definition"],
+        "http://hl7.org/fhir/uv/sdc/OperationDefinition/QuestionnaireResponse-extract"
+    );
 
     let url = "https://forms.example-clinic.com/Questionnaire/glp1-intake";
     let (status, q) = app.get("/Questionnaire/glp1-intake-typeform");
@@ -1016,4 +1020,179 @@ fn the_mappings_questionnaires_are_served_as_fhir_with_a_capability_statement() 
         (status, outcome["issue"][0]["code"].as_str()),
         (404, Some("not-found"))
     );
+}
+
+/// An answer of `item`'s type (what a form renderer would post), or none for a group.
+fn some_answer(item: &Value) -> Option<Value> {
+    use serde_json::json;
+    let unit = item["extension"].as_array().and_then(|es| {
+        es.iter()
+            .find(|e| e["url"] == "http://hl7.org/fhir/StructureDefinition/questionnaire-unit")
+    });
+    Some(match item["type"].as_str()? {
+        "quantity" => {
+            let u = &unit?["valueCoding"];
+            json!({"valueQuantity": {"value": 81.5, "unit": u["display"], "system": u["system"], "code": u["code"]}})
+        }
+        "decimal" => json!({"valueDecimal": 1.5}),
+        "integer" => json!({"valueInteger": 0}),
+        "boolean" => json!({"valueBoolean": false}),
+        "date" => json!({"valueDate": "1990-04-02"}),
+        "string" | "text" => json!({"valueString": "ça va"}),
+        "choice" => json!({"valueCoding": item["answerOption"][0]["valueCoding"].clone()}),
+        _ => return None,
+    })
+}
+
+/// A QuestionnaireResponse answering every question of `questionnaire`'s items.
+fn answering(items: &Value) -> Vec<Value> {
+    items
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|item| {
+            let mut r = serde_json::json!({"linkId": item["linkId"]});
+            if let Some(a) = some_answer(item) {
+                r["answer"] = serde_json::json!([a]);
+            }
+            if item.get("item").is_some() {
+                r["item"] = Value::from(answering(&item["item"]));
+            }
+            r
+        })
+        .collect()
+}
+
+/// A FHIR-native form: the EHR holds a QuestionnaireResponse to one of the mappings'
+/// Questionnaires; `$extract` (resolving the Questionnaire by its canonical) gives the
+/// Observations as a transaction the real FHIR server accepts, and extracting again updates
+/// them instead of adding more.
+#[test]
+fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
+    use chartbridge::fhir::validate::validate;
+    use serde_json::json;
+    let ehr = FhirServer::start();
+    let app = App::start(None);
+    let (_, q) = app.get("/Questionnaire/glp1-intake-typeform");
+    let (status, patient) = ehr.post("/Patient", &json!({"resourceType": "Patient"}));
+    assert_eq!(status, 201, "{patient}");
+    let (status, qr) = ehr.post(
+        "/QuestionnaireResponse",
+        &json!({
+            "resourceType": "QuestionnaireResponse",
+            "identifier": {"system": "https://portal.example-clinic.com/responses", "value": "r-1"},
+            "questionnaire": format!("{}|{}", q["url"].as_str().unwrap(), q["version"].as_str().unwrap()),
+            "status": "completed",
+            "subject": {"reference": format!("Patient/{}", patient["id"].as_str().unwrap())},
+            "authored": "2026-11-26T09:30:00Z",
+            "item": answering(&q["item"]),
+        }),
+    );
+    assert_eq!(status, 201, "{qr}");
+
+    let (status, bundle, headers) = app.post(
+        "/QuestionnaireResponse/$extract",
+        qr.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(headers["content-type"], "application/fhir+json");
+    assert_eq!(
+        bundle["type"], "transaction",
+        "no warnings: the Bundle itself"
+    );
+    validate(&bundle).unwrap_or_else(|o| panic!("{}", o.to_json()));
+    let extracted = bundle["entry"].as_array().unwrap().len();
+    assert!(extracted >= 5, "{bundle}");
+    let weight = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .find(|o| o["code"]["coding"][0]["code"] == "29463-7")
+        .expect("the weight");
+    assert_eq!(weight["valueQuantity"]["value"], json!(81.5));
+    assert_eq!(
+        weight["valueQuantity"]["system"],
+        "http://unitsofmeasure.org"
+    );
+    let qr_ref = format!("QuestionnaireResponse/{}", qr["id"].as_str().unwrap());
+    assert_eq!(weight["derivedFrom"][0]["reference"], qr_ref.as_str());
+
+    let (status, answer) = ehr.transaction(&bundle);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(count(&ehr, "Observation"), extracted as u64);
+    let (status, answer) = ehr.transaction(&bundle);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        count(&ehr, "Observation"),
+        extracted as u64,
+        "updated, not duplicated"
+    );
+    let found = ehr.search(&format!("Observation?derived-from={qr_ref}&code=29463-7"));
+    assert_eq!(found["entry"].as_array().map(Vec::len), Some(1), "{found}");
+}
+
+#[test]
+fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot_do() {
+    use serde_json::json;
+    let app = App::start(None);
+    let q =
+        common::read_json(&root().join("fixtures/sdc/qObservationSampleWithExtractExtension.json"));
+    let qr = common::read_json(&root().join("fixtures/sdc/qrObservationSample.json"));
+    // The Questionnaire is not one of the mappings': without it inline, a 422 that says so.
+    let (status, outcome, _) = app.post(
+        "/QuestionnaireResponse/$extract",
+        qr.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(status, 422, "{outcome}");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(
+        outcome["issue"][0]["diagnostics"]
+            .as_str()
+            .is_some_and(|d| d.contains("phq-2-questionnaire") && d.contains("`questionnaire`")),
+        "{outcome}"
+    );
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "questionnaire-response", "resource": qr},
+        {"name": "questionnaire", "resource": q}]});
+    let (status, out, _) = app.post(
+        "/QuestionnaireResponse/$extract",
+        parameters.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["resourceType"], "Parameters");
+    assert_eq!(out["parameter"][0]["name"], "return");
+    assert_eq!(
+        out["parameter"][0]["resource"]["entry"]
+            .as_array()
+            .map(Vec::len),
+        Some(4)
+    );
+    // The response has no identifier: re-extraction would duplicate, and the issues say so.
+    assert_eq!(out["parameter"][1]["name"], "issues");
+    assert_eq!(
+        out["parameter"][1]["resource"]["issue"][0]["severity"],
+        "warning"
+    );
+    // Not a QuestionnaireResponse; not JSON; too deep.
+    let (status, outcome, _) = app.post(
+        "/QuestionnaireResponse/$extract",
+        json!({"resourceType": "Patient"}).to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (422, Some("invalid"))
+    );
+    let (status, outcome, _) = app.post("/QuestionnaireResponse/$extract", b"{\"item\": [", &[]);
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (400, Some("structure"))
+    );
+    let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
+    let (status, _, _) = app.post("/QuestionnaireResponse/$extract", deep.as_bytes(), &[]);
+    assert_eq!(status, 400);
 }

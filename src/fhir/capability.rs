@@ -3,11 +3,13 @@
 
 use serde_json::{json, Value};
 
-/// One resource type served: read by id, and searched by these parameters (name, FHIR search
-/// parameter type).
+/// One resource type served: read by id (or not), searched by these parameters (name, FHIR
+/// search parameter type), and these operations (name without `$`, its OperationDefinition).
 pub struct Served<'a> {
     pub resource_type: &'a str,
+    pub read: bool,
     pub search: &'a [(&'a str, &'a str)],
+    pub operations: &'a [(&'a str, &'a str)],
 }
 
 /// A server's CapabilityStatement (FHIR R4, JSON only, no security declared in it).
@@ -15,7 +17,10 @@ pub fn capability_statement(software: &str, version: &str, date: &str, served: &
     let resources: Vec<Value> = served
         .iter()
         .map(|s| {
-            let mut interactions = vec![json!({"code": "read"})];
+            let mut interactions = Vec::new();
+            if s.read {
+                interactions.push(json!({"code": "read"}));
+            }
             let mut r = json!({ "type": s.resource_type });
             if !s.search.is_empty() {
                 interactions.push(json!({"code": "search-type"}));
@@ -25,7 +30,16 @@ pub fn capability_statement(software: &str, version: &str, date: &str, served: &
                     .map(|(name, kind)| json!({"name": name, "type": kind}))
                     .collect();
             }
-            r["interaction"] = Value::Array(interactions);
+            if !interactions.is_empty() {
+                r["interaction"] = Value::Array(interactions);
+            }
+            if !s.operations.is_empty() {
+                r["operation"] = s
+                    .operations
+                    .iter()
+                    .map(|(name, definition)| json!({"name": name, "definition": definition}))
+                    .collect();
+            }
             r
         })
         .collect();

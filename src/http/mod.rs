@@ -327,16 +327,29 @@ fn fhir_json(resource: &Value) -> Response {
         .into_response()
 }
 
-/// `GET /metadata`: what the gateway serves as a FHIR server (its Questionnaires).
+/// `GET /metadata`: what the gateway serves as a FHIR server (its Questionnaires, `$extract`).
 async fn metadata(State(state): State<Arc<AppState>>) -> Response {
     fhir_json(&crate::fhir::capability::capability_statement(
         "chartbridge",
         env!("CARGO_PKG_VERSION"),
         &state.started,
-        &[crate::fhir::capability::Served {
-            resource_type: "Questionnaire",
-            search: &[("url", "uri")],
-        }],
+        &[
+            crate::fhir::capability::Served {
+                resource_type: "Questionnaire",
+                read: true,
+                search: &[("url", "uri")],
+                operations: &[],
+            },
+            crate::fhir::capability::Served {
+                resource_type: "QuestionnaireResponse",
+                read: false,
+                search: &[],
+                operations: &[(
+                    "extract",
+                    "http://hl7.org/fhir/uv/sdc/OperationDefinition/QuestionnaireResponse-extract",
+                )],
+            },
+        ],
     ))
 }
 
