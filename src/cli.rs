@@ -86,6 +86,18 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// SDC observation-based extraction, as `POST /QuestionnaireResponse/$extract` does it:
+    /// print the transaction Bundle of Observations (what could not be extracted: on stderr).
+    Extract {
+        /// The Questionnaire: a JSON file, or a mapping (file or id in --mappings) whose
+        /// Questionnaire it is.
+        #[arg(long, short)]
+        questionnaire: String,
+        #[arg(long, default_value = "mappings")]
+        mappings: PathBuf,
+        /// The QuestionnaireResponse (JSON); `-` reads standard input.
+        response: PathBuf,
+    },
     /// Print the FHIR Questionnaire a mapping defines.
     Questionnaire {
         /// A mapping file, or a mapping id found in --mappings.
@@ -138,6 +150,11 @@ pub fn run() -> ExitCode {
             &format!("{url}/submissions/{key}/replay"),
             &[],
         ),
+        Command::Extract {
+            questionnaire,
+            mappings,
+            response,
+        } => extract(&questionnaire, &mappings, &response),
         Command::Questionnaire { mapping, mappings } => match find(&mapping, &mappings) {
             Ok(m) => {
                 print_json(&m.questionnaire());
@@ -235,18 +252,9 @@ fn map(
         Ok(m) => m,
         Err(code) => return code,
     };
-    let raw = if payload == Path::new("-") {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf)
-    } else {
-        std::fs::read(payload)
-    };
-    let raw = match raw {
+    let raw = match read_input(payload) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("{}: {e}", payload.display());
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let parsed = match m.parse_payload(&raw) {
         Ok(v) => v,
@@ -285,6 +293,63 @@ fn map(
             ExitCode::from(1)
         }
     }
+}
+
+fn extract(questionnaire: &str, mappings: &Path, response: &Path) -> ExitCode {
+    let q = if questionnaire.ends_with(".json") {
+        match read_input(Path::new(questionnaire)).and_then(|raw| parse_json(questionnaire, &raw)) {
+            Ok(q) => q,
+            Err(code) => return code,
+        }
+    } else {
+        match find(questionnaire, mappings) {
+            Ok(m) => m.questionnaire(),
+            Err(code) => return code,
+        }
+    };
+    let qr = match read_input(response)
+        .and_then(|raw| parse_json(&response.display().to_string(), &raw))
+    {
+        Ok(qr) => qr,
+        Err(code) => return code,
+    };
+    match mapping::extract::extract(&q, &qr) {
+        Ok(out) => {
+            for issue in &out.issues {
+                match issue.expression.first() {
+                    Some(at) => eprintln!("{} at {at}: {}", issue.code, issue.diagnostics),
+                    None => eprintln!("{}: {}", issue.code, issue.diagnostics),
+                }
+            }
+            print_json(&out.bundle);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A file's bytes, or standard input's for `-`.
+fn read_input(path: &Path) -> Result<Vec<u8>, ExitCode> {
+    let raw = if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).map(|_| buf)
+    } else {
+        std::fs::read(path)
+    };
+    raw.map_err(|e| {
+        eprintln!("{}: {e}", path.display());
+        ExitCode::from(2)
+    })
+}
+
+fn parse_json(name: &str, raw: &[u8]) -> Result<Value, ExitCode> {
+    serde_json::from_slice(raw).map_err(|e| {
+        eprintln!("{name}: not JSON: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {

@@ -258,3 +258,34 @@ fn questionnaire_is_printed_with_the_canonical_the_responses_use() {
     assert_eq!(body[1]["code"][0]["code"], "29463-7");
     assert_eq!(body[3]["readOnly"], true, "BMI is derived");
 }
+
+#[test]
+fn extract_prints_the_observations_and_says_what_it_left_out() {
+    let out = common::succeeds(chartbridge().args([
+        "extract",
+        "-q",
+        "fixtures/sdc/qObservationSampleWithExtractExtension.json",
+        "fixtures/sdc/qrObservationSample.json",
+    ]));
+    let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(bundle["type"], "transaction");
+    assert_eq!(bundle["entry"].as_array().map(Vec::len), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("incomplete: the QuestionnaireResponse has no identifier"),
+        "{stderr}"
+    );
+    // A mapping's Questionnaire by mapping id; a response that is not one: exit 1.
+    let out = chartbridge()
+        .args([
+            "extract",
+            "-q",
+            "glp1-intake-typeform",
+            "fixtures/sdc/qObservationSampleWithExtractExtension.json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("expected a QuestionnaireResponse, got a Questionnaire"));
+}

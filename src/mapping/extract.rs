@@ -11,7 +11,8 @@
 //! - Each answer is an Observation of its own: `false` and `0` are answers; an unanswered item
 //!   makes none. A number with `questionnaire-unit` becomes a `valueQuantity`; a decimal without
 //!   one too (R4 Observations have no `valueDecimal`); a `date` becomes a `valueDateTime`.
-//! - `status` final (amended for an amended response), `subject`, `encounter`, `basedOn` and
+//! - `status` final (amended for an amended response, preliminary for one in progress or
+//!   stopped; one entered in error is refused), `subject`, `encounter`, `basedOn` and
 //!   the Procedures of `partOf` from the response; `effectiveDateTime` — and `issued`, when it is
 //!   an instant — from `authored`; `performer` from `author` where an Observation allows it;
 //!   `derivedFrom` the response; the category from `sdc-questionnaire-observation-extract-category`
@@ -47,6 +48,8 @@ pub struct Extraction {
 pub enum ExtractError {
     #[error("expected a {expected}, got {got}")]
     NotA { expected: &'static str, got: String },
+    #[error("the QuestionnaireResponse was entered in error: nothing is extracted from it")]
+    EnteredInError,
 }
 
 /// Whether (and how) an item is extracted, as its nearest word on it says.
@@ -70,6 +73,13 @@ struct Definition<'q> {
 pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, ExtractError> {
     expect_type(questionnaire, "Questionnaire")?;
     expect_type(response, "QuestionnaireResponse")?;
+    let status = match response.get("status").and_then(Value::as_str) {
+        Some("entered-in-error") => return Err(ExtractError::EnteredInError),
+        Some("amended") => "amended",
+        // Not finished: what it says so far.
+        Some("in-progress" | "stopped") => "preliminary",
+        _ => "final",
+    };
     let mut definitions = HashMap::new();
     let root_flag = flag_of(questionnaire);
     define(
@@ -80,6 +90,7 @@ pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, Ex
     );
     let mut run = Run {
         response,
+        status,
         definitions,
         identity: identity(response),
         entries: Vec::new(),
@@ -192,6 +203,8 @@ fn define<'q>(
 
 struct Run<'a> {
     response: &'a Value,
+    /// The Observations' status, from the response's.
+    status: &'static str,
     definitions: HashMap<&'a str, Definition<'a>>,
     /// The response's business identifier (system, value).
     identity: Option<(&'a str, &'a str)>,
@@ -317,11 +330,7 @@ impl<'a> Run<'a> {
         if !procedures.is_empty() {
             obs.insert("partOf".into(), json!(procedures));
         }
-        let amended = r.get("status").and_then(Value::as_str) == Some("amended");
-        obs.insert(
-            "status".into(),
-            json!(if amended { "amended" } else { "final" }),
-        );
+        obs.insert("status".into(), json!(self.status));
         if let Some(c) = def.category {
             obs.insert("category".into(), json!([c]));
         }
@@ -749,5 +758,17 @@ mod tests {
             "expected a Questionnaire, got a QuestionnaireResponse"
         );
         assert!(extract(&q, &json!({"item": []})).is_err());
+        let mut draft = qr.clone();
+        draft["status"] = json!("entered-in-error");
+        assert_eq!(
+            extract(&q, &draft).unwrap_err(),
+            ExtractError::EnteredInError
+        );
+        draft["status"] = json!("in-progress");
+        draft["item"][0]["linkId"] = json!("b");
+        let q = json!({"resourceType": "Questionnaire", "item": [{"linkId": "b", "type": "string",
+            "code": [{"code": "c"}], "extension": flag(json!(true))}]});
+        let out = extract(&q, &draft).unwrap();
+        assert_eq!(out.bundle["entry"][0]["resource"]["status"], "preliminary");
     }
 }
