@@ -5,9 +5,10 @@
 //! - An item is extracted where `sdc-questionnaire-observationExtract` says so on it, on one of
 //!   its `code` Codings (then only the flagged Codings become the code), or on its nearest
 //!   ancestor (the Questionnaire itself included) that says anything; `false` turns it off
-//!   below. Of the 4.0.0 codes, `independent`, `member` and `derived` extract the item as an
-//!   Observation of its own (links between extracted Observations are not made); `component`
-//!   items are left out, with a warning.
+//!   below. Of the 4.0.0 codes, `component` makes an item's answers `component`s of its
+//!   parent's Observation (a group's Observation has only those: a blood pressure panel);
+//!   `independent`, `member` and `derived` extract the item as an Observation of its own
+//!   (links between extracted Observations are not made).
 //! - Each answer is an Observation of its own: `false` and `0` are answers; an unanswered item
 //!   makes none. A number with `questionnaire-unit` becomes a `valueQuantity`; a decimal without
 //!   one too (R4 Observations have no `valueDecimal`); a `date` becomes a `valueDateTime`.
@@ -103,7 +104,7 @@ pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, Ex
              are plain creates, and extracting it again creates them again",
         ));
     }
-    run.walk(items_in(response), "QuestionnaireResponse", "");
+    run.walk(items_in(response), "QuestionnaireResponse", "", false);
     if run.entries.is_empty() {
         run.issues.push(Issue::warning(
             "not-found",
@@ -222,7 +223,7 @@ fn identity(response: &Value) -> Option<(&str, &str)> {
 impl<'a> Run<'a> {
     /// Walks the response's items (`at`: their FHIRPath, for issues; `path`: the linkId path
     /// that names an Observation).
-    fn walk(&mut self, items: &'a [Value], at: &str, path: &str) {
+    fn walk(&mut self, items: &'a [Value], at: &str, path: &str, parent_extracted: bool) {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let here = format!("{at}.item[{i}]");
@@ -248,7 +249,8 @@ impl<'a> Run<'a> {
                 .get("answer")
                 .and_then(Value::as_array)
                 .map_or(&[][..], Vec::as_slice);
-            match self.definitions.get(link_id).map(|d| d.flag) {
+            let flag = self.definitions.get(link_id).map(|d| d.flag);
+            match flag {
                 None => self.issues.push(
                     Issue::warning(
                         "not-found",
@@ -256,6 +258,14 @@ impl<'a> Run<'a> {
                     )
                     .at(here.clone()),
                 ),
+                // A group: one Observation of its components (a blood pressure panel), if it
+                // has any.
+                Some(Some(Flag::Extract)) if answers.is_empty() => {
+                    let components = self.components(items_in(item), &here);
+                    if !components.is_empty() {
+                        self.observation(link_id, None, components, &path, &here);
+                    }
+                }
                 Some(Some(Flag::Extract)) => {
                     for (k, answer) in answers.iter().enumerate() {
                         let name = if answers.len() > 1 {
@@ -263,30 +273,78 @@ impl<'a> Run<'a> {
                         } else {
                             path.clone()
                         };
-                        self.observation(link_id, answer, &name, &format!("{here}.answer[{k}]"));
+                        let at = format!("{here}.answer[{k}]");
+                        let components = self.components(items_in(answer), &at);
+                        self.observation(link_id, Some(answer), components, &name, &at);
                     }
                 }
+                // Taken by the parent's Observation (`components`).
+                Some(Some(Flag::Component)) if parent_extracted => {}
                 Some(Some(Flag::Component)) if !answers.is_empty() => self.issues.push(
                     Issue::warning(
-                        "not-supported",
+                        "incomplete",
                         format!(
-                            "item `{link_id}` is to be a component of its parent's \
-                             Observation, which this gateway does not build: not extracted"
+                            "item `{link_id}` is a component of its parent's Observation, \
+                             and its parent makes none: not extracted"
                         ),
                     )
                     .at(here.clone()),
                 ),
                 Some(_) => {}
             }
+            let extracted = flag == Some(Some(Flag::Extract));
             // Children: of a group directly, of a question under each answer.
-            self.walk(items_in(item), &here, &path);
+            self.walk(items_in(item), &here, &path, extracted);
             for (k, answer) in answers.iter().enumerate() {
-                self.walk(items_in(answer), &format!("{here}.answer[{k}]"), &path);
+                let at = format!("{here}.answer[{k}]");
+                self.walk(items_in(answer), &at, &path, extracted);
             }
         }
     }
 
-    fn observation(&mut self, link_id: &str, answer: &'a Value, name: &str, at: &str) {
+    /// The `Observation.component`s of the answered items among `items` marked `component`.
+    fn components(&mut self, items: &'a [Value], at: &str) -> Vec<Value> {
+        let mut components = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let Some(def) = item
+                .get("linkId")
+                .and_then(Value::as_str)
+                .and_then(|l| self.definitions.get(l))
+                .filter(|d| d.flag == Some(Flag::Component))
+            else {
+                continue;
+            };
+            let answers = item.get("answer").and_then(Value::as_array);
+            for (k, answer) in answers.into_iter().flatten().enumerate() {
+                let here = format!("{at}.item[{i}].answer[{k}]");
+                if def.codes.is_empty() {
+                    self.issues
+                        .push(Issue::warning("incomplete", "a component without a code").at(here));
+                    continue;
+                }
+                match observation_value(answer, def.unit) {
+                    Ok((key, value)) => {
+                        let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
+                        components.push(json!({"code": {"coding": codes}, key: value}));
+                    }
+                    Err(why) => self.issues.push(
+                        Issue::warning("not-supported", format!("a component: {why}")).at(here),
+                    ),
+                }
+            }
+        }
+        components
+    }
+
+    /// One Observation: of `answer` (its value), with `components`; a group's has only those.
+    fn observation(
+        &mut self,
+        link_id: &str,
+        answer: Option<&'a Value>,
+        components: Vec<Value>,
+        name: &str,
+        at: &str,
+    ) {
         let Some(def) = self.definitions.get(link_id) else {
             return;
         };
@@ -300,7 +358,7 @@ impl<'a> Run<'a> {
             );
             return;
         }
-        let value = match observation_value(answer, def.unit) {
+        let value = match answer.map(|a| observation_value(a, def.unit)).transpose() {
             Ok(v) => v,
             Err(why) => {
                 self.issues.push(
@@ -362,8 +420,12 @@ impl<'a> Run<'a> {
         }) {
             obs.insert("performer".into(), json!([author]));
         }
-        let (key, v) = value;
-        obs.insert(key.into(), v);
+        if let Some((key, v)) = value {
+            obs.insert(key.into(), v);
+        }
+        if !components.is_empty() {
+            obs.insert("component".into(), Value::Array(components));
+        }
         if let Some(derived) = self.derived_from() {
             obs.insert("derivedFrom".into(), json!([derived]));
         }
@@ -595,7 +657,9 @@ mod tests {
                 {"linkId": "photo", "type": "attachment", "code": loinc("72170-4"),
                  "extension": flag(json!(true))},
                 {"linkId": "unanswered", "type": "integer", "code": loinc("8310-5"),
-                 "extension": flag(json!(true))}
+                 "extension": flag(json!(true))},
+                {"linkId": "orphan", "type": "integer", "code": loinc("8462-4"),
+                 "extension": flag(json!("component"))}
             ]
         });
         let qr = json!({
@@ -625,6 +689,7 @@ mod tests {
                 {"linkId": "note", "answer": [{"valueString": "Ünïcode ok"}]},
                 {"linkId": "photo", "answer": [{"valueAttachment": {"contentType": "image/png"}}]},
                 {"linkId": "unanswered"},
+                {"linkId": "orphan", "answer": [{"valueInteger": 80}]},
                 {"linkId": "not-in-q", "answer": [{"valueString": "x"}]}
             ]
         });
@@ -687,18 +752,27 @@ mod tests {
         let starts = by_code(b, "80276-9");
         assert_eq!(starts.len(), 2);
         assert_eq!(starts[1]["resource"]["valueDateTime"], "2026-11-01");
-        // Off, unanswered, a component, an attachment, an unknown item: none.
-        for code in ["48767-8", "8310-5", "8480-6", "72170-4", "85354-9"] {
+        // A group of components: one panel, its value the components'.
+        let bp = &by_code(b, "85354-9")[0]["resource"];
+        assert_eq!(
+            bp["component"],
+            json!([{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                    "valueInteger": 120}])
+        );
+        assert_eq!(bp["category"][0]["coding"][0]["code"], "vital-signs");
+        // Off, unanswered, a component (its own or without a parent Observation), an
+        // attachment, an unknown item: none.
+        for code in ["48767-8", "8310-5", "8480-6", "8462-4", "72170-4"] {
             assert!(by_code(b, code).is_empty(), "{code}");
         }
         let codes: Vec<&str> = out.issues.iter().map(|i| i.code).collect();
         assert_eq!(
             codes,
-            ["not-supported", "not-supported", "not-found"],
+            ["not-supported", "incomplete", "not-found"],
             "{:?}",
             out.issues
         );
-        assert_eq!(b["entry"].as_array().unwrap().len(), 8);
+        assert_eq!(b["entry"].as_array().unwrap().len(), 9);
         // What every Observation takes from the response.
         let o = &starts[0]["resource"];
         assert_eq!(o["status"], "amended");
