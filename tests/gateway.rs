@@ -1118,6 +1118,50 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
     );
     let qr_ref = format!("QuestionnaireResponse/{}", qr["id"].as_str().unwrap());
     assert_eq!(weight["derivedFrom"][0]["reference"], qr_ref.as_str());
+    // The Questionnaire says what the mapping does: each Observation $extract makes has the
+    // category and component codes of the one with its code the mapping makes from a vendor
+    // payload (the blood pressure panel included; Maya's payload answers all but one).
+    let golden = common::read_json(
+        &root().join("fixtures/glp1-intake-typeform/maya-happy-path.expected.json"),
+    );
+    let shape = |o: &Value| {
+        let components: Vec<Value> = o["component"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["code"].clone())
+            .collect();
+        (
+            o["code"]["coding"][0]["code"].clone(),
+            o["category"].clone(),
+            components,
+        )
+    };
+    let mapped: Vec<_> = golden["bundle"]["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "Observation")
+        .map(shape)
+        .collect();
+    let mut compared = 0;
+    for e in bundle["entry"].as_array().unwrap() {
+        let extracted = shape(&e["resource"]);
+        if let Some(m) = mapped.iter().find(|m| m.0 == extracted.0) {
+            assert_eq!(&extracted, m);
+            compared += 1;
+        }
+    }
+    assert_eq!(
+        compared,
+        mapped.len(),
+        "every Observation the mapping makes"
+    );
+    assert!(
+        mapped.iter().any(|m| m.2.len() == 2),
+        "the BP panel is compared"
+    );
 
     let (status, answer) = ehr.transaction(&bundle);
     assert_eq!(status, 200, "{answer}");

@@ -3,11 +3,13 @@
 
 use serde_json::{json, Value};
 
-use super::{Item, ItemType, Mapping};
+use super::{Components, Item, ItemType, Mapping, ObservationRule};
 use crate::fhir::UCUM;
 
 const OBSERVATION_EXTRACT: &str =
     "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observationExtract";
+const EXTRACT_CATEGORY: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observation-extract-category";
 const QUESTIONNAIRE_UNIT: &str = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
 const ITEM_WEIGHT: &str = "http://hl7.org/fhir/StructureDefinition/itemWeight";
 
@@ -27,12 +29,14 @@ impl Mapping {
         if let Some(d) = &self.description {
             q["description"] = json!(d);
         }
-        q["item"] = Value::Array(self.items.iter().map(item).collect());
+        q["item"] = Value::Array(self.items.iter().map(|i| item(i, false)).collect());
         q
     }
 }
 
-fn item(i: &Item) -> Value {
+/// An item; `component`: its answers are components of its parent's Observation (SDC 4.0
+/// observation extraction says so with the code `component`).
+fn item(i: &Item, component: bool) -> Value {
     let mut v = json!({"linkId": i.link_id});
     let obs_codes = i
         .observation
@@ -61,8 +65,19 @@ fn item(i: &Item) -> Value {
         v["readOnly"] = json!(true);
     }
     let mut extensions = Vec::new();
-    if i.observation.is_some() {
+    // A free-text answer the mapping splits into components (`142/91`) has no SDC form: SDC
+    // extraction would make the whole text the panel's value, so it is not marked.
+    if let Some(o) = i
+        .observation
+        .as_ref()
+        .filter(|o| !matches!(o.components, Components::Split { .. }))
+    {
         extensions.push(json!({"url": OBSERVATION_EXTRACT, "valueBoolean": true}));
+        for c in &o.categories {
+            extensions.push(json!({"url": EXTRACT_CATEGORY, "valueCodeableConcept": c}));
+        }
+    } else if component {
+        extensions.push(json!({"url": OBSERVATION_EXTRACT, "valueCode": "component"}));
     }
     if i.item_type == ItemType::Quantity {
         if let Some(u) = &i.unit {
@@ -98,7 +113,19 @@ fn item(i: &Item) -> Value {
         }
     }
     if !i.children.is_empty() {
-        v["item"] = Value::Array(i.children.iter().map(item).collect());
+        let components: &[String] = match &i.observation {
+            Some(ObservationRule {
+                components: Components::Children(ids),
+                ..
+            }) => ids,
+            _ => &[],
+        };
+        v["item"] = Value::Array(
+            i.children
+                .iter()
+                .map(|c| item(c, components.contains(&c.link_id)))
+                .collect(),
+        );
     }
     v
 }
