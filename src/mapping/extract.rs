@@ -111,8 +111,13 @@ pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, Ex
             "nothing to extract: no answered item is marked for observation extraction",
         ));
     }
+    let mut bundle = json!({"resourceType": "Bundle", "type": "transaction"});
+    // FHIR has no empty arrays.
+    if !run.entries.is_empty() {
+        bundle["entry"] = Value::Array(run.entries);
+    }
     Ok(Extraction {
-        bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": run.entries}),
+        bundle,
         issues: run.issues,
     })
 }
@@ -297,6 +302,12 @@ impl<'a> Run<'a> {
             self.walk(items_in(item), &here, &path, extracted);
             for (k, answer) in answers.iter().enumerate() {
                 let at = format!("{here}.answer[{k}]");
+                // Under which answer, when there are several: the names stay unique.
+                let path = if answers.len() > 1 {
+                    format!("{path}#{k}")
+                } else {
+                    path.clone()
+                };
                 self.walk(items_in(answer), &at, &path, extracted);
             }
         }
@@ -659,7 +670,10 @@ mod tests {
                 {"linkId": "unanswered", "type": "integer", "code": loinc("8310-5"),
                  "extension": flag(json!(true))},
                 {"linkId": "orphan", "type": "integer", "code": loinc("8462-4"),
-                 "extension": flag(json!("component"))}
+                 "extension": flag(json!("component"))},
+                {"linkId": "drinks", "type": "choice", "repeats": true, "item": [
+                    {"linkId": "per-week", "type": "integer", "code": loinc("11287-0"),
+                     "extension": flag(json!(true))}]}
             ]
         });
         let qr = json!({
@@ -690,6 +704,11 @@ mod tests {
                 {"linkId": "photo", "answer": [{"valueAttachment": {"contentType": "image/png"}}]},
                 {"linkId": "unanswered"},
                 {"linkId": "orphan", "answer": [{"valueInteger": 80}]},
+                {"linkId": "drinks", "answer": [
+                    {"valueCoding": {"code": "beer"}, "item": [
+                        {"linkId": "per-week", "answer": [{"valueInteger": 3}]}]},
+                    {"valueCoding": {"code": "wine"}, "item": [
+                        {"linkId": "per-week", "answer": [{"valueInteger": 2}]}]}]},
                 {"linkId": "not-in-q", "answer": [{"valueString": "x"}]}
             ]
         });
@@ -772,7 +791,9 @@ mod tests {
             "{:?}",
             out.issues
         );
-        assert_eq!(b["entry"].as_array().unwrap().len(), 9);
+        // Under each of several answers: an Observation each.
+        assert_eq!(by_code(b, "11287-0").len(), 2);
+        assert_eq!(b["entry"].as_array().unwrap().len(), 11);
         // What every Observation takes from the response.
         let o = &starts[0]["resource"];
         assert_eq!(o["status"], "amended");
@@ -804,6 +825,7 @@ mod tests {
             .collect();
         assert!(values.contains(&"r-7/meds[1]/med-start"));
         assert!(values.contains(&"r-7/symptoms#1"));
+        assert!(values.contains(&"r-7/drinks#1/per-week"));
         values.sort_unstable();
         values.dedup();
         assert_eq!(values.len(), entries.len(), "identifiers are unique");
@@ -825,7 +847,8 @@ mod tests {
         let qr = json!({"resourceType": "QuestionnaireResponse", "item": [
             {"linkId": "a", "answer": [{"valueString": "x"}]}]});
         let out = extract(&q, &qr).unwrap();
-        assert_eq!(out.bundle["entry"], json!([]));
+        assert!(out.bundle.get("entry").is_none(), "{}", out.bundle);
+        crate::fhir::validate::validate(&out.bundle).unwrap();
         assert!(out.issues.iter().any(|i| i.code == "not-found"));
         assert_eq!(
             extract(&qr, &qr).unwrap_err().to_string(),
