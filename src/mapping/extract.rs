@@ -66,7 +66,8 @@ struct Definition<'q> {
     flag: Option<Flag>,
     /// The Codings the Observation's code is made of.
     codes: Vec<&'q Value>,
-    category: Option<&'q Value>,
+    /// `Observation.category`: the item's own, else its nearest ancestor's.
+    categories: Vec<&'q Value>,
     unit: Option<&'q Value>,
 }
 
@@ -86,7 +87,7 @@ pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, Ex
     define(
         items_in(questionnaire),
         root_flag,
-        extension(questionnaire, EXTRACT_CATEGORY),
+        &extensions(questionnaire, EXTRACT_CATEGORY).collect::<Vec<_>>(),
         &mut definitions,
     );
     let mut run = Run {
@@ -143,12 +144,18 @@ fn items_in(v: &Value) -> &[Value] {
 }
 
 /// The value of `v`'s extension `url`, if it has one.
-fn extension<'v>(v: &'v Value, url: &str) -> Option<&'v Value> {
-    v.get("extension")?
-        .as_array()?
-        .iter()
-        .find(|e| e.get("url").and_then(Value::as_str) == Some(url))
-        .and_then(|e| {
+fn extension<'v>(v: &'v Value, url: &'v str) -> Option<&'v Value> {
+    extensions(v, url).next()
+}
+
+/// The values of `v`'s extensions `url`.
+fn extensions<'v>(v: &'v Value, url: &'v str) -> impl Iterator<Item = &'v Value> {
+    v.get("extension")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(move |e| e.get("url").and_then(Value::as_str) == Some(url))
+        .filter_map(|e| {
             e.as_object()?
                 .iter()
                 .find(|(k, _)| k.starts_with("value"))
@@ -171,7 +178,7 @@ fn flag_of(v: &Value) -> Option<Flag> {
 fn define<'q>(
     items: &'q [Value],
     inherited: Option<Flag>,
-    category: Option<&'q Value>,
+    categories: &[&'q Value],
     out: &mut HashMap<&'q str, Definition<'q>>,
 ) {
     for item in items {
@@ -193,14 +200,19 @@ fn define<'q>(
             None => inherited,
         };
         let codes = if flagged.is_empty() { codes } else { flagged };
-        let category = extension(item, EXTRACT_CATEGORY).or(category);
-        define(items_in(item), flag, category, out);
+        let own: Vec<&Value> = extensions(item, EXTRACT_CATEGORY).collect();
+        let categories = if own.is_empty() {
+            categories.to_vec()
+        } else {
+            own
+        };
+        define(items_in(item), flag, &categories, out);
         out.insert(
             link_id,
             Definition {
                 flag,
                 codes,
-                category,
+                categories,
                 unit: extension(item, QUESTIONNAIRE_UNIT),
             },
         );
@@ -400,8 +412,8 @@ impl<'a> Run<'a> {
             obs.insert("partOf".into(), json!(procedures));
         }
         obs.insert("status".into(), json!(self.status));
-        if let Some(c) = def.category {
-            obs.insert("category".into(), json!([c]));
+        if !def.categories.is_empty() {
+            obs.insert("category".into(), json!(def.categories));
         }
         let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
         obs.insert("code".into(), json!({ "coding": codes }));
@@ -654,7 +666,10 @@ mod tests {
                 {"linkId": "smoker", "type": "boolean", "code": loinc("72166-2"),
                  "extension": flag(json!(true))},
                 {"linkId": "score", "type": "decimal", "code": loinc("44261-6"),
-                 "extension": flag(json!("independent"))},
+                 "extension": [
+                    {"url": OBSERVATION_EXTRACT, "valueCode": "independent"},
+                    {"url": EXTRACT_CATEGORY, "valueCodeableConcept": {"text": "survey"}},
+                    {"url": EXTRACT_CATEGORY, "valueCodeableConcept": {"text": "mood"}}]},
                 {"linkId": "symptoms", "type": "choice", "repeats": true,
                  "extension": flag(json!(true)),
                  "code": [{"system": "http://snomed.info/sct", "code": "418799008",
@@ -749,6 +764,11 @@ mod tests {
         assert!(by_code(b, "72166-2")[0]["resource"]
             .get("category")
             .is_none());
+        // Every category the item names.
+        assert_eq!(
+            by_code(b, "44261-6")[0]["resource"]["category"],
+            json!([{"text": "survey"}, {"text": "mood"}])
+        );
         // A decimal without a unit: R4 has no valueDecimal.
         assert_eq!(
             by_code(b, "44261-6")[0]["resource"]["valueQuantity"],
