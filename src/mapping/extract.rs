@@ -417,10 +417,15 @@ impl<'a> Run<'a> {
         }
         let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
         obs.insert("code".into(), json!({ "coding": codes }));
-        for (from, to) in [("subject", "subject"), ("encounter", "encounter")] {
-            if let Some(v) = r.get(from) {
-                obs.insert(to.into(), v.clone());
-            }
+        // A response may be about anything; an Observation only about these.
+        if let Some(v) = r
+            .get("subject")
+            .filter(|s| may_be(s, &["Patient", "Group", "Device", "Location"]))
+        {
+            obs.insert("subject".into(), v.clone());
+        }
+        if let Some(v) = r.get("encounter") {
+            obs.insert("encounter".into(), v.clone());
         }
         if let Some(authored) = r.get("authored").and_then(Value::as_str) {
             obs.insert("effectiveDateTime".into(), json!(authored));
@@ -429,7 +434,7 @@ impl<'a> Run<'a> {
             }
         }
         if let Some(author) = r.get("author").filter(|a| {
-            is_a(
+            may_be(
                 a,
                 &[
                     "Practitioner",
@@ -487,14 +492,23 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Whether a Reference points at one of `types` (by its literal reference or its `type`).
-fn is_a(reference: &Value, types: &[&str]) -> bool {
-    let named = reference
+/// The resource type a Reference names (by its literal reference or its `type`), if it does.
+fn named_type(reference: &Value) -> Option<&str> {
+    reference
         .get("reference")
         .and_then(Value::as_str)
         .and_then(|r| r.split('/').rev().nth(1))
-        .or_else(|| reference.get("type").and_then(Value::as_str));
-    named.is_some_and(|t| types.contains(&t))
+        .or_else(|| reference.get("type").and_then(Value::as_str))
+}
+
+/// Whether a Reference points at one of `types`.
+fn is_a(reference: &Value, types: &[&str]) -> bool {
+    named_type(reference).is_some_and(|t| types.contains(&t))
+}
+
+/// Whether a Reference may point at one of `types`: it does, or it does not say.
+fn may_be(reference: &Value, types: &[&str]) -> bool {
+    named_type(reference).is_none_or(|t| types.contains(&t))
 }
 
 /// A FHIR `instant` has a time and a zone; a `dateTime` may have neither.
@@ -887,5 +901,17 @@ mod tests {
             "code": [{"code": "c"}], "extension": flag(json!(true))}]});
         let out = extract(&q, &draft).unwrap();
         assert_eq!(out.bundle["entry"][0]["resource"]["status"], "preliminary");
+        // About something an Observation cannot be about: no subject; an author that cannot
+        // perform: no performer; a subject known only by identifier: kept.
+        draft["subject"] = json!({"reference": "Practitioner/x"});
+        draft["author"] = json!({"reference": "Device/d"});
+        let obs = &extract(&q, &draft).unwrap().bundle["entry"][0]["resource"];
+        assert!(
+            obs.get("subject").is_none() && obs.get("performer").is_none(),
+            "{obs}"
+        );
+        draft["subject"] = json!({"identifier": {"system": "urn:s", "value": "v"}});
+        let obs = &extract(&q, &draft).unwrap().bundle["entry"][0]["resource"];
+        assert_eq!(obs["subject"]["identifier"]["value"], "v");
     }
 }
