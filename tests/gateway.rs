@@ -1022,6 +1022,11 @@ fn the_mappings_questionnaires_are_served_as_fhir_with_a_capability_statement() 
     );
 }
 
+/// POSTs `body` to `$extract`.
+fn post_extract(app: &App, body: &[u8]) -> (u16, Value, reqwest::header::HeaderMap) {
+    app.post("/QuestionnaireResponse/$extract", body, &[])
+}
+
 /// An answer of `item`'s type (what a form renderer would post), or none for a group.
 fn some_answer(item: &Value) -> Option<Value> {
     use serde_json::json;
@@ -1090,11 +1095,7 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
     );
     assert_eq!(status, 201, "{qr}");
 
-    let (status, bundle, headers) = app.post(
-        "/QuestionnaireResponse/$extract",
-        qr.to_string().as_bytes(),
-        &[],
-    );
+    let (status, bundle, headers) = post_extract(&app, qr.to_string().as_bytes());
     assert_eq!(status, 200, "{bundle}");
     assert_eq!(headers["content-type"], "application/fhir+json");
     assert_eq!(
@@ -1185,11 +1186,7 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
         common::read_json(&root().join("fixtures/sdc/qObservationSampleWithExtractExtension.json"));
     let qr = common::read_json(&root().join("fixtures/sdc/qrObservationSample.json"));
     // The Questionnaire is not one of the mappings': without it inline, a 422 that says so.
-    let (status, outcome, _) = app.post(
-        "/QuestionnaireResponse/$extract",
-        qr.to_string().as_bytes(),
-        &[],
-    );
+    let (status, outcome, _) = post_extract(&app, qr.to_string().as_bytes());
     assert_eq!(status, 422, "{outcome}");
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     assert!(
@@ -1201,11 +1198,7 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
     let parameters = json!({"resourceType": "Parameters", "parameter": [
         {"name": "questionnaire-response", "resource": qr},
         {"name": "questionnaire", "resource": q}]});
-    let (status, out, _) = app.post(
-        "/QuestionnaireResponse/$extract",
-        parameters.to_string().as_bytes(),
-        &[],
-    );
+    let (status, out, _) = post_extract(&app, parameters.to_string().as_bytes());
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["resourceType"], "Parameters");
     assert_eq!(out["parameter"][0]["name"], "return");
@@ -1222,21 +1215,20 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
         "warning"
     );
     // Not a QuestionnaireResponse; not JSON; too deep.
-    let (status, outcome, _) = app.post(
-        "/QuestionnaireResponse/$extract",
+    let (status, outcome, _) = post_extract(
+        &app,
         json!({"resourceType": "Patient"}).to_string().as_bytes(),
-        &[],
     );
     assert_eq!(
         (status, outcome["issue"][0]["code"].as_str()),
         (422, Some("invalid"))
     );
-    let (status, outcome, _) = app.post("/QuestionnaireResponse/$extract", b"{\"item\": [", &[]);
+    let (status, outcome, _) = post_extract(&app, b"{\"item\": [");
     assert_eq!(
         (status, outcome["issue"][0]["code"].as_str()),
         (400, Some("structure"))
     );
     let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
-    let (status, _, _) = app.post("/QuestionnaireResponse/$extract", deep.as_bytes(), &[]);
+    let (status, _, _) = post_extract(&app, deep.as_bytes());
     assert_eq!(status, 400);
 }
