@@ -33,9 +33,11 @@ pub enum ApiError {
     Intake(#[from] IntakeError),
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    /// `$extract` input that is not a QuestionnaireResponse (and its Questionnaire).
+    /// `$extract` input without a QuestionnaireResponse or a Questionnaire it can resolve.
     #[error("{0}")]
     Unprocessable(String),
+    #[error(transparent)]
+    Extract(#[from] crate::mapping::extract::ExtractError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
     #[error("internal error")]
@@ -69,9 +71,9 @@ impl ApiError {
             | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
-            ApiError::Intake(IntakeError::Invalid(_)) | ApiError::Unprocessable(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ApiError::Intake(IntakeError::Invalid(_))
+            | ApiError::Unprocessable(_)
+            | ApiError::Extract(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
             ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Fetch(FetchError::Notification(_) | FetchError::NotFound(_)) => {
@@ -93,7 +95,7 @@ impl ApiError {
                 issue("not-found", self.to_string())
             }
             ApiError::Gone(_) => issue("deleted", self.to_string()),
-            ApiError::BadQuery(_) | ApiError::Unprocessable(_) => {
+            ApiError::BadQuery(_) | ApiError::Unprocessable(_) | ApiError::Extract(_) => {
                 issue("invalid", self.to_string())
             }
             ApiError::Unauthorized(_) => issue("security", self.to_string()),

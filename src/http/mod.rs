@@ -440,8 +440,7 @@ async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Respo
             &defined
         }
     };
-    let extraction = crate::mapping::extract::extract(questionnaire, response)
-        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    let extraction = crate::mapping::extract::extract(questionnaire, response)?;
     if extraction.issues.is_empty() {
         return Ok(fhir_json(&extraction.bundle));
     }
