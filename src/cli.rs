@@ -313,7 +313,8 @@ fn extract(questionnaire: &str, mappings: &Path, response: &Path) -> ExitCode {
         Ok(qr) => qr,
         Err(code) => return code,
     };
-    match mapping::extract::extract(&q, &qr) {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    match mapping::extract::extract(&q, &qr, &now) {
         Ok(out) => {
             for issue in &out.issues {
                 match issue.expression.first() {

@@ -1103,7 +1103,12 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
         "no warnings: the Bundle itself"
     );
     validate(&bundle).unwrap_or_else(|o| panic!("{}", o.to_json()));
-    let extracted = bundle["entry"].as_array().unwrap().len();
+    let extracted = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Observation")
+        .count();
     assert!(extracted >= 5, "{bundle}");
     let weight = bundle["entry"]
         .as_array()
@@ -1174,6 +1179,7 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
         extracted as u64,
         "updated, not duplicated"
     );
+    assert_eq!(count(&ehr, "Provenance"), 1, "one Provenance per response");
     let found = ehr.search(&format!("Observation?derived-from={qr_ref}&code=29463-7"));
     assert_eq!(found["entry"].as_array().map(Vec::len), Some(1), "{found}");
 }
@@ -1202,11 +1208,21 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["resourceType"], "Parameters");
     assert_eq!(out["parameter"][0]["name"], "return");
+    let types: Vec<&str> = out["parameter"][0]["resource"]["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["resource"]["resourceType"].as_str())
+        .collect();
     assert_eq!(
-        out["parameter"][0]["resource"]["entry"]
-            .as_array()
-            .map(Vec::len),
-        Some(4)
+        types,
+        [
+            "Observation",
+            "Observation",
+            "Observation",
+            "Observation",
+            "Provenance"
+        ]
     );
     // The response has no identifier: re-extraction would duplicate, and the issues say so.
     assert_eq!(out["parameter"][1]["name"], "issues");

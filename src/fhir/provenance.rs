@@ -154,6 +154,31 @@ pub fn provenance(p: ProvenanceInput<'_>) -> Json<'_> {
     ])
 }
 
+/// Provenance of Observations extracted from a QuestionnaireResponse (SDC `$extract`): the
+/// software as assembler, the response (a Reference) as their source.
+pub fn extracted(
+    targets: &[String],
+    recorded: &str,
+    software: &str,
+    source: &serde_json::Value,
+) -> serde_json::Value {
+    let coding = |system: &str, code: &str, display: &str| serde_json::json!({"coding": [{"system": system, "code": code, "display": display}]});
+    serde_json::json!({
+        "resourceType": "Provenance",
+        "target": targets
+            .iter()
+            .map(|t| serde_json::json!({"reference": t, "type": "Observation"}))
+            .collect::<Vec<_>>(),
+        "recorded": recorded,
+        "activity": coding("http://terminology.hl7.org/CodeSystem/v3-DataOperation", "CREATE", "create"),
+        "agent": [{
+            "type": coding(PARTICIPANT_TYPE, "assembler", "Assembler"),
+            "who": {"type": "Device", "display": software},
+        }],
+        "entity": [{"role": "source", "what": source}],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

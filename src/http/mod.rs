@@ -440,7 +440,7 @@ async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Respo
             &defined
         }
     };
-    let extraction = crate::mapping::extract::extract(questionnaire, response)?;
+    let extraction = crate::mapping::extract::extract(questionnaire, response, &now())?;
     if extraction.issues.is_empty() {
         return Ok(fhir_json(&extraction.bundle));
     }

@@ -18,6 +18,7 @@
 //!   an instant — from `authored`; `performer` from `author` where an Observation allows it;
 //!   `derivedFrom` the response; the category from `sdc-questionnaire-observation-extract-category`
 //!   (a lower item's replaces its ancestors').
+//! - A `Provenance` (the gateway as assembler, the response as source) targets them all.
 //! - A response with a business identifier yields Observations with identifiers of their own
 //!   (the response's, `/<linkId path>`) written as conditional updates: extracting the same or an
 //!   amended response again updates them, never duplicates. Without one, plain creates (and a
@@ -71,8 +72,13 @@ struct Definition<'q> {
     unit: Option<&'q Value>,
 }
 
-/// Extracts `response`'s Observations by `questionnaire`'s SDC rules.
-pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, ExtractError> {
+/// Extracts `response`'s Observations by `questionnaire`'s SDC rules, with their Provenance
+/// (`recorded`: now, a FHIR instant).
+pub fn extract(
+    questionnaire: &Value,
+    response: &Value,
+    recorded: &str,
+) -> Result<Extraction, ExtractError> {
     expect_type(questionnaire, "Questionnaire")?;
     expect_type(response, "QuestionnaireResponse")?;
     let status = match response.get("status").and_then(Value::as_str) {
@@ -112,6 +118,7 @@ pub fn extract(questionnaire: &Value, response: &Value) -> Result<Extraction, Ex
             "nothing to extract: no answered item is marked for observation extraction",
         ));
     }
+    run.provenance(recorded);
     let mut bundle = json!({"resourceType": "Bundle", "type": "transaction"});
     // FHIR has no empty arrays.
     if !run.entries.is_empty() {
@@ -481,6 +488,52 @@ impl<'a> Run<'a> {
         }));
     }
 
+    /// The extracted Observations' Provenance (SDC: they SHOULD have one), when there are
+    /// some and the response can be referred to. With the response's identifier it is tagged
+    /// with it and written as a conditional update: one Provenance per response, however often
+    /// it is extracted (R4 Provenance has no identifier).
+    fn provenance(&mut self, recorded: &str) {
+        let Some(source) = self.derived_from() else {
+            return;
+        };
+        if self.entries.is_empty() {
+            return;
+        }
+        let targets: Vec<String> = self
+            .entries
+            .iter()
+            .filter_map(|e| e["fullUrl"].as_str().map(str::to_string))
+            .collect();
+        let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
+        let mut provenance =
+            crate::fhir::provenance::extracted(&targets, recorded, software, &source);
+        let request = match self.identity {
+            Some((system, value)) => {
+                provenance["meta"] = json!({"tag": [{"system": system, "code": value}]});
+                json!({"method": "PUT", "url": format!(
+                    "Provenance?_tag={}|{}",
+                    crate::fhir::search_encode(system),
+                    crate::fhir::search_encode(value)
+                )})
+            }
+            None => json!({"method": "POST", "url": "Provenance"}),
+        };
+        let full_url = urn_uuid(&[
+            "sdc-extract-provenance",
+            self.identity.map_or("", |i| i.0),
+            self.identity.map_or("", |i| i.1),
+            self.response
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        ]);
+        self.entries.push(json!({
+            "fullUrl": full_url,
+            "resource": provenance,
+            "request": request,
+        }));
+    }
+
     /// The response as a reference: its id on the server, else its identifier.
     fn derived_from(&self) -> Option<Value> {
         if let Some(id) = self.response.get("id").and_then(Value::as_str) {
@@ -589,16 +642,30 @@ fn observation_value(
 mod tests {
     use super::*;
 
+    const RECORDED: &str = "2026-11-27T08:00:00Z";
+
+    fn extract(q: &Value, qr: &Value) -> Result<Extraction, ExtractError> {
+        super::extract(q, qr, RECORDED)
+    }
+
     fn fixture(name: &str) -> Value {
         let path = format!("{}/fixtures/sdc/{name}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
     }
 
-    fn observations(bundle: &Value) -> Vec<&Value> {
+    /// The Bundle's entries of `resource_type`.
+    fn entries<'b>(bundle: &'b Value, resource_type: &str) -> Vec<&'b Value> {
         bundle["entry"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["resource"]["resourceType"] == resource_type)
+            .collect()
+    }
+
+    fn observations(bundle: &Value) -> Vec<&Value> {
+        entries(bundle, "Observation")
+            .into_iter()
             .map(|e| &e["resource"])
             .collect()
     }
@@ -611,11 +678,9 @@ mod tests {
         let q = fixture("qObservationSampleWithExtractExtension.json");
         let qr = fixture("qrObservationSample.json");
         let out = extract(&q, &qr).unwrap();
-        let ids: Vec<&str> = out.bundle["entry"]
-            .as_array()
-            .unwrap()
+        let ids: Vec<&str> = observations(&out.bundle)
             .iter()
-            .map(|e| e["resource"]["code"]["coding"][0]["code"].as_str().unwrap())
+            .map(|o| o["code"]["coding"][0]["code"].as_str().unwrap())
             .collect();
         // phq2-1, phq2-8 (inherits phq2-1's), phq2-4 (its own, under phq2-2's false), phq2-5
         // (its own); not phq2-2, phq2-6 (their own false), phq2-3 (the Questionnaire's false)
@@ -641,11 +706,33 @@ mod tests {
             json!([{"system": "http://snomed.info/sct", "code": "28669007", "display": "Anhedonia"}])
         );
         // No identifier on the response: plain creates, and a warning that says why.
-        assert!(out.bundle["entry"]
+        assert!(entries(&out.bundle, "Observation")
+            .iter()
+            .all(|e| e["request"] == json!({"method": "POST", "url": "Observation"})));
+        // Their Provenance: every one of them, from the response.
+        let provenance = entries(&out.bundle, "Provenance");
+        assert_eq!(provenance.len(), 1);
+        assert_eq!(
+            provenance[0]["request"],
+            json!({"method": "POST", "url": "Provenance"})
+        );
+        let p = &provenance[0]["resource"];
+        assert_eq!(p["recorded"], RECORDED);
+        assert_eq!(
+            p["entity"],
+            json!([{"role": "source", "what": {"reference": "QuestionnaireResponse/phq2-response"}}])
+        );
+        let targets: Vec<&Value> = p["target"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|e| e["request"] == json!({"method": "POST", "url": "Observation"})));
+            .map(|t| &t["reference"])
+            .collect();
+        let full_urls: Vec<&Value> = entries(&out.bundle, "Observation")
+            .iter()
+            .map(|e| &e["fullUrl"])
+            .collect();
+        assert_eq!(targets, full_urls);
         assert!(out.issues.iter().any(|i| i.code == "incomplete"));
         crate::fhir::validate::validate(&out.bundle).unwrap();
     }
@@ -827,7 +914,7 @@ mod tests {
         );
         // Under each of several answers: an Observation each.
         assert_eq!(by_code(b, "11287-0").len(), 2);
-        assert_eq!(b["entry"].as_array().unwrap().len(), 11);
+        assert_eq!(observations(b).len(), 11);
         // What every Observation takes from the response.
         let o = &starts[0]["resource"];
         assert_eq!(o["status"], "amended");
@@ -852,8 +939,8 @@ mod tests {
         let out = extract(&q, &qr).unwrap();
         let again = extract(&q, &qr).unwrap();
         assert_eq!(out.bundle, again.bundle);
-        let entries = out.bundle["entry"].as_array().unwrap();
-        let mut values: Vec<&str> = entries
+        let observed = entries(&out.bundle, "Observation");
+        let mut values: Vec<&str> = observed
             .iter()
             .map(|e| e["resource"]["identifier"][0]["value"].as_str().unwrap())
             .collect();
@@ -862,8 +949,8 @@ mod tests {
         assert!(values.contains(&"r-7/drinks#1/per-week"));
         values.sort_unstable();
         values.dedup();
-        assert_eq!(values.len(), entries.len(), "identifiers are unique");
-        for e in entries {
+        assert_eq!(values.len(), observed.len(), "identifiers are unique");
+        for e in observed {
             assert_eq!(e["request"]["method"], "PUT");
             let url = e["request"]["url"].as_str().unwrap();
             assert!(
@@ -872,6 +959,17 @@ mod tests {
             );
             assert!(!url.contains('#'), "encoded: {url}");
         }
+        // One Provenance per response, tagged with its identifier, however often extracted.
+        let provenance = entries(&out.bundle, "Provenance");
+        assert_eq!(
+            provenance[0]["request"],
+            json!({"method": "PUT",
+                   "url": "Provenance?_tag=https://forms.example.org/responses|r-7"})
+        );
+        assert_eq!(
+            provenance[0]["resource"]["meta"]["tag"],
+            json!([{"system": "https://forms.example.org/responses", "code": "r-7"}])
+        );
     }
 
     #[test]
@@ -900,7 +998,7 @@ mod tests {
         let q = json!({"resourceType": "Questionnaire", "item": [{"linkId": "b", "type": "string",
             "code": [{"code": "c"}], "extension": flag(json!(true))}]});
         let out = extract(&q, &draft).unwrap();
-        assert_eq!(out.bundle["entry"][0]["resource"]["status"], "preliminary");
+        assert_eq!(observations(&out.bundle)[0]["status"], "preliminary");
         // About something an Observation cannot be about: no subject; an author that cannot
         // perform: no performer; a subject known only by identifier: kept.
         draft["subject"] = json!({"reference": "Practitioner/x"});
@@ -911,7 +1009,10 @@ mod tests {
             "{obs}"
         );
         draft["subject"] = json!({"identifier": {"system": "urn:s", "value": "v"}});
-        let obs = &extract(&q, &draft).unwrap().bundle["entry"][0]["resource"];
-        assert_eq!(obs["subject"]["identifier"]["value"], "v");
+        let out = extract(&q, &draft).unwrap();
+        assert_eq!(
+            observations(&out.bundle)[0]["subject"]["identifier"]["value"],
+            "v"
+        );
     }
 }
