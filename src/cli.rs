@@ -79,6 +79,14 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// Show who used the operators' endpoints, newest first (asks the running gateway, with
+    /// `CHARTBRIDGE_ADMIN_KEY` as inspect does).
+    Audit {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Deliver a submission again, e.g. after a dead letter's cause was fixed.
     Replay {
         /// `<mapping id>/<submission id>`
@@ -144,6 +152,11 @@ pub fn run() -> ExitCode {
             reqwest::Method::GET,
             &format!("{url}/submissions"),
             &[("patient", &identifier)],
+        ),
+        Command::Audit { limit, url } => remote(
+            reqwest::Method::GET,
+            &format!("{url}/audit"),
+            &[("limit", &limit.to_string())],
         ),
         Command::Replay { key, url } => remote(
             reqwest::Method::POST,

@@ -1248,3 +1248,81 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
     let (status, _, _) = post_extract(&app, deep.as_bytes());
     assert_eq!(status, 400);
 }
+
+/// Every use of an operators' endpoint, let through or refused, is in the audit trail before
+/// it is served — with which admin key, the request id and the query (a patient lookup's
+/// identifier stays there, not in the log).
+#[test]
+fn every_operator_access_is_recorded_in_the_audit_trail() {
+    let app = App::start_logged(None);
+    let lookup = "/submissions?patient=https://crm.example-clinic.com/patient|pt_audited";
+    let anyone = reqwest::blocking::Client::new();
+    let r = anyone.get(format!("{}{lookup}", app.url)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let refused_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let (status, _) = app.get(lookup);
+    assert_eq!(status, 200);
+    let (status, _) = app.get(&format!("/submissions/{KEY}"));
+    assert_eq!(status, 404);
+    let r = anyone.get(format!("{}/audit", app.url)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401, "the trail is for operators too");
+
+    let (status, trail) = app.get("/audit?limit=5");
+    assert_eq!(status, 200, "{trail}");
+    let accesses = trail["accesses"].as_array().unwrap();
+    let key = format!(
+        "admin key {}",
+        &chartbridge::fhir::sha256_hex(common::ADMIN_KEY.as_bytes())[..16]
+    );
+    let seen: Vec<(&str, &str, bool)> = accesses
+        .iter()
+        .map(|a| {
+            (
+                a["path"].as_str().unwrap(),
+                a["who"].as_str().unwrap(),
+                a["allowed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let status_path = format!("/submissions/{KEY}");
+    assert_eq!(
+        seen,
+        [
+            ("/audit", key.as_str(), true),
+            (
+                "/audit",
+                "refused: this endpoint is for operators: send `Authorization: Bearer <admin key>`",
+                false
+            ),
+            (status_path.as_str(), key.as_str(), true),
+            ("/submissions", key.as_str(), true),
+            (
+                "/submissions",
+                "refused: this endpoint is for operators: send `Authorization: Bearer <admin key>`",
+                false
+            ),
+        ]
+    );
+    assert_eq!(
+        accesses[3]["query"],
+        "patient=https://crm.example-clinic.com/patient|pt_audited"
+    );
+    assert_eq!(accesses[4]["request_id"], refused_id.as_str());
+    assert!(!accesses
+        .iter()
+        .any(|a| a.to_string().contains(common::ADMIN_KEY)));
+    let (lines, _) = app.log_lines();
+    assert!(
+        !lines.iter().any(|l| l.to_string().contains("pt_audited")),
+        "the identifier is in the trail, not the log"
+    );
+    // The same from the command line.
+    let out = common::succeeds(
+        common::chartbridge()
+            .args(["audit", "--limit", "1", "--url", &app.url])
+            .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["accesses"][0]["path"], "/audit");
+    assert_eq!(printed["accesses"][0]["query"], "limit=1");
+}

@@ -643,3 +643,35 @@ fn waiting_deliveries_come_out_oldest_first() {
     assert_eq!(store.pending(), [key("c"), key("b"), key("a")]);
     assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
 }
+
+/// The audit trail: every access recorded is on disk when `record_access` returns, read back
+/// newest first, and still there after a reopen.
+#[test]
+fn operator_accesses_are_kept_newest_first_across_reopen() {
+    use chartbridge::store::Access;
+    let dir = tempfile::tempdir().unwrap();
+    let access = |n: usize| Access {
+        at: format!("2026-11-27T10:00:0{n}Z"),
+        who: "admin key 0123456789abcdef".into(),
+        request_id: format!("req-{n}"),
+        method: "GET".into(),
+        path: "/submissions".into(),
+        query: Some(format!("patient=https://crm.example/p|{n}")),
+        allowed: n != 2,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for n in 0..3 {
+            runtime.block_on(store.record_access(&access(n))).unwrap();
+        }
+        assert_eq!(store.accesses(2).unwrap(), vec![access(2), access(1)]);
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.accesses(10).unwrap(),
+        vec![access(2), access(1), access(0)]
+    );
+}

@@ -128,6 +128,14 @@ pub fn operator(key: &str, headers: &HeaderMap) -> Result<(), String> {
     }
 }
 
+/// What the audit trail says of an admin key: the first 8 bytes of its SHA-256, in hex — it
+/// tells keys apart (a rotation) without keeping the key.
+pub fn fingerprint(key: &str) -> String {
+    let mut hex = crate::fhir::sha256_hex(key.as_bytes());
+    hex.truncate(16);
+    hex
+}
+
 /// Healthie's signed webhooks: `Content-Digest: SHA-256=<digest of the body>`, and
 /// `Signature: sig1=<hex HMAC-SHA256>` of `"<method> <path> <query> <digest> application/json
 /// <body length>"` (method in lower case), as Healthie's webhook guide builds it. The HMAC

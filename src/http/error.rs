@@ -42,6 +42,9 @@ pub enum ApiError {
     Overloaded(usize),
     #[error("internal error")]
     Internal(String),
+    /// An operator's access that the audit trail could not record (the store failed).
+    #[error("the access could not be recorded in the audit trail")]
+    Unaudited(String),
 }
 
 impl From<PayloadError> for ApiError {
@@ -75,7 +78,7 @@ impl ApiError {
             | ApiError::Unprocessable(_)
             | ApiError::Extract(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
-            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) | ApiError::Unaudited(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Fetch(FetchError::Notification(_) | FetchError::NotFound(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -100,6 +103,7 @@ impl ApiError {
             }
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
+            ApiError::Unaudited(_) => issue("transient", self.to_string()),
             ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),
             ApiError::Fetch(FetchError::NotFound(_)) => issue("not-found", self.to_string()),
             ApiError::Fetch(FetchError::Unavailable(_)) => issue("transient", self.to_string()),
@@ -126,6 +130,7 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Intake(IntakeError::Store(e)) => tracing::error!(error = %e, "store failure"),
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
+            ApiError::Unaudited(e) => tracing::error!(error = %e, "audit trail: not recorded"),
             _ => tracing::info!(
                 status = status.as_u16(),
                 "request refused: {}",

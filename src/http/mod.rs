@@ -7,6 +7,7 @@
 //! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
 //! - `GET  /submissions?patient=<system>|<value>` — a patient's submissions
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
+//! - `GET  /audit` — who used the operators' endpoints (each of them records every attempt)
 //! - `GET  /Questionnaire/{id}`, `GET /Questionnaire?url=…` — the Questionnaire each mapping
 //!   defines (what its QuestionnaireResponses point at), and `GET /metadata`
 //! - `POST /QuestionnaireResponse/$extract` — SDC observation-based extraction of a
@@ -65,6 +66,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(replay),
         )
         .route("/provenance", get(provenance))
+        .route("/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             operators_only,
@@ -90,22 +92,68 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Refuses an operator endpoint without the admin key (when one is configured).
+/// Refuses an operator endpoint without the admin key (when one is configured), and records
+/// every attempt, let through or not, in the store's audit trail first: an access that cannot
+/// be recorded is not served (503).
 async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.config.admin_key {
-        if let Err(why) = auth::operator(key, req.headers()) {
-            return ApiError::Unauthorized(why).into_response();
-        }
+    let (who, refused) = match &state.config.admin_key {
+        Some(key) => match auth::operator(key, req.headers()) {
+            Ok(()) => (format!("admin key {}", auth::fingerprint(key)), None),
+            Err(why) => (format!("refused: {why}"), Some(why)),
+        },
+        None => ("anyone: no admin key is configured".to_string(), None),
+    };
+    let access = store::Access {
+        at: now(),
+        who,
+        request_id: req
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.0.clone())
+            .unwrap_or_default(),
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: req.uri().query().map(str::to_string),
+        allowed: refused.is_none(),
+    };
+    if let Err(e) = state.intake.store().record_access(&access).await {
+        return ApiError::Unaudited(e.to_string()).into_response();
+    }
+    if let Some(why) = refused {
+        return ApiError::Unauthorized(why).into_response();
     }
     next.run(req).await
+}
+
+/// The request's id (`request_log` gives it), for whatever records the request.
+#[derive(Clone)]
+struct RequestId(String);
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /audit[?limit=N]`: who used the operators' endpoints, newest first (100 by default).
+async fn audit(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let accesses = state
+        .intake
+        .store()
+        .accesses(q.limit.unwrap_or(100))
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "accesses": accesses })))
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
 
 /// Gives each request an id (echoed as `x-request-id`) and logs method, route, status and time —
 /// never bodies or query values.
-async fn request_log(req: Request, next: Next) -> Response {
+async fn request_log(mut req: Request, next: Next) -> Response {
     let id = format!("req-{}", REQUEST_SEQ.fetch_add(1, Ordering::Relaxed));
+    req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let started = Instant::now();

@@ -12,6 +12,7 @@ mod queue;
 mod writer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,29 @@ impl SubmissionRecord {
     pub fn state(&self) -> Option<State> {
         self.transitions.last().map(|t| t.state)
     }
+}
+
+/// One access to an operators' endpoint, as the audit trail keeps it. It may name a patient
+/// (a lookup's identifier): it stays in the store, as the patient index does, never in logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Access {
+    /// RFC 3339.
+    pub at: String,
+    /// Who asked: which admin key (its fingerprint), or why none was accepted.
+    pub who: String,
+    pub request_id: String,
+    pub method: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Whether it was let through.
+    pub allowed: bool,
+}
+
+static AUDIT_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn hex_key(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn key(mapping_id: &str, submission_id: &str) -> String {
@@ -207,6 +231,7 @@ impl Store {
             outbox,
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
+            audit: db.open_tree("audit")?,
             fresh: writer::Fresh::default(),
             submissions,
             db,
@@ -241,6 +266,48 @@ impl Store {
     /// waits for that; this is for shutdown).
     pub fn commit(&self) -> Result<(), StoreError> {
         self.writer.write(Write::Barrier).map(|_| ())
+    }
+
+    /// Records an operator's access to the audit trail; returns once it is on disk.
+    pub async fn record_access(&self, access: &Access) -> Result<(), StoreError> {
+        let encoded = serde_json::to_vec(access).map_err(|source| StoreError::Corrupt {
+            key: "audit".into(),
+            source,
+        })?;
+        let write = Write::Audit {
+            key: self.audit_key(),
+            access: encoded,
+        };
+        self.writer.write_async(write).await.map(|_| ())
+    }
+
+    /// The audit trail, newest first, at most `limit` entries.
+    pub fn accesses(&self, limit: usize) -> Result<Vec<Access>, StoreError> {
+        self.trees
+            .audit
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    key: format!("audit {}", hex_key(&key)),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// An audit key: Unix µs, then a sequence number (big-endian), so that the tree is in
+    /// the order of the accesses even within one microsecond.
+    fn audit_key(&self) -> [u8; 16] {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let mut key = [0u8; 16];
+        key[..8].copy_from_slice(&micros.to_be_bytes());
+        key[8..].copy_from_slice(&AUDIT_SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        key
     }
 
     /// Writes made durable, write rounds, time in flush and fdatasync.

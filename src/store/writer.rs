@@ -67,6 +67,12 @@ pub(crate) enum Write {
     Expire {
         below: u64,
     },
+    /// An operator's access, into the audit trail (outside the round's transaction: it
+    /// stands on its own), answered once durable.
+    Audit {
+        key: [u8; 16],
+        access: Vec<u8>,
+    },
     /// Nothing to write: answered once everything queued before it is durable.
     Barrier,
 }
@@ -112,6 +118,8 @@ pub(crate) struct Trees {
     pub queue: Queue,
     pub by_resource: sled::Tree,
     pub by_patient: sled::Tree,
+    /// Operators' accesses, oldest first (`audit_key`).
+    pub audit: sled::Tree,
     pub fresh: Fresh,
 }
 
@@ -403,8 +411,12 @@ fn apply(
     // Before the transaction: a replay in the same round may see either horizon — it commits
     // before the `Expire` is answered, so the sweep's scan sees it either way.
     for w in writes {
-        if let Write::Expire { below } = w {
-            trees.bundles.expire_below(*below);
+        match w {
+            Write::Expire { below } => trees.bundles.expire_below(*below),
+            Write::Audit { key, access } => {
+                trees.audit.insert(key, access.as_slice())?;
+            }
+            _ => {}
         }
     }
     transact(trees, writes, places)
@@ -572,7 +584,7 @@ impl Tx<'_> {
                 }
                 Ok(Written::Moved)
             }
-            Write::Expire { .. } | Write::Barrier => Ok(Written::Barrier),
+            Write::Expire { .. } | Write::Audit { .. } | Write::Barrier => Ok(Written::Barrier),
         })
     }
 
