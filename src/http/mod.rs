@@ -134,7 +134,8 @@ struct AuditQuery {
     limit: Option<usize>,
 }
 
-/// `GET /audit[?limit=N]`: who used the operators' endpoints, newest first (100 by default).
+/// `GET /audit[?limit=N]`: who used the operators' endpoints, newest first (100 by default,
+/// 1,000 at most).
 async fn audit(
     State(state): State<Arc<AppState>>,
     Query(q): Query<AuditQuery>,
@@ -142,7 +143,7 @@ async fn audit(
     let accesses = state
         .intake
         .store()
-        .accesses(q.limit.unwrap_or(100))
+        .accesses(q.limit.unwrap_or(100).min(1000))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(json!({ "accesses": accesses })))
 }
