@@ -52,6 +52,12 @@ pub enum ExtractError {
     NotA { expected: &'static str, got: String },
     #[error("the QuestionnaireResponse was entered in error: nothing is extracted from it")]
     EnteredInError,
+    #[error("{0}")]
+    Unidentified(&'static str),
+    #[error(
+        "the QuestionnaireResponse is not finished (in progress or stopped): send it completed"
+    )]
+    NotFinished,
 }
 
 /// Whether (and how) an item is extracted, as its nearest word on it says.
@@ -79,31 +85,7 @@ pub fn extract(
     response: &Value,
     recorded: &str,
 ) -> Result<Extraction, ExtractError> {
-    expect_type(questionnaire, "Questionnaire")?;
-    expect_type(response, "QuestionnaireResponse")?;
-    let status = match response.get("status").and_then(Value::as_str) {
-        Some("entered-in-error") => return Err(ExtractError::EnteredInError),
-        Some("amended") => "amended",
-        // Not finished: what it says so far.
-        Some("in-progress" | "stopped") => "preliminary",
-        _ => "final",
-    };
-    let mut definitions = HashMap::new();
-    let root_flag = flag_of(questionnaire);
-    define(
-        items_in(questionnaire),
-        root_flag,
-        &extensions(questionnaire, EXTRACT_CATEGORY).collect::<Vec<_>>(),
-        &mut definitions,
-    );
-    let mut run = Run {
-        response,
-        status,
-        definitions,
-        identity: identity(response),
-        entries: Vec::new(),
-        issues: Vec::new(),
-    };
+    let mut run = Run::new(questionnaire, response)?;
     if run.identity.is_none() {
         run.issues.push(Issue::warning(
             "incomplete",
@@ -111,21 +93,127 @@ pub fn extract(
              are plain creates, and extracting it again creates them again",
         ));
     }
-    run.walk(items_in(response), "QuestionnaireResponse", "", false);
-    if run.entries.is_empty() {
-        run.issues.push(Issue::warning(
-            "not-found",
-            "nothing to extract: no answered item is marked for observation extraction",
-        ));
-    }
+    run.observations();
     run.provenance(recorded);
-    let mut bundle = json!({"resourceType": "Bundle", "type": "transaction"});
-    // FHIR has no empty arrays.
-    if !run.entries.is_empty() {
-        bundle["entry"] = Value::Array(run.entries);
+    Ok(run.finish())
+}
+
+/// A QuestionnaireResponse posted as a submission (a FHIR-native form): what the store records
+/// of it, and the Bundle its delivery sends.
+#[derive(Debug)]
+pub struct ResponseSubmission {
+    /// The response's identifier value.
+    pub submission_id: String,
+    /// The patient's identifier (system, value), from the response's subject.
+    pub patient: (String, String),
+    /// The Patient (conditional create by identifier), the response (conditional create by
+    /// its identifier, its subject that Patient), its extracted Observations and the
+    /// submission's Provenance.
+    pub bundle: Value,
+    /// What could not be extracted.
+    pub issues: Vec<Issue>,
+}
+
+/// Where a response submission comes from, for its Provenance.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub mapping: &'a super::Mapping,
+    /// SHA-256 (hex) of the bytes as received.
+    pub payload_sha256: &'a str,
+    /// When it was received (FHIR instant).
+    pub received_at: &'a str,
+}
+
+/// `response` (to `questionnaire`) as a submission: it needs an identifier (the submission id:
+/// a re-sent response is told from a new one by it) and a subject known by identifier (the
+/// patient the store indexes it by), and must be completed or amended.
+pub fn submission(
+    questionnaire: &Value,
+    response: &Value,
+    source: Source<'_>,
+) -> Result<ResponseSubmission, ExtractError> {
+    let mut run = Run::new(questionnaire, response)?;
+    let (system, value) = run.identity.ok_or(ExtractError::Unidentified(
+        "the QuestionnaireResponse has no identifier (system and value): it is the \
+         submission id",
+    ))?;
+    if run.status == "preliminary" {
+        return Err(ExtractError::NotFinished);
     }
-    Ok(Extraction {
-        bundle,
+    let patient = response
+        .get("subject")
+        .and_then(|s| s.get("identifier"))
+        .and_then(|i| Some((i.get("system")?.as_str()?, i.get("value")?.as_str()?)))
+        .ok_or(ExtractError::Unidentified(
+            "the QuestionnaireResponse's subject has no identifier (system and value): the \
+             patient is found and indexed by it",
+        ))?;
+    let patient_url = urn_uuid(&["sdc-submission-patient", patient.0, patient.1]);
+    let response_url = urn_uuid(&["sdc-submission-response", system, value]);
+    let subject = json!({"reference": patient_url, "type": "Patient"});
+    let mut qr = response.clone();
+    if let Some(o) = qr.as_object_mut() {
+        // The EHR's to assign.
+        o.remove("id");
+        o.remove("meta");
+        o.insert("subject".into(), subject.clone());
+    }
+    run.subject = Some(subject);
+    run.source = Some(json!({"reference": response_url, "type": "QuestionnaireResponse"}));
+    run.observations();
+    let mut entries = vec![
+        json!({
+            "fullUrl": patient_url,
+            "resource": {"resourceType": "Patient",
+                         "identifier": [{"system": patient.0, "value": patient.1}]},
+            "request": {"method": "POST", "url": "Patient",
+                        "ifNoneExist": identifier_query(patient.0, patient.1)},
+        }),
+        json!({
+            "fullUrl": response_url,
+            "resource": qr,
+            "request": {"method": "POST", "url": "QuestionnaireResponse",
+                        "ifNoneExist": identifier_query(system, value)},
+        }),
+    ];
+    let mut targets = vec![(response_url, "QuestionnaireResponse")];
+    targets.extend(
+        run.entries
+            .iter()
+            .filter_map(|e| Some((e["fullUrl"].as_str()?.to_string(), "Observation"))),
+    );
+    entries.append(&mut run.entries);
+    let m = source.mapping;
+    let mut provenance =
+        crate::fhir::provenance::provenance(crate::fhir::provenance::ProvenanceInput {
+            targets,
+            recorded: source.received_at,
+            patient: &patient_url,
+            submission_system: system,
+            submission_id: value,
+            payload_sha256: source.payload_sha256,
+            mapping_id: &m.id,
+            mapping_version: &m.version,
+            mapping_sha256: &m.content_sha256,
+            software: concat!("chartbridge ", env!("CARGO_PKG_VERSION")),
+        })
+        .to_value();
+    // Provenance has no identifier in R4: tagged with the submission, matched by the tag (as
+    // the mapping engine's).
+    provenance["meta"] = json!({"tag": [{"system": system, "code": value}]});
+    entries.push(json!({
+        "fullUrl": urn_uuid(&["sdc-submission-provenance", system, value]),
+        "resource": provenance,
+        "request": {"method": "POST", "url": "Provenance", "ifNoneExist": format!(
+            "_tag={}|{}",
+            crate::fhir::search_encode(system),
+            crate::fhir::search_encode(value)
+        )},
+    }));
+    Ok(ResponseSubmission {
+        submission_id: value.to_string(),
+        patient: (patient.0.to_string(), patient.1.to_string()),
+        bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
         issues: run.issues,
     })
 }
@@ -228,6 +316,10 @@ fn define<'q>(
 
 struct Run<'a> {
     response: &'a Value,
+    /// What the Observations are about and derived from, when not the response's own subject
+    /// and the response itself as the server knows it (a submission's are in its Bundle).
+    subject: Option<Value>,
+    source: Option<Value>,
     /// The Observations' status, from the response's.
     status: &'static str,
     definitions: HashMap<&'a str, Definition<'a>>,
@@ -245,6 +337,58 @@ fn identity(response: &Value) -> Option<(&str, &str)> {
 }
 
 impl<'a> Run<'a> {
+    fn new(questionnaire: &'a Value, response: &'a Value) -> Result<Run<'a>, ExtractError> {
+        expect_type(questionnaire, "Questionnaire")?;
+        expect_type(response, "QuestionnaireResponse")?;
+        let status = match response.get("status").and_then(Value::as_str) {
+            Some("entered-in-error") => return Err(ExtractError::EnteredInError),
+            Some("amended") => "amended",
+            // Not finished: what it says so far.
+            Some("in-progress" | "stopped") => "preliminary",
+            _ => "final",
+        };
+        let mut definitions = HashMap::new();
+        define(
+            items_in(questionnaire),
+            flag_of(questionnaire),
+            &extensions(questionnaire, EXTRACT_CATEGORY).collect::<Vec<_>>(),
+            &mut definitions,
+        );
+        Ok(Run {
+            response,
+            subject: None,
+            source: None,
+            status,
+            definitions,
+            identity: identity(response),
+            entries: Vec::new(),
+            issues: Vec::new(),
+        })
+    }
+
+    /// Extracts every Observation into `entries`.
+    fn observations(&mut self) {
+        self.walk(items_in(self.response), "QuestionnaireResponse", "", false);
+        if self.entries.is_empty() {
+            self.issues.push(Issue::warning(
+                "not-found",
+                "nothing to extract: no answered item is marked for observation extraction",
+            ));
+        }
+    }
+
+    /// The transaction Bundle of what was extracted (FHIR has no empty arrays).
+    fn finish(self) -> Extraction {
+        let mut bundle = json!({"resourceType": "Bundle", "type": "transaction"});
+        if !self.entries.is_empty() {
+            bundle["entry"] = Value::Array(self.entries);
+        }
+        Extraction {
+            bundle,
+            issues: self.issues,
+        }
+    }
+
     /// Walks the response's items (`at`: their FHIRPath, for issues; `path`: the linkId path
     /// that names an Observation).
     fn walk(&mut self, items: &'a [Value], at: &str, path: &str, parent_extracted: bool) {
@@ -425,10 +569,10 @@ impl<'a> Run<'a> {
         let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
         obs.insert("code".into(), json!({ "coding": codes }));
         // A response may be about anything; an Observation only about these.
-        if let Some(v) = r
-            .get("subject")
-            .filter(|s| may_be(s, &["Patient", "Group", "Device", "Location"]))
-        {
+        if let Some(v) = self.subject.as_ref().or_else(|| {
+            r.get("subject")
+                .filter(|s| may_be(s, &["Patient", "Group", "Device", "Location"]))
+        }) {
             obs.insert("subject".into(), v.clone());
         }
         if let Some(v) = r.get("encounter") {
@@ -536,6 +680,9 @@ impl<'a> Run<'a> {
 
     /// The response as a reference: its id on the server, else its identifier.
     fn derived_from(&self) -> Option<Value> {
+        if let Some(source) = &self.source {
+            return Some(source.clone());
+        }
         if let Some(id) = self.response.get("id").and_then(Value::as_str) {
             return Some(json!({"reference": format!("QuestionnaireResponse/{id}")}));
         }
@@ -1013,6 +1160,83 @@ mod tests {
         assert_eq!(
             observations(&out.bundle)[0]["subject"]["identifier"]["value"],
             "v"
+        );
+    }
+
+    /// A response posted as a submission: the Patient and the response itself go with the
+    /// Observations, every reference inside the Bundle; what a submission needs is checked.
+    #[test]
+    fn a_response_as_a_submission_carries_its_patient_response_and_provenance() {
+        let mapping = crate::mapping::load_file(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/mappings/glp1-intake-typeform.yaml"
+        )))
+        .unwrap();
+        let source = Source {
+            mapping: &mapping,
+            payload_sha256: &"ab".repeat(32),
+            received_at: RECORDED,
+        };
+        let (q, mut qr) = traps();
+        qr["status"] = json!("completed");
+        qr["subject"] = json!({"identifier": {"system": "https://crm.example/p", "value": "p-9"}});
+        let out = submission(&q, &qr, source).unwrap();
+        crate::fhir::validate::validate(&out.bundle).unwrap();
+        assert_eq!(out.submission_id, "r-7");
+        assert_eq!(out.patient, ("https://crm.example/p".into(), "p-9".into()));
+        let types: Vec<&str> = out.bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["resource"]["resourceType"].as_str().unwrap())
+            .collect();
+        assert_eq!(types.first(), Some(&"Patient"));
+        assert_eq!(types[1], "QuestionnaireResponse");
+        assert_eq!(types.last(), Some(&"Provenance"));
+        let patient = entries(&out.bundle, "Patient")[0];
+        let response = entries(&out.bundle, "QuestionnaireResponse")[0];
+        assert_eq!(
+            patient["request"]["ifNoneExist"],
+            "identifier=https://crm.example/p|p-9"
+        );
+        assert_eq!(
+            response["request"]["ifNoneExist"],
+            "identifier=https://forms.example.org/responses|r-7"
+        );
+        assert!(response["resource"].get("id").is_none());
+        assert_eq!(
+            response["resource"]["subject"]["reference"],
+            patient["fullUrl"]
+        );
+        for o in observations(&out.bundle) {
+            assert_eq!(o["subject"]["reference"], patient["fullUrl"]);
+            assert_eq!(o["derivedFrom"][0]["reference"], response["fullUrl"]);
+        }
+        let provenance = &entries(&out.bundle, "Provenance")[0]["resource"];
+        assert_eq!(
+            provenance["target"].as_array().unwrap().len(),
+            observations(&out.bundle).len() + 1
+        );
+        assert_eq!(provenance["meta"]["tag"][0]["code"], "r-7");
+
+        // What a submission needs.
+        let mut bad = qr.clone();
+        bad.as_object_mut().unwrap().remove("identifier");
+        assert!(matches!(
+            submission(&q, &bad, source),
+            Err(ExtractError::Unidentified(_))
+        ));
+        let mut bad = qr.clone();
+        bad["subject"] = json!({"reference": "Patient/p1"});
+        assert!(matches!(
+            submission(&q, &bad, source),
+            Err(ExtractError::Unidentified(_))
+        ));
+        let mut bad = qr.clone();
+        bad["status"] = json!("in-progress");
+        assert_eq!(
+            submission(&q, &bad, source).unwrap_err(),
+            ExtractError::NotFinished
         );
     }
 }
