@@ -41,6 +41,9 @@ pub enum IntakeError {
     UnknownMapping(String),
     #[error(transparent)]
     Invalid(#[from] MappingFailure),
+    /// A QuestionnaireResponse that cannot be a submission.
+    #[error(transparent)]
+    Response(#[from] crate::mapping::extract::ExtractError),
     #[error("submission {key} was already accepted with a different payload (a revision)")]
     Revision { key: String },
     #[error(transparent)]
@@ -101,48 +104,109 @@ impl Intake {
             raw: raw.as_ref(),
             received_at,
         })?;
-        let record = SubmissionRecord {
-            mapping_id: mapping.id.clone(),
-            mapping_version: mapping.version.clone(),
-            mapping_sha256: mapping.content_sha256.clone(),
-            submission_id: mapped.submission_id.clone(),
-            payload_sha256: mapped.payload_sha256.clone(),
-            patient_system: mapped.patient.system.clone(),
-            patient_value: mapped.patient.value.clone(),
-            flags: mapped.flags.clone(),
-            missing: mapped.missing.iter().map(|m| m.link_id.clone()).collect(),
-            transitions: vec![
-                Transition {
-                    state: State::Received,
-                    at: received_at.to_string(),
-                    detail: None,
-                },
-                Transition {
-                    state: State::Mapped,
-                    at: received_at.to_string(),
-                    detail: None,
-                },
-            ],
-            ehr: Vec::new(),
-        };
-        let key = record.key();
-        let receipt = |r: &SubmissionRecord, new| Receipt {
-            key: store::key(&r.mapping_id, &r.submission_id),
-            mapping_id: r.mapping_id.clone(),
-            submission_id: r.submission_id.clone(),
-            new,
-            event: INTAKE_SUBMITTED,
-            flags: r.flags.clone(),
-            missing: r.missing.clone(),
-        };
+        let record = record(
+            mapping,
+            Recorded {
+                submission_id: mapped.submission_id.clone(),
+                payload_sha256: mapped.payload_sha256.clone(),
+                patient: (mapped.patient.system.clone(), mapped.patient.value.clone()),
+                flags: mapped.flags.clone(),
+                missing: mapped.missing.iter().map(|m| m.link_id.clone()).collect(),
+            },
+            received_at,
+        );
         let written = self
             .store
             .accept_async(&record, std::mem::take(&mut mapped.bundle));
         drop((mapped, payload, raw));
-        match written.await? {
-            Accepted::New => Ok(receipt(&record, true)),
-            Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
-            Accepted::Conflict(_) => Err(IntakeError::Revision { key }),
-        }
+        receipt(record, written.await?)
+    }
+
+    /// Records a QuestionnaireResponse to one of the mappings' Questionnaires as a submission
+    /// (a FHIR-native form): the response, its extracted Observations and their Provenance are
+    /// what its delivery sends (`mapping::extract::submission`). Durable once this returns.
+    pub async fn accept_response(
+        &self,
+        mapping: &Mapping,
+        raw: &[u8],
+        response: &Value,
+        received_at: &str,
+    ) -> Result<Receipt, IntakeError> {
+        let payload_sha256 = crate::fhir::sha256_hex(raw);
+        let submitted = crate::mapping::extract::submission(
+            &mapping.questionnaire(),
+            response,
+            crate::mapping::extract::Source {
+                mapping,
+                payload_sha256: &payload_sha256,
+                received_at,
+            },
+        )?;
+        let record = record(
+            mapping,
+            Recorded {
+                submission_id: submitted.submission_id,
+                payload_sha256,
+                patient: submitted.patient,
+                flags: Vec::new(),
+                missing: Vec::new(),
+            },
+            received_at,
+        );
+        let written = self
+            .store
+            .accept_async(&record, submitted.bundle.to_string().into_bytes());
+        receipt(record, written.await?)
+    }
+}
+
+/// What a submission's record says of it beyond its mapping and times.
+struct Recorded {
+    submission_id: String,
+    payload_sha256: String,
+    patient: (String, String),
+    flags: Vec<String>,
+    missing: Vec<String>,
+}
+
+/// A new submission's record: received and mapped at `received_at`.
+fn record(mapping: &Mapping, r: Recorded, received_at: &str) -> SubmissionRecord {
+    SubmissionRecord {
+        mapping_id: mapping.id.clone(),
+        mapping_version: mapping.version.clone(),
+        mapping_sha256: mapping.content_sha256.clone(),
+        submission_id: r.submission_id,
+        payload_sha256: r.payload_sha256,
+        patient_system: r.patient.0,
+        patient_value: r.patient.1,
+        flags: r.flags,
+        missing: r.missing,
+        transitions: [State::Received, State::Mapped]
+            .into_iter()
+            .map(|state| Transition {
+                state,
+                at: received_at.to_string(),
+                detail: None,
+            })
+            .collect(),
+        ehr: Vec::new(),
+    }
+}
+
+/// What the source is told of what the store did with `record`.
+fn receipt(record: SubmissionRecord, accepted: Accepted) -> Result<Receipt, IntakeError> {
+    let receipt = |r: &SubmissionRecord, new| Receipt {
+        key: store::key(&r.mapping_id, &r.submission_id),
+        mapping_id: r.mapping_id.clone(),
+        submission_id: r.submission_id.clone(),
+        new,
+        event: INTAKE_SUBMITTED,
+        flags: r.flags.clone(),
+        missing: r.missing.clone(),
+    };
+    match accepted {
+        Accepted::New => Ok(receipt(&record, true)),
+        Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
+        Accepted::Conflict(_) => Err(IntakeError::Revision { key: record.key() }),
     }
 }

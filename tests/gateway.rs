@@ -1326,3 +1326,89 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
     assert_eq!(printed["accesses"][0]["path"], "/audit");
     assert_eq!(printed["accesses"][0]["query"], "limit=1");
 }
+
+/// A FHIR-native form: the clinic's portal posts a QuestionnaireResponse to one of the
+/// mappings' Questionnaires, signed as that mapping's source. It is a submission like any
+/// other — durable, then delivered once: the EHR gets its Patient, the response, the extracted
+/// Observations and the Provenance, and a re-sent response creates nothing more.
+#[test]
+fn a_questionnaire_response_is_a_submission_delivered_with_its_observations() {
+    use chartbridge::http::auth::sign_standard_webhooks;
+    use serde_json::json;
+    let ehr = FhirServer::start();
+    let app = App::start(Some(&ehr.url));
+    let (_, q) = app.get("/Questionnaire/consult-intake-portal");
+    let response = json!({
+        "resourceType": "QuestionnaireResponse",
+        "identifier": {"system": "https://portal.example-clinic.com/responses", "value": "resp-42"},
+        "questionnaire": format!("{}|{}", q["url"].as_str().unwrap(), q["version"].as_str().unwrap()),
+        "status": "completed",
+        "subject": {"identifier": {"system": "https://crm.example-clinic.com/patient", "value": "pt_fhir_native"}},
+        "authored": "2026-11-26T09:30:00Z",
+        "item": answering(&q["item"]),
+    });
+    let body = response.to_string().into_bytes();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signed = |body: &[u8]| {
+        vec![
+            ("webhook-id", "msg_fhir_1".to_string()),
+            ("webhook-timestamp", now.to_string()),
+            (
+                "webhook-signature",
+                sign_standard_webhooks(common::PORTAL_SECRET, "msg_fhir_1", now, body),
+            ),
+        ]
+    };
+    let (status, outcome, _) = app.post("/QuestionnaireResponse", &body, &[]);
+    assert_eq!(status, 401, "{outcome}");
+    let (status, receipt, _) = app.post("/QuestionnaireResponse", &body, &signed(&body));
+    assert_eq!(status, 202, "{receipt}");
+    let key = "consult-intake-portal/resp-42";
+    assert_eq!(receipt["key"], key);
+    app.wait_for_state(key, "delivered", 30);
+    let observations = count(&ehr, "Observation");
+    assert!(observations >= 3, "{}", ehr.counts());
+    for kind in ["Patient", "QuestionnaireResponse", "Provenance"] {
+        assert_eq!(count(&ehr, kind), 1, "{kind}: {}", ehr.counts());
+    }
+    let found = ehr.search(
+        "QuestionnaireResponse?identifier=https://portal.example-clinic.com/responses|resp-42",
+    );
+    let stored = &found["entry"][0]["resource"];
+    assert!(stored["subject"]["reference"]
+        .as_str()
+        .is_some_and(|r| r.starts_with("Patient/")));
+    let (status, patients) =
+        app.get("/submissions?patient=https://crm.example-clinic.com/patient|pt_fhir_native");
+    assert_eq!(status, 200);
+    assert_eq!(patients["submissions"][0]["key"], key);
+
+    // Sent again: the same answer, nothing new in the EHR.
+    let (status, again, headers) = app.post("/QuestionnaireResponse", &body, &signed(&body));
+    assert_eq!((status, &again["key"]), (202, &json!(key)));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    assert_eq!(count(&ehr, "Observation"), observations);
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+
+    // What cannot be a submission: a Questionnaire not defined here; no identifier.
+    let mut other = response.clone();
+    other["questionnaire"] = json!("https://example.org/Questionnaire/x|1");
+    let other = other.to_string().into_bytes();
+    let (status, outcome, _) = app.post("/QuestionnaireResponse", &other, &signed(&other));
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (422, Some("invalid"))
+    );
+    let mut anonymous = response.clone();
+    anonymous.as_object_mut().unwrap().remove("identifier");
+    let anonymous = anonymous.to_string().into_bytes();
+    let (status, outcome, _) = app.post("/QuestionnaireResponse", &anonymous, &signed(&anonymous));
+    assert_eq!(status, 422, "{outcome}");
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("submission id"));
+}

@@ -3,11 +3,12 @@
 
 use serde_json::{json, Value};
 
-/// One resource type served: read by id (or not), searched by these parameters (name, FHIR
-/// search parameter type), and these operations (name without `$`, its OperationDefinition).
+/// One resource type served: these interactions (`read`, `create`, …; `search-type` is added
+/// for search parameters), searched by these parameters (name, FHIR search parameter type), and
+/// these operations (name without `$`, its OperationDefinition).
 pub struct Served<'a> {
     pub resource_type: &'a str,
-    pub read: bool,
+    pub interactions: &'a [&'a str],
     pub search: &'a [(&'a str, &'a str)],
     pub operations: &'a [(&'a str, &'a str)],
 }
@@ -17,10 +18,8 @@ pub fn capability_statement(software: &str, version: &str, date: &str, served: &
     let resources: Vec<Value> = served
         .iter()
         .map(|s| {
-            let mut interactions = Vec::new();
-            if s.read {
-                interactions.push(json!({"code": "read"}));
-            }
+            let mut interactions: Vec<Value> =
+                s.interactions.iter().map(|i| json!({"code": i})).collect();
             let mut r = json!({ "type": s.resource_type });
             if !s.search.is_empty() {
                 interactions.push(json!({"code": "search-type"}));

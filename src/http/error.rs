@@ -74,7 +74,7 @@ impl ApiError {
             | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
-            ApiError::Intake(IntakeError::Invalid(_))
+            ApiError::Intake(IntakeError::Invalid(_) | IntakeError::Response(_))
             | ApiError::Unprocessable(_)
             | ApiError::Extract(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
@@ -98,9 +98,10 @@ impl ApiError {
                 issue("not-found", self.to_string())
             }
             ApiError::Gone(_) => issue("deleted", self.to_string()),
-            ApiError::BadQuery(_) | ApiError::Unprocessable(_) | ApiError::Extract(_) => {
-                issue("invalid", self.to_string())
-            }
+            ApiError::BadQuery(_)
+            | ApiError::Unprocessable(_)
+            | ApiError::Extract(_)
+            | ApiError::Intake(IntakeError::Response(_)) => issue("invalid", self.to_string()),
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::Unaudited(_) => issue("transient", self.to_string()),

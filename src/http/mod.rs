@@ -10,6 +10,8 @@
 //! - `GET  /audit` — who used the operators' endpoints (each of them records every attempt)
 //! - `GET  /Questionnaire/{id}`, `GET /Questionnaire?url=…` — the Questionnaire each mapping
 //!   defines (what its QuestionnaireResponses point at), and `GET /metadata`
+//! - `POST /QuestionnaireResponse` — a FHIR-native form's response, as a submission of the
+//!   mapping whose Questionnaire it answers
 //! - `POST /QuestionnaireResponse/$extract` — SDC observation-based extraction of a
 //!   QuestionnaireResponse (stores and delivers nothing)
 //! - `GET  /health`, `GET /ready`, `GET /metrics`
@@ -77,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metadata", get(metadata))
         .route("/Questionnaire", get(questionnaires))
         .route("/Questionnaire/{id}", get(questionnaire))
+        .route("/QuestionnaireResponse", post(submit_response))
         .route("/QuestionnaireResponse/$extract", post(extract))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
@@ -190,25 +193,7 @@ async fn submit(
     let raw = to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::TooLarge(limit))?;
-    let unix_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let target = auth::Target {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-    };
-    if let Err(why) = auth::verify(
-        state.config.source_auth(&mapping_id),
-        &target,
-        &parts.headers,
-        &raw,
-        unix_now,
-    ) {
-        Metrics::inc(&state.metrics.submissions_unauthorized);
-        return Err(ApiError::Unauthorized(why));
-    }
+    authenticate(&state, &mapping_id, &parts, &raw)?;
     // A form body (Jotform's webhooks) is read as the JSON object of its fields.
     let raw = match body_kind(&parts.headers)? {
         BodyKind::Json => raw,
@@ -248,6 +233,41 @@ async fn submit(
             return Err(e.into());
         }
     };
+    Ok(accepted(&state, &receipt))
+}
+
+/// Checks a submission's request as its source's configuration says (signature, key).
+fn authenticate(
+    state: &AppState,
+    mapping_id: &str,
+    parts: &axum::http::request::Parts,
+    raw: &[u8],
+) -> Result<(), ApiError> {
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let target = auth::Target {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+    };
+    auth::verify(
+        state.config.source_auth(mapping_id),
+        &target,
+        &parts.headers,
+        raw,
+        unix_now,
+    )
+    .map_err(|why| {
+        Metrics::inc(&state.metrics.submissions_unauthorized);
+        ApiError::Unauthorized(why)
+    })
+}
+
+/// `202 Accepted` for a submission on disk (counted, the outbox woken if it is new): its key,
+/// status URL, event, flags and missing answers.
+fn accepted(state: &AppState, receipt: &crate::intake::Receipt) -> Response {
     if receipt.new {
         Metrics::inc(&state.metrics.submissions_accepted);
         state.outbox.notify_one();
@@ -276,7 +296,52 @@ async fn submit(
             .headers_mut()
             .insert("x-chartbridge-duplicate", HeaderValue::from_static("true"));
     }
-    Ok(response)
+    response
+}
+
+/// `POST /QuestionnaireResponse`: a FHIR-native form's response to one of the mappings'
+/// Questionnaires (its `questionnaire` canonical names which), taken as a submission of that
+/// mapping — authenticated as that mapping's source, stored, and delivered with its extracted
+/// Observations and Provenance like any other. `202` as `POST /submissions/{mapping_id}`.
+async fn submit_response(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let limits = &state.config.limits;
+    let raw = to_bytes(body, limits.max_body_bytes)
+        .await
+        .map_err(|_| ApiError::TooLarge(limits.max_body_bytes))?;
+    let response = crate::mapping::select::Projection::all().parse(&raw, limits.max_json_depth)?;
+    let canonical = response
+        .get("questionnaire")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut defining = state.intake.defining(canonical).collect::<Vec<_>>();
+    let (Some(mapping), true) = (defining.pop().cloned(), defining.is_empty()) else {
+        return Err(ApiError::Unprocessable(format!(
+            "`questionnaire` must name one Questionnaire this gateway defines (`url|version`, \
+             see GET /Questionnaire): `{canonical}` does not"
+        )));
+    };
+    authenticate(&state, &mapping.id, &parts, &raw)?;
+    let waiting = state.intake.store().outbox_depth();
+    if waiting >= limits.max_outbox {
+        Metrics::inc(&state.metrics.submissions_rejected);
+        return Err(ApiError::Overloaded(waiting));
+    }
+    let receipt = match state
+        .intake
+        .accept_response(&mapping, &raw, &response, &now())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            Metrics::inc(&state.metrics.submissions_rejected);
+            return Err(e.into());
+        }
+    };
+    Ok(accepted(&state, &receipt))
 }
 
 /// How a submission's body is written.
@@ -376,7 +441,8 @@ fn fhir_json(resource: &Value) -> Response {
         .into_response()
 }
 
-/// `GET /metadata`: what the gateway serves as a FHIR server (its Questionnaires, `$extract`).
+/// `GET /metadata`: what the gateway serves as a FHIR server (its Questionnaires; responses to
+/// them, and `$extract`).
 async fn metadata(State(state): State<Arc<AppState>>) -> Response {
     fhir_json(&crate::fhir::capability::capability_statement(
         "chartbridge",
@@ -385,13 +451,13 @@ async fn metadata(State(state): State<Arc<AppState>>) -> Response {
         &[
             crate::fhir::capability::Served {
                 resource_type: "Questionnaire",
-                read: true,
+                interactions: &["read"],
                 search: &[("url", "uri")],
                 operations: &[],
             },
             crate::fhir::capability::Served {
                 resource_type: "QuestionnaireResponse",
-                read: false,
+                interactions: &["create"],
                 search: &[],
                 operations: &[(
                     "extract",
