@@ -1333,10 +1333,21 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
 /// Observations and the Provenance, and a re-sent response creates nothing more.
 #[test]
 fn a_questionnaire_response_is_a_submission_delivered_with_its_observations() {
+    a_questionnaire_response_delivered_in_mode("");
+}
+
+/// The same resource by resource (an EHR without transactions): every entry a conditional
+/// create, references rewritten to the ids the EHR gave.
+#[test]
+fn a_questionnaire_response_submission_is_delivered_resource_by_resource_too() {
+    a_questionnaire_response_delivered_in_mode("mode = \"per_resource\"");
+}
+
+fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     use chartbridge::http::auth::sign_standard_webhooks;
     use serde_json::json;
     let ehr = FhirServer::start();
-    let app = App::start(Some(&ehr.url));
+    let app = App::start_with(Some(&ehr.url), ehr_extra);
     let (_, q) = app.get("/Questionnaire/consult-intake-portal");
     let response = json!({
         "resourceType": "QuestionnaireResponse",
@@ -1378,9 +1389,19 @@ fn a_questionnaire_response_is_a_submission_delivered_with_its_observations() {
         "QuestionnaireResponse?identifier=https://portal.example-clinic.com/responses|resp-42",
     );
     let stored = &found["entry"][0]["resource"];
-    assert!(stored["subject"]["reference"]
-        .as_str()
-        .is_some_and(|r| r.starts_with("Patient/")));
+    let patient = stored["subject"]["reference"].as_str().unwrap_or_default();
+    assert!(patient.starts_with("Patient/"), "{stored}");
+    let qr = format!("QuestionnaireResponse/{}", stored["id"].as_str().unwrap());
+    let derived = ehr.search(&format!("Observation?derived-from={qr}"));
+    assert_eq!(
+        derived["entry"].as_array().map(Vec::len),
+        Some(observations as usize)
+    );
+    assert!(derived["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["resource"]["subject"]["reference"] == patient));
     let (status, patients) =
         app.get("/submissions?patient=https://crm.example-clinic.com/patient|pt_fhir_native");
     assert_eq!(status, 200);

@@ -159,6 +159,7 @@ pub fn submission(
         o.insert("subject".into(), subject.clone());
     }
     run.subject = Some(subject);
+    run.create_only = true;
     run.source = Some(json!({"reference": response_url, "type": "QuestionnaireResponse"}));
     run.observations();
     let mut entries = vec![
@@ -320,6 +321,9 @@ struct Run<'a> {
     /// and the response itself as the server knows it (a submission's are in its Bundle).
     subject: Option<Value>,
     source: Option<Value>,
+    /// Observations as conditional creates (`POST` + `ifNoneExist`), not updates: what the
+    /// outbox delivers, resource by resource too (`delivery::client` knows only creates).
+    create_only: bool,
     /// The Observations' status, from the response's.
     status: &'static str,
     definitions: HashMap<&'a str, Definition<'a>>,
@@ -358,6 +362,7 @@ impl<'a> Run<'a> {
             response,
             subject: None,
             source: None,
+            create_only: false,
             status,
             definitions,
             identity: identity(response),
@@ -616,6 +621,11 @@ impl<'a> Run<'a> {
             name,
         ]);
         let request = match self.identity {
+            Some((system, value)) if self.create_only => json!({
+                "method": "POST",
+                "url": "Observation",
+                "ifNoneExist": identifier_query(system, &format!("{value}/{name}")),
+            }),
             Some((system, value)) => json!({
                 "method": "PUT",
                 "url": format!(
@@ -1218,6 +1228,12 @@ mod tests {
             observations(&out.bundle).len() + 1
         );
         assert_eq!(provenance["meta"]["tag"][0]["code"], "r-7");
+        // Every entry a conditional create: delivered resource by resource too, a retry matches
+        // what the first attempt created.
+        for e in out.bundle["entry"].as_array().unwrap() {
+            assert_eq!(e["request"]["method"], "POST", "{e}");
+            assert!(e["request"]["ifNoneExist"].is_string(), "{e}");
+        }
 
         // What a submission needs.
         let mut bad = qr.clone();
