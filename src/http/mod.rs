@@ -313,17 +313,7 @@ async fn submit_response(
         .await
         .map_err(|_| ApiError::TooLarge(limits.max_body_bytes))?;
     let response = crate::mapping::select::Projection::all().parse(&raw, limits.max_json_depth)?;
-    let canonical = response
-        .get("questionnaire")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let mut defining = state.intake.defining(canonical).collect::<Vec<_>>();
-    let (Some(mapping), true) = (defining.pop().cloned(), defining.is_empty()) else {
-        return Err(ApiError::Unprocessable(format!(
-            "`questionnaire` must name one Questionnaire this gateway defines (`url|version`, \
-             see GET /Questionnaire): `{canonical}` does not"
-        )));
-    };
+    let mapping = defining(&state, &response, "see GET /Questionnaire")?;
     authenticate(&state, &mapping.id, &parts, &raw)?;
     let waiting = state.intake.store().outbox_depth();
     if waiting >= limits.max_outbox {
@@ -534,24 +524,8 @@ async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Respo
     let questionnaire = match inline {
         Some(q) => q,
         None => {
-            let canonical = response.get("questionnaire").and_then(Value::as_str);
-            let mut defining = canonical
-                .map(|c| state.intake.defining(c).collect::<Vec<_>>())
-                .unwrap_or_default();
-            if defining.len() > 1 {
-                return Err(ApiError::Unprocessable(format!(
-                    "several versions of the Questionnaire `{}` are defined here: name one \
-                     (`url|version`)",
-                    canonical.unwrap_or_default()
-                )));
-            }
-            defined = defining.pop().map(|m| m.questionnaire()).ok_or_else(|| {
-                ApiError::Unprocessable(format!(
-                    "the Questionnaire {} is not one this gateway defines: send it as the \
-                     `questionnaire` parameter",
-                    canonical.map_or("(none named)".into(), |c| format!("`{c}`"))
-                ))
-            })?;
+            defined = defining(&state, response, "send it as the `questionnaire` parameter")?
+                .questionnaire();
             &defined
         }
     };
@@ -567,6 +541,31 @@ async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Respo
             {"name": "issues", "resource": issues},
         ],
     })))
+}
+
+/// The one mapping whose Questionnaire `response` answers (its `questionnaire` canonical);
+/// `hint` says what to do when there is none.
+fn defining(
+    state: &AppState,
+    response: &Value,
+    hint: &str,
+) -> Result<Arc<crate::mapping::Mapping>, ApiError> {
+    let canonical = response.get("questionnaire").and_then(Value::as_str);
+    let mut found: Vec<_> = canonical
+        .map(|c| state.intake.defining(c).cloned().collect())
+        .unwrap_or_default();
+    match (found.pop(), found.is_empty()) {
+        (Some(mapping), true) => Ok(mapping),
+        (Some(_), false) => Err(ApiError::Unprocessable(format!(
+            "several versions of the Questionnaire `{}` are defined here: name one \
+             (`url|version`)",
+            canonical.unwrap_or_default()
+        ))),
+        (None, _) => Err(ApiError::Unprocessable(format!(
+            "the Questionnaire {} is not one this gateway defines: {hint}",
+            canonical.map_or("(none named)".into(), |c| format!("`{c}`"))
+        ))),
+    }
 }
 
 /// The resource of a `Parameters` parameter.
