@@ -269,13 +269,7 @@ fn extract_prints_the_observations_and_says_what_it_left_out() {
     ]));
     let bundle: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(bundle["type"], "transaction");
-    let observations = bundle["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["resource"]["resourceType"] == "Observation")
-        .count();
-    assert_eq!(observations, 4);
+    assert_eq!(common::entries_of(&bundle, "Observation"), 4);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("incomplete: the QuestionnaireResponse has no identifier"),

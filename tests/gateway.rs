@@ -1103,12 +1103,7 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
         "no warnings: the Bundle itself"
     );
     validate(&bundle).unwrap_or_else(|o| panic!("{}", o.to_json()));
-    let extracted = bundle["entry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["resource"]["resourceType"] == "Observation")
-        .count();
+    let extracted = common::entries_of(&bundle, "Observation");
     assert!(extracted >= 5, "{bundle}");
     let weight = bundle["entry"]
         .as_array()
