@@ -24,8 +24,13 @@
 //!   amended response again updates them, never duplicates. Without one, plain creates (and a
 //!   warning saying so).
 //!
+//! `submission` takes a response to one of the mappings' Questionnaires as that mapping's
+//! submission (a FHIR-native form): the same Observations, as conditional creates, with the
+//! Patient, the response itself and the submission's Provenance, for the outbox to deliver.
+//!
 //! Pure logic: no HTTP, no store. What cannot be extracted is an `Issue` in the answer, not an
-//! error; only input that is not a Questionnaire and a QuestionnaireResponse is refused.
+//! error; only input that is not a Questionnaire and a QuestionnaireResponse (and, for a
+//! submission, one without the identifiers it needs, or not finished) is refused.
 
 use std::collections::HashMap;
 
@@ -33,11 +38,7 @@ use serde_json::{json, Map, Value};
 
 use crate::fhir::{identifier_query, urn_uuid, Issue};
 
-const OBSERVATION_EXTRACT: &str =
-    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observationExtract";
-const EXTRACT_CATEGORY: &str =
-    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observation-extract-category";
-const QUESTIONNAIRE_UNIT: &str = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
+use super::questionnaire::{EXTRACT_CATEGORY, OBSERVATION_EXTRACT, QUESTIONNAIRE_UNIT};
 
 /// What `$extract` answers: the Bundle, and what it could not extract (warnings).
 #[derive(Debug)]

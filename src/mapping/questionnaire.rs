@@ -6,11 +6,13 @@ use serde_json::{json, Value};
 use super::{Components, Item, ItemType, Mapping, ObservationRule};
 use crate::fhir::UCUM;
 
-const OBSERVATION_EXTRACT: &str =
+// The SDC extensions a Questionnaire says what is extracted with (`extract` reads them).
+pub(super) const OBSERVATION_EXTRACT: &str =
     "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observationExtract";
-const EXTRACT_CATEGORY: &str =
+pub(super) const EXTRACT_CATEGORY: &str =
     "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observation-extract-category";
-const QUESTIONNAIRE_UNIT: &str = "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
+pub(super) const QUESTIONNAIRE_UNIT: &str =
+    "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
 const ITEM_WEIGHT: &str = "http://hl7.org/fhir/StructureDefinition/itemWeight";
 
 impl Mapping {
