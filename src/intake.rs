@@ -149,7 +149,7 @@ impl Intake {
                 payload_sha256,
                 patient: submitted.patient,
                 flags: Vec::new(),
-                missing: Vec::new(),
+                missing: submitted.missing,
             },
             received_at,
         );

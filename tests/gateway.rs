@@ -1351,7 +1351,11 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
         "status": "completed",
         "subject": {"identifier": {"system": "https://crm.example-clinic.com/patient", "value": "pt_fhir_native"}},
         "authored": "2026-11-26T09:30:00Z",
-        "item": answering(&q["item"]),
+        // Every question answered but the reason for the visit (required).
+        "item": answering(&q["item"])
+            .into_iter()
+            .filter(|i| i["linkId"] != "reason")
+            .collect::<Vec<_>>(),
     });
     let body = response.to_string().into_bytes();
     let now = std::time::SystemTime::now()
@@ -1374,6 +1378,7 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     assert_eq!(status, 202, "{receipt}");
     let key = "consult-intake-portal/resp-42";
     assert_eq!(receipt["key"], key);
+    assert_eq!(receipt["missing"], json!(["reason"]));
     app.wait_for_state(key, "delivered", 30);
     let observations = count(&ehr, "Observation");
     assert!(observations >= 3, "{}", ehr.counts());

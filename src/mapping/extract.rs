@@ -113,6 +113,8 @@ pub struct ResponseSubmission {
     pub bundle: Value,
     /// What could not be extracted.
     pub issues: Vec<Issue>,
+    /// The linkIds of required questions left unanswered (`missing_answers`).
+    pub missing: Vec<String>,
 }
 
 /// Where a response submission comes from, for its Provenance.
@@ -213,11 +215,58 @@ pub fn submission(
         )},
     }));
     Ok(ResponseSubmission {
+        missing: missing_answers(questionnaire, response),
         submission_id: value.to_string(),
         patient: (patient.0.to_string(), patient.1.to_string()),
         bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
         issues: run.issues,
     })
+}
+
+/// The linkIds of the Questionnaire's required questions that `response` leaves unanswered,
+/// in Questionnaire order. A question counts where its group does: at the top, under a
+/// required group, or under a group (or answered question) the response has answers in — a
+/// skipped optional section asks nothing.
+pub fn missing_answers(questionnaire: &Value, response: &Value) -> Vec<String> {
+    fn answered<'v>(items: &'v [Value], out: &mut std::collections::HashSet<&'v str>) {
+        for item in items {
+            let answers = item.get("answer").and_then(Value::as_array);
+            if let (Some(id), Some(a)) = (item.get("linkId").and_then(Value::as_str), answers) {
+                if !a.is_empty() {
+                    out.insert(id);
+                }
+            }
+            answered(items_in(item), out);
+            for answer in answers.into_iter().flatten() {
+                answered(items_in(answer), out);
+            }
+        }
+    }
+    /// Whether anything under `item` (itself included) is answered.
+    fn any_answered(item: &Value, done: &std::collections::HashSet<&str>) -> bool {
+        item.get("linkId")
+            .and_then(Value::as_str)
+            .is_some_and(|id| done.contains(id))
+            || items_in(item).iter().any(|i| any_answered(i, done))
+    }
+    fn walk(items: &[Value], done: &std::collections::HashSet<&str>, out: &mut Vec<String>) {
+        for item in items {
+            let required = item.get("required").and_then(Value::as_bool) == Some(true);
+            let kind = item.get("type").and_then(Value::as_str).unwrap_or("");
+            let id = item.get("linkId").and_then(Value::as_str).unwrap_or("");
+            if required && !matches!(kind, "group" | "display") && !done.contains(id) {
+                out.push(id.to_string());
+            }
+            if (required && kind == "group") || any_answered(item, done) {
+                walk(items_in(item), done, out);
+            }
+        }
+    }
+    let mut done = std::collections::HashSet::new();
+    answered(items_in(response), &mut done);
+    let mut out = Vec::new();
+    walk(items_in(questionnaire), &done, &mut out);
+    out
 }
 
 fn expect_type(v: &Value, expected: &'static str) -> Result<(), ExtractError> {
@@ -1255,5 +1304,25 @@ mod tests {
             submission(&q, &bad, source).unwrap_err(),
             ExtractError::NotFinished
         );
+    }
+
+    #[test]
+    fn missing_answers_are_the_required_questions_of_the_sections_answered() {
+        let q = json!({"resourceType": "Questionnaire", "item": [
+            {"linkId": "name", "type": "string", "required": true},
+            {"linkId": "note", "type": "string"},
+            {"linkId": "intro", "type": "display", "required": true},
+            {"linkId": "meds", "type": "group", "item": [
+                {"linkId": "med", "type": "string", "required": true},
+                {"linkId": "dose", "type": "string", "required": true}]},
+            {"linkId": "skipped", "type": "group", "item": [
+                {"linkId": "why", "type": "string", "required": true}]},
+            {"linkId": "consent", "type": "group", "required": true, "item": [
+                {"linkId": "agree", "type": "boolean", "required": true}]}]});
+        let qr = json!({"resourceType": "QuestionnaireResponse", "item": [
+            {"linkId": "meds", "item": [{"linkId": "med", "answer": [{"valueString": "x"}]}]},
+            {"linkId": "consent", "item": [{"linkId": "agree", "answer": [{"valueBoolean": false}]}]}]});
+        // `false` is an answer; the skipped optional section asks nothing.
+        assert_eq!(missing_answers(&q, &qr), ["name", "dose"]);
     }
 }
