@@ -142,6 +142,17 @@ impl Intake {
                 received_at,
             },
         )?;
+        // The response goes to the EHR whole; what of it was not extracted is for the operators
+        // (linkIds and paths, never answers).
+        for issue in &submitted.issues {
+            tracing::info!(
+                mapping = %mapping.id,
+                code = issue.code,
+                at = issue.expression.first().map(String::as_str).unwrap_or(""),
+                "response submission, not extracted: {}",
+                issue.diagnostics
+            );
+        }
         let record = record(
             mapping,
             Recorded {

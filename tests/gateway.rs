@@ -1414,7 +1414,14 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     assert_eq!(count(&ehr, "Observation"), observations);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
 
-    // What cannot be a submission: a Questionnaire not defined here; no identifier.
+    // What cannot be a submission: not a response; a Questionnaire not defined here; no
+    // identifier.
+    let patient = json!({"resourceType": "Patient"}).to_string().into_bytes();
+    let (status, outcome, _) = app.post("/QuestionnaireResponse", &patient, &signed(&patient));
+    assert_eq!(
+        (status, outcome["issue"][0]["code"].as_str()),
+        (422, Some("invalid"))
+    );
     let mut other = response.clone();
     other["questionnaire"] = json!("https://example.org/Questionnaire/x|1");
     let other = other.to_string().into_bytes();

@@ -313,6 +313,11 @@ async fn submit_response(
         .await
         .map_err(|_| ApiError::TooLarge(limits.max_body_bytes))?;
     let response = crate::mapping::select::Projection::all().parse(&raw, limits.max_json_depth)?;
+    if response.get("resourceType").and_then(Value::as_str) != Some("QuestionnaireResponse") {
+        return Err(ApiError::Unprocessable(
+            "expected a QuestionnaireResponse (its resourceType)".into(),
+        ));
+    }
     let mapping = defining(&state, &response, "see GET /Questionnaire")?;
     authenticate(&state, &mapping.id, &parts, &raw)?;
     let waiting = state.intake.store().outbox_depth();
