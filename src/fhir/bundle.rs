@@ -38,21 +38,10 @@ impl<'a> TransactionBuilder<'a> {
             Some(Json::Str(t)) => t.clone(),
             _ => Cow::Borrowed("Resource"),
         };
-        let request = match conditional {
-            Conditional::Create { if_none_exist } => Json::obj([
-                ("method", "POST".into()),
-                ("url", resource_type.into()),
-                ("ifNoneExist", if_none_exist.into()),
-            ]),
-            Conditional::Update { query } => Json::obj([
-                ("method", "PUT".into()),
-                ("url", format!("{resource_type}?{query}").into()),
-            ]),
-        };
         self.entries.push(Json::obj([
             ("fullUrl", full_url.into().into()),
             ("resource", resource),
-            ("request", request),
+            ("request", request(resource_type, conditional)),
         ]));
     }
 
@@ -74,6 +63,36 @@ impl<'a> TransactionBuilder<'a> {
         }
         bundle
     }
+}
+
+/// An entry's `request`: a conditional create or update of `resource_type`.
+fn request(resource_type: Cow<'_, str>, conditional: Conditional) -> Json<'_> {
+    match conditional {
+        Conditional::Create { if_none_exist } => Json::obj([
+            ("method", "POST".into()),
+            ("url", resource_type.into()),
+            ("ifNoneExist", if_none_exist.into()),
+        ]),
+        Conditional::Update { query } => Json::obj([
+            ("method", "PUT".into()),
+            ("url", format!("{resource_type}?{query}").into()),
+        ]),
+    }
+}
+
+/// A transaction entry as a `Value` (for callers off the hot path that build resources as
+/// `Value`s): `resource` at `full_url`, written as `conditional` says — or, without one, a
+/// plain create (for a caller with nothing to match on).
+pub fn entry(full_url: String, resource: Value, conditional: Option<Conditional>) -> Value {
+    let resource_type = resource["resourceType"]
+        .as_str()
+        .unwrap_or("Resource")
+        .to_string();
+    let request = match conditional {
+        Some(c) => request(Cow::Borrowed(&resource_type), c).to_value(),
+        None => json!({"method": "POST", "url": resource_type}),
+    };
+    json!({"fullUrl": full_url, "resource": resource, "request": request})
 }
 
 /// A typed reference to another entry of the same Bundle (`type` lets validators check it

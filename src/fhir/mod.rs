@@ -94,6 +94,12 @@ pub fn identifier_query(system: &str, value: &str) -> String {
     )
 }
 
+/// The search string matching a resource by one of its tags (`_tag=<system>|<code>`), encoded:
+/// how a Provenance, which has no identifier in R4, is matched.
+pub fn tag_query(system: &str, code: &str) -> String {
+    format!("_tag={}|{}", search_encode(system), search_encode(code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

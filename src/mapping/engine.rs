@@ -834,11 +834,7 @@ impl Resources<'_> {
             self.url("Provenance", ""),
             prov,
             Conditional::Create {
-                if_none_exist: format!(
-                    "_tag={}|{}",
-                    crate::fhir::search_encode(system),
-                    crate::fhir::search_encode(self.submission_id)
-                ),
+                if_none_exist: crate::fhir::tag_query(system, self.submission_id),
             },
         );
         tx.build().to_vec(BUNDLE_CAPACITY)

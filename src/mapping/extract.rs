@@ -36,7 +36,8 @@ use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::fhir::{identifier_query, urn_uuid, Issue};
+use crate::fhir::bundle::{entry, Conditional};
+use crate::fhir::{identifier_query, tag_query, urn_uuid, Issue};
 
 use super::questionnaire::{EXTRACT_CATEGORY, OBSERVATION_EXTRACT, QUESTIONNAIRE_UNIT};
 
@@ -166,19 +167,21 @@ pub fn submission(
     run.source = Some(json!({"reference": response_url, "type": "QuestionnaireResponse"}));
     run.observations();
     let mut entries = vec![
-        json!({
-            "fullUrl": patient_url,
-            "resource": {"resourceType": "Patient",
-                         "identifier": [{"system": patient.0, "value": patient.1}]},
-            "request": {"method": "POST", "url": "Patient",
-                        "ifNoneExist": identifier_query(patient.0, patient.1)},
-        }),
-        json!({
-            "fullUrl": response_url,
-            "resource": qr,
-            "request": {"method": "POST", "url": "QuestionnaireResponse",
-                        "ifNoneExist": identifier_query(system, value)},
-        }),
+        entry(
+            patient_url.clone(),
+            json!({"resourceType": "Patient",
+                   "identifier": [{"system": patient.0, "value": patient.1}]}),
+            Some(Conditional::Create {
+                if_none_exist: identifier_query(patient.0, patient.1),
+            }),
+        ),
+        entry(
+            response_url.clone(),
+            qr,
+            Some(Conditional::Create {
+                if_none_exist: identifier_query(system, value),
+            }),
+        ),
     ];
     let mut targets = vec![(response_url, "QuestionnaireResponse")];
     targets.extend(
@@ -205,15 +208,13 @@ pub fn submission(
     // Provenance has no identifier in R4: tagged with the submission, matched by the tag (as
     // the mapping engine's).
     provenance["meta"] = json!({"tag": [{"system": system, "code": value}]});
-    entries.push(json!({
-        "fullUrl": urn_uuid(&["sdc-submission-provenance", system, value]),
-        "resource": provenance,
-        "request": {"method": "POST", "url": "Provenance", "ifNoneExist": format!(
-            "_tag={}|{}",
-            crate::fhir::search_encode(system),
-            crate::fhir::search_encode(value)
-        )},
-    }));
+    entries.push(entry(
+        urn_uuid(&["sdc-submission-provenance", system, value]),
+        provenance,
+        Some(Conditional::Create {
+            if_none_exist: tag_query(system, value),
+        }),
+    ));
     Ok(ResponseSubmission {
         missing: missing_answers(questionnaire, response),
         submission_id: value.to_string(),
@@ -472,6 +473,15 @@ impl<'a> Run<'a> {
                 .get("answer")
                 .and_then(Value::as_array)
                 .map_or(&[][..], Vec::as_slice);
+            // Which answer, when there are several: the names (identifiers, fullUrls) of what is
+            // extracted from it, and from under it, stay unique.
+            let answer_path = |k: usize| {
+                if answers.len() > 1 {
+                    format!("{path}#{k}")
+                } else {
+                    path.clone()
+                }
+            };
             let flag = self.definitions.get(link_id).map(|d| d.flag);
             match flag {
                 None => self.issues.push(
@@ -491,11 +501,7 @@ impl<'a> Run<'a> {
                 }
                 Some(Some(Flag::Extract)) => {
                     for (k, answer) in answers.iter().enumerate() {
-                        let name = if answers.len() > 1 {
-                            format!("{path}#{k}")
-                        } else {
-                            path.clone()
-                        };
+                        let name = answer_path(k);
                         let at = format!("{here}.answer[{k}]");
                         let components = self.components(items_in(answer), &at);
                         self.observation(link_id, Some(answer), components, &name, &at);
@@ -520,13 +526,7 @@ impl<'a> Run<'a> {
             self.walk(items_in(item), &here, &path, extracted);
             for (k, answer) in answers.iter().enumerate() {
                 let at = format!("{here}.answer[{k}]");
-                // Under which answer, when there are several: the names stay unique.
-                let path = if answers.len() > 1 {
-                    format!("{path}#{k}")
-                } else {
-                    path.clone()
-                };
-                self.walk(items_in(answer), &at, &path, extracted);
+                self.walk(items_in(answer), &at, &answer_path(k), extracted);
             }
         }
     }
@@ -599,10 +599,14 @@ impl<'a> Run<'a> {
         let r = self.response;
         let mut obs = Map::new();
         obs.insert("resourceType".into(), json!("Observation"));
-        if let Some((system, value)) = self.identity {
+        // Its own identifier: the response's, and where in it the answer is.
+        let own = self
+            .identity
+            .map(|(system, value)| (system, format!("{value}/{name}")));
+        if let Some((system, value)) = &own {
             obs.insert(
                 "identifier".into(),
-                json!([{"system": system, "value": format!("{value}/{name}")}]),
+                json!([{"system": system, "value": value}]),
             );
         }
         if let Some(b) = r.get("basedOn") {
@@ -670,26 +674,18 @@ impl<'a> Run<'a> {
             r.get("id").and_then(Value::as_str).unwrap_or(""),
             name,
         ]);
-        let request = match self.identity {
-            Some((system, value)) if self.create_only => json!({
-                "method": "POST",
-                "url": "Observation",
-                "ifNoneExist": identifier_query(system, &format!("{value}/{name}")),
-            }),
-            Some((system, value)) => json!({
-                "method": "PUT",
-                "url": format!(
-                    "Observation?{}",
-                    identifier_query(system, &format!("{value}/{name}"))
-                ),
-            }),
-            None => json!({"method": "POST", "url": "Observation"}),
-        };
-        self.entries.push(json!({
-            "fullUrl": full_url,
-            "resource": Value::Object(obs),
-            "request": request,
-        }));
+        let conditional = own.map(|(system, value)| {
+            let query = identifier_query(system, &value);
+            if self.create_only {
+                Conditional::Create {
+                    if_none_exist: query,
+                }
+            } else {
+                Conditional::Update { query }
+            }
+        });
+        self.entries
+            .push(entry(full_url, Value::Object(obs), conditional));
     }
 
     /// The extracted Observations' Provenance (SDC: they SHOULD have one), when there are
@@ -711,17 +707,12 @@ impl<'a> Run<'a> {
         let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
         let mut provenance =
             crate::fhir::provenance::extracted(&targets, recorded, software, &source);
-        let request = match self.identity {
-            Some((system, value)) => {
-                provenance["meta"] = json!({"tag": [{"system": system, "code": value}]});
-                json!({"method": "PUT", "url": format!(
-                    "Provenance?_tag={}|{}",
-                    crate::fhir::search_encode(system),
-                    crate::fhir::search_encode(value)
-                )})
+        let conditional = self.identity.map(|(system, value)| {
+            provenance["meta"] = json!({"tag": [{"system": system, "code": value}]});
+            Conditional::Update {
+                query: tag_query(system, value),
             }
-            None => json!({"method": "POST", "url": "Provenance"}),
-        };
+        });
         let full_url = urn_uuid(&[
             "sdc-extract-provenance",
             self.identity.map_or("", |i| i.0),
@@ -731,11 +722,7 @@ impl<'a> Run<'a> {
                 .and_then(Value::as_str)
                 .unwrap_or(""),
         ]);
-        self.entries.push(json!({
-            "fullUrl": full_url,
-            "resource": provenance,
-            "request": request,
-        }));
+        self.entries.push(entry(full_url, provenance, conditional));
     }
 
     /// The response as a reference: its id on the server, else its identifier.
