@@ -99,6 +99,18 @@ pub struct Access {
 
 static AUDIT_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// An audit key: Unix µs, then a sequence number (big-endian), so that the tree is in
+/// the order of the accesses even within one microsecond.
+fn audit_key() -> [u8; 16] {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&micros.to_be_bytes());
+    key[8..].copy_from_slice(&AUDIT_SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    key
+}
+
 fn hex_key(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -275,7 +287,7 @@ impl Store {
             source,
         })?;
         let write = Write::Audit {
-            key: self.audit_key(),
+            key: audit_key(),
             access: encoded,
         };
         self.writer.write_async(write).await.map(|_| ())
@@ -296,18 +308,6 @@ impl Store {
                 })
             })
             .collect()
-    }
-
-    /// An audit key: Unix µs, then a sequence number (big-endian), so that the tree is in
-    /// the order of the accesses even within one microsecond.
-    fn audit_key(&self) -> [u8; 16] {
-        let micros = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let mut key = [0u8; 16];
-        key[..8].copy_from_slice(&micros.to_be_bytes());
-        key[8..].copy_from_slice(&AUDIT_SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-        key
     }
 
     /// Writes made durable, write rounds, time in flush and fdatasync.
