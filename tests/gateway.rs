@@ -133,7 +133,7 @@ fn logs_are_json_lines_with_request_ids_and_no_payload_values() {
 }
 
 #[test]
-fn a_jotform_multipart_webhook_is_read_as_its_fields_and_reaches_the_ehr() {
+fn a_jotform_form_webhook_multipart_or_urlencoded_is_read_as_its_fields_and_reaches_the_ehr() {
     let ehr = FhirServer::start();
     let app = App::start(Some(&ehr.url));
     let stored = String::from_utf8(fixture(
@@ -165,6 +165,49 @@ fn a_jotform_multipart_webhook_is_read_as_its_fields_and_reaches_the_ehr() {
     let (status, again, headers) = post("------------------------bbbb2222");
     assert_eq!((status, &again), (202, &first));
     assert_eq!(headers["x-chartbridge-duplicate"], "true");
+
+    // The same fields urlencoded (as a relay would forward them) are the same submission.
+    let fields: serde_json::Map<String, Value> = serde_json::from_slice(&fixture(
+        "fixtures/vendors/jotform.webhook.glp1-intake.form-fields.json",
+    ))
+    .unwrap();
+    let escape = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' => {
+                    char::from(b).to_string()
+                }
+                b' ' => "+".into(),
+                b => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let urlencoded: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", escape(k), escape(v.as_str().unwrap())))
+        .collect();
+    let form = [
+        ("x-api-key", "test-key".to_string()),
+        ("content-type", "application/x-www-form-urlencoded".into()),
+    ];
+    let (status, again, headers) = app.post(
+        "/submissions/glp1-intake-jotform",
+        urlencoded.join("&").as_bytes(),
+        &form,
+    );
+    assert_eq!((status, &again), (202, &first));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    // Percent-escapes that do not decode to text are refused, saying which field.
+    let (status, outcome, _) = app.post(
+        "/submissions/glp1-intake-jotform",
+        b"submissionID=1&rawRequest=%FF",
+        &form,
+    );
+    assert_eq!(status, 400, "{outcome}");
+    assert!(outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap()
+        .contains("field 2 is not UTF-8"));
 
     // A file part is refused, with what and where.
     let file = "--b\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"id.png\"\r\n\r\nPNG\r\n--b--\r\n";

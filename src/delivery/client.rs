@@ -12,6 +12,8 @@ use crate::store::EhrResource;
 pub struct EhrClient {
     http: reqwest::Client,
     base_url: String,
+    /// `base_url` parsed once: where every transaction is posted.
+    transaction_url: reqwest::Url,
     auth: Auth,
     mode: DeliveryMode,
 }
@@ -29,6 +31,11 @@ pub enum ClientError {
     Http(#[from] reqwest::Error),
     #[error(transparent)]
     Token(#[from] TokenError),
+    #[error("the EHR's base URL {url:?} is not a URL: {source}")]
+    BaseUrl {
+        url: String,
+        source: url::ParseError,
+    },
 }
 
 impl EhrClient {
@@ -44,9 +51,16 @@ impl EhrClient {
                 Auth::Smart(Box::new(TokenSource::new(smart, http.clone())?))
             }
         };
+        let base_url = config.base_url.trim_end_matches('/').to_string();
+        let transaction_url =
+            reqwest::Url::parse(&base_url).map_err(|source| ClientError::BaseUrl {
+                url: base_url.clone(),
+                source,
+            })?;
         Ok(EhrClient {
             http,
-            base_url: config.base_url.trim_end_matches('/').to_string(),
+            base_url,
+            transaction_url,
             auth,
             mode: config.mode,
         })
@@ -70,25 +84,29 @@ impl EhrClient {
     /// Delivers a `transaction` Bundle as configured (one transaction, or resource by resource)
     /// and says what came of it. With SMART auth, a 401 drops the cached token and the delivery
     /// is made once more with a new one.
-    pub async fn deliver(&self, bundle: &[u8]) -> Attempt {
-        let first = self.deliver_once(bundle).await;
+    pub async fn deliver(&self, bundle: Vec<u8>) -> Attempt {
+        // Shared, not copied, by the attempt made again after a 401.
+        let bundle = bytes::Bytes::from(bundle);
+        let first = self.deliver_once(&bundle).await;
         match (&first, &self.auth) {
             (Attempt::Reject { reason }, Auth::Smart(tokens)) if reason.starts_with("HTTP 401") => {
                 tokens.invalidate().await;
-                self.deliver_once(bundle).await
+                self.deliver_once(&bundle).await
             }
             _ => first,
         }
     }
 
-    async fn deliver_once(&self, bundle: &[u8]) -> Attempt {
+    async fn deliver_once(&self, bundle: &bytes::Bytes) -> Attempt {
         match self.mode {
             DeliveryMode::Transaction => {
-                let (status, retry_after, body) =
-                    match self.post(&self.base_url, bundle.to_vec(), None).await {
-                        Ok(answer) => answer,
-                        Err(attempt) => return attempt,
-                    };
+                let (status, retry_after, body) = match self
+                    .post(self.transaction_url.clone(), bundle.clone(), None)
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(attempt) => return attempt,
+                };
                 classify(status, retry_after.as_deref(), &body)
             }
             DeliveryMode::PerResource => match serde_json::from_slice::<Value>(bundle) {
@@ -118,7 +136,7 @@ impl EhrClient {
             let condition = entry["request"]["ifNoneExist"].as_str();
             let url = format!("{}/{kind}", self.base_url);
             let (status, retry_after, body) = match self
-                .post(&url, resource.to_string().into_bytes(), condition)
+                .post(url.as_str(), resource.to_string().into(), condition)
                 .await
             {
                 Ok(answer) => answer,
@@ -154,8 +172,8 @@ impl EhrClient {
     /// One authorized POST; the status, `Retry-After` and JSON body, or the attempt it came to.
     async fn post(
         &self,
-        url: &str,
-        body: Vec<u8>,
+        url: impl reqwest::IntoUrl,
+        body: bytes::Bytes,
         if_none_exist: Option<&str>,
     ) -> Result<(u16, Option<String>, Value), Attempt> {
         let mut req = self

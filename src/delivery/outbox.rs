@@ -130,7 +130,7 @@ impl Outbox {
             }
         };
         let started = Instant::now();
-        let attempt = self.client.deliver(&bundle).await;
+        let attempt = self.client.deliver(bundle).await;
         self.metrics.observe_delivery(started.elapsed());
         let at = now();
         let (transition, resources, next) = match attempt {

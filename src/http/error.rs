@@ -25,7 +25,7 @@ pub enum ApiError {
     NotJson(String),
     #[error("{0}")]
     BadQuery(String),
-    #[error("unsupported content type `{0}`: send application/json or multipart/form-data")]
+    #[error("unsupported content type `{0}`: send application/json, multipart/form-data or application/x-www-form-urlencoded")]
     UnsupportedMediaType(String),
     #[error("the form body: {0}")]
     Form(#[from] super::form::FormError),

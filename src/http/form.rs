@@ -1,8 +1,10 @@
 //! Form bodies as JSON. Jotform posts its webhooks as `multipart/form-data`, one text part per
-//! field (its answers are a JSON document inside the `rawRequest` part); a mapping reads such a
-//! body as one JSON object, field name → text, in the order posted (a name posted more than
-//! once → an array of its texts). The JSON text made here is what the gateway maps, hashes and
-//! records, so a re-send with another boundary is the same submission.
+//! field (its answers are a JSON document inside the `rawRequest` part); other form tools and
+//! the relays between them (Wufoo, Gravity Forms, Zapier's and Make's form posts) send
+//! `application/x-www-form-urlencoded`. A mapping reads either body as one JSON object, field
+//! name → text, in the order posted (a name posted more than once → an array of its texts).
+//! The JSON text made here is what the gateway maps, hashes and records, so a re-send with
+//! another boundary — or the same fields in the other encoding — is the same submission.
 //!
 //! Lines may end in CRLF (the wire) or LF (captured fixtures). A file part is refused: nothing
 //! of it could be kept.
@@ -20,6 +22,8 @@ pub enum FormError {
     File(String),
     #[error("part `{0}` is not UTF-8 text")]
     NotText(String),
+    #[error("field {0} is not UTF-8 text once percent-decoded")]
+    NotTextField(usize),
 }
 
 /// The boundary of a `multipart/form-data` content type, `None` for any other type.
@@ -45,8 +49,7 @@ pub fn multipart_to_json(body: &[u8], boundary: &str) -> Result<Vec<u8>, FormErr
     let mut rest = after(body, &delimiter).ok_or(FormError::Malformed("no boundary line"))?;
     loop {
         if rest.starts_with(b"--") {
-            return serde_json::to_vec(&Value::Object(fields))
-                .map_err(|_| FormError::Malformed("unencodable field"));
+            return encoded(fields);
         }
         rest = line_end(rest).ok_or(FormError::Malformed("text after a boundary"))?;
         let (name, file) = headers(&mut rest)?;
@@ -60,15 +63,82 @@ pub fn multipart_to_json(body: &[u8], boundary: &str) -> Result<Vec<u8>, FormErr
         let Ok(text) = std::str::from_utf8(value) else {
             return Err(FormError::NotText(name));
         };
-        let text = Value::String(text.to_owned());
-        match fields.get_mut(&name) {
-            None => {
-                fields.insert(name, text);
-            }
-            Some(Value::Array(texts)) => texts.push(text),
-            Some(first) => *first = Value::Array(vec![first.take(), text]),
-        }
+        add(&mut fields, name, text.to_owned());
     }
+}
+
+/// Whether a content type is `application/x-www-form-urlencoded`.
+pub fn is_urlencoded(content_type: &str) -> bool {
+    content_type.split(';').next().is_some_and(|essence| {
+        essence
+            .trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    })
+}
+
+/// The fields of an `application/x-www-form-urlencoded` body as the text of one JSON object,
+/// read as the WHATWG URL standard reads them: `&`-separated `name=value` pairs (no `=`: an
+/// empty value; empty pairs skipped), `+` a space, `%XX` a byte (a `%` without two hex digits
+/// after it stays as it is). Decoded names and values must be UTF-8: nothing is replaced.
+pub fn urlencoded_to_json(body: &[u8]) -> Result<Vec<u8>, FormError> {
+    let mut fields = Map::new();
+    for (i, pair) in body
+        .split(|b| *b == b'&')
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
+        let (name, value) = match pair.iter().position(|b| *b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, &b""[..]),
+        };
+        let text = |part: &[u8]| {
+            String::from_utf8(percent_decode(part)).map_err(|_| FormError::NotTextField(i + 1))
+        };
+        add(&mut fields, text(name)?, text(value)?);
+    }
+    encoded(fields)
+}
+
+fn percent_decode(part: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| char::from(b).to_digit(16);
+    let mut out = Vec::with_capacity(part.len());
+    let mut i = 0;
+    while let Some(&b) = part.get(i) {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                part.get(i + 1).and_then(|&h| hex(h)),
+                part.get(i + 2).and_then(|&l| hex(l)),
+            ) {
+                (Some(h), Some(l)) => {
+                    // Two hex digits: at most 0xff.
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// One more field; a name posted again makes an array of its texts, in order.
+fn add(fields: &mut Map<String, Value>, name: String, text: String) {
+    let text = Value::String(text);
+    match fields.get_mut(&name) {
+        None => {
+            fields.insert(name, text);
+        }
+        Some(Value::Array(texts)) => texts.push(text),
+        Some(first) => *first = Value::Array(vec![first.take(), text]),
+    }
+}
+
+fn encoded(fields: Map<String, Value>) -> Result<Vec<u8>, FormError> {
+    serde_json::to_vec(&Value::Object(fields))
+        .map_err(|_| FormError::Malformed("unencodable field"))
 }
 
 /// A part's headers, up to and past the empty line: its field name, and whether it is a file.
@@ -236,5 +306,65 @@ mod tests {
                 String::from_utf8_lossy(broken)
             );
         }
+    }
+
+    /// The same fields as the multipart fixture, urlencoded as a browser would.
+    fn urlencode(fields: &Map<String, Value>) -> Vec<u8> {
+        let escape = |s: &str| {
+            s.bytes()
+                .map(|b| match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                        char::from(b).to_string()
+                    }
+                    b' ' => "+".into(),
+                    b => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        };
+        fields
+            .iter()
+            .map(|(k, v)| format!("{}={}", escape(k), escape(v.as_str().unwrap())))
+            .collect::<Vec<_>>()
+            .join("&")
+            .into_bytes()
+    }
+
+    #[test]
+    fn an_urlencoded_body_reads_as_the_same_object_as_its_multipart_twin() {
+        let multipart = fixture("jotform.webhook.glp1-intake.multipart");
+        let from_multipart = multipart_to_json(&multipart, &boundary_of(&multipart)).unwrap();
+        let fields: Value = serde_json::from_slice(&from_multipart).unwrap();
+        let body = urlencode(fields.as_object().unwrap());
+        // Byte for byte: the same submission, whichever way it was posted.
+        assert_eq!(urlencoded_to_json(&body).unwrap(), from_multipart);
+    }
+
+    #[test]
+    fn urlencoded_pairs_escapes_repeats_and_refusals() {
+        let read = |body: &[u8]| -> Value {
+            serde_json::from_slice(&urlencoded_to_json(body).unwrap()).unwrap()
+        };
+        assert_eq!(
+            read(b"a=1+2&b=%E2%9C%93&a=x%3Dy%26z&&flag&empty=&pct=100%&odd=%zz%4"),
+            serde_json::json!({
+                "a": ["1 2", "x=y&z"], "b": "\u{2713}", "flag": "", "empty": "",
+                "pct": "100%", "odd": "%zz%4"
+            })
+        );
+        assert_eq!(read(b""), serde_json::json!({}));
+        assert_eq!(read(b"na%6De=v"), serde_json::json!({"name": "v"}));
+        assert_eq!(
+            urlencoded_to_json(b"ok=1&bad=%FF"),
+            Err(FormError::NotTextField(2))
+        );
+        assert_eq!(
+            urlencoded_to_json(b"%C3=1"),
+            Err(FormError::NotTextField(1))
+        );
+        assert!(is_urlencoded("application/x-www-form-urlencoded"));
+        assert!(is_urlencoded(
+            "Application/X-WWW-Form-Urlencoded; charset=UTF-8"
+        ));
+        assert!(!is_urlencoded("application/json"));
     }
 }

@@ -194,10 +194,12 @@ async fn submit(
         .await
         .map_err(|_| ApiError::TooLarge(limit))?;
     authenticate(&state, &mapping_id, &parts, &raw)?;
-    // A form body (Jotform's webhooks) is read as the JSON object of its fields.
+    // A form body (Jotform's webhooks, urlencoded posts) is read as the JSON object of its
+    // fields.
     let raw = match body_kind(&parts.headers)? {
         BodyKind::Json => raw,
         BodyKind::Multipart(boundary) => Bytes::from(form::multipart_to_json(&raw, &boundary)?),
+        BodyKind::UrlEncoded => Bytes::from(form::urlencoded_to_json(&raw)?),
     };
     let waiting = state.intake.store().outbox_depth();
     if waiting >= state.config.limits.max_outbox {
@@ -343,10 +345,11 @@ async fn submit_response(
 enum BodyKind {
     Json,
     Multipart(String),
+    UrlEncoded,
 }
 
-/// JSON (`application/json`, `…+json`, or no content type) or a multipart form; anything else
-/// is refused.
+/// JSON (`application/json`, `…+json`, or no content type) or a form (multipart or
+/// urlencoded); anything else is refused.
 fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(BodyKind::Json);
@@ -354,6 +357,9 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     let ct = ct.to_str().unwrap_or("");
     if let Some(boundary) = form::multipart_boundary(ct) {
         return Ok(BodyKind::Multipart(boundary?.to_owned()));
+    }
+    if form::is_urlencoded(ct) {
+        return Ok(BodyKind::UrlEncoded);
     }
     let essence = ct
         .split(';')
