@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::delivery::outbox::Outbox;
 use crate::fetch::Fetch;
-use crate::http::{router, AppState};
+use crate::http::{router, AppState, Peer};
 use crate::intake::Intake;
 use crate::mapping;
 use crate::metrics::Metrics;
@@ -193,11 +193,14 @@ fn http_thread(
         .name(format!("http-{i}"))
         .spawn(move || {
             runtime.block_on(async move {
-                axum::serve(connections, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
+                axum::serve(
+                    connections,
+                    app.into_make_service_with_connect_info::<Peer>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
             })
         })
 }
@@ -257,6 +260,13 @@ impl axum::serve::Listener for Handoff {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.addr)
+    }
+}
+
+/// Each request knows the peer its connection was handed over with.
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Handoff>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Handoff>) -> Peer {
+        Peer(*stream.remote_addr())
     }
 }
 

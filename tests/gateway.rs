@@ -1288,14 +1288,18 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
 }
 
 /// Every use of an operators' endpoint, let through or refused, is in the audit trail before
-/// it is served — with which admin key, the request id and the query (a patient lookup's
-/// identifier stays there, not in the log).
+/// it is served — with which admin key, from where, the request id and the query (a patient
+/// lookup's identifier stays there, not in the log).
 #[test]
 fn every_operator_access_is_recorded_in_the_audit_trail() {
     let app = App::start_logged(None);
     let lookup = "/submissions?patient=https://crm.example-clinic.com/patient|pt_audited";
     let anyone = reqwest::blocking::Client::new();
-    let r = anyone.get(format!("{}{lookup}", app.url)).send().unwrap();
+    let r = anyone
+        .get(format!("{}{lookup}", app.url))
+        .header("x-forwarded-for", "203.0.113.7, 10.0.0.2")
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let refused_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let (status, _) = app.get(lookup);
@@ -1346,6 +1350,14 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
         "patient=https://crm.example-clinic.com/patient|pt_audited"
     );
     assert_eq!(accesses[4]["request_id"], refused_id.as_str());
+    // From where: the connection's peer; what a proxy says of the client, as it says it.
+    for a in accesses {
+        let client = a["client"].as_str().unwrap();
+        let addr: std::net::SocketAddr = client.parse().unwrap();
+        assert!(addr.ip().is_loopback(), "{client}");
+    }
+    assert_eq!(accesses[4]["forwarded_for"], "203.0.113.7, 10.0.0.2");
+    assert!(accesses[3].get("forwarded_for").is_none());
     assert!(!accesses
         .iter()
         .any(|a| a.to_string().contains(common::ADMIN_KEY)));

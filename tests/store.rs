@@ -653,6 +653,8 @@ fn operator_accesses_are_kept_newest_first_across_reopen() {
     let access = |n: usize| Access {
         at: format!("2026-11-27T10:00:0{n}Z"),
         who: "admin key 0123456789abcdef".into(),
+        client: Some(format!("127.0.0.1:4{n}000")),
+        forwarded_for: (n == 1).then(|| "203.0.113.7".into()),
         request_id: format!("req-{n}"),
         method: "GET".into(),
         path: "/submissions".into(),

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{to_bytes, Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -106,9 +106,19 @@ async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: 
         },
         None => ("anyone: no admin key is configured".to_string(), None),
     };
+    let headers = req.headers();
     let access = store::Access {
         at: now(),
         who,
+        client: req
+            .extensions()
+            .get::<ConnectInfo<Peer>>()
+            .map(|ConnectInfo(Peer(addr))| addr.to_string()),
+        // What a proxy in front says of the client (as it says it: not checked).
+        forwarded_for: headers
+            .get("x-forwarded-for")
+            .or_else(|| headers.get(header::FORWARDED))
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         request_id: req
             .extensions()
             .get::<RequestId>()
@@ -127,6 +137,11 @@ async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: 
     }
     next.run(req).await
 }
+
+/// The address a connection came from, as the listener saw it (axum's `ConnectInfo`; the
+/// server's listener hands it over with each connection).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// The request's id (`request_log` gives it), for whatever records the request.
 #[derive(Clone)]

@@ -88,6 +88,13 @@ pub struct Access {
     pub at: String,
     /// Who asked: which admin key (its fingerprint), or why none was accepted.
     pub who: String,
+    /// From where: the peer address of the connection (`None` in entries of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// `X-Forwarded-For` (or `Forwarded`) as the request carried it: what a proxy in front
+    /// says of the client, unchecked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded_for: Option<String>,
     pub request_id: String,
     pub method: String,
     pub path: String,
