@@ -114,11 +114,12 @@ async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: 
             .extensions()
             .get::<ConnectInfo<Peer>>()
             .map(|ConnectInfo(Peer(addr))| addr.to_string()),
-        // What a proxy in front says of the client (as it says it: not checked).
+        // What a proxy in front says of the client (as it says it: not checked; a chain of
+        // proxies fits, a refused request cannot make the trail keep kilobytes).
         forwarded_for: headers
             .get("x-forwarded-for")
             .or_else(|| headers.get(header::FORWARDED))
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            .map(|v| String::from_utf8_lossy(&v.as_bytes()[..v.len().min(256)]).into_owned()),
         request_id: req
             .extensions()
             .get::<RequestId>()
