@@ -32,6 +32,8 @@ pub struct Metrics {
     pub bundles_expired: AtomicU64,
     pub bundles_moved: AtomicU64,
     pub bundle_segments_deleted: AtomicU64,
+    /// Refused operators' attempts over the audit trail's rate, counted instead of recorded.
+    pub operator_refusals_unrecorded: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -95,6 +97,11 @@ impl Metrics {
                 "chartbridge_dead_letters_total",
                 "Submissions the EHR rejected for good.",
                 &self.dead_letters,
+            ),
+            (
+                "chartbridge_operator_refusals_unrecorded_total",
+                "Refused operators' attempts over the audit trail's rate: counted, not recorded one by one.",
+                &self.operator_refusals_unrecorded,
             ),
         ] {
             let _ = writeln!(

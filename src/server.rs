@@ -127,6 +127,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ehr: ehr.map(|(c, _)| c),
         fetch,
         started: crate::delivery::outbox::now(),
+        refusals: crate::http::refusal_budget(),
     });
     let (http_stop, http_stopped) = watch::channel(false);
     let app = router(Arc::clone(&state));

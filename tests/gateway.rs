@@ -1377,6 +1377,46 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
     assert_eq!(printed["accesses"][0]["query"], "limit=1");
 }
 
+/// A script hammering the operators' endpoints without the key is refused every time, but
+/// fills no disk: past a burst, its refusals are counted (into the next entry recorded and a
+/// metric), not recorded one by one.
+#[test]
+fn refused_attempts_beyond_the_audit_rate_are_counted_not_recorded() {
+    let app = App::start(None);
+    let anyone = reqwest::blocking::Client::new();
+    let attempts = 300;
+    for _ in 0..attempts {
+        let r = anyone
+            .get(format!("{}/provenance?target=Observation/1", app.url))
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let (status, trail) = app.get("/audit?limit=1000");
+    assert_eq!(status, 200, "{trail}");
+    let accesses = trail["accesses"].as_array().unwrap();
+    let recorded = accesses.iter().filter(|a| a["allowed"] == false).count();
+    // Each count is in the entry recorded next (a refusal once the rate allows, or this read).
+    let counted: u64 = accesses
+        .iter()
+        .filter_map(|a| a["unrecorded_refusals"].as_u64())
+        .sum();
+    assert_eq!(accesses[0]["path"], "/audit");
+    assert_eq!(
+        recorded as u64 + counted,
+        attempts,
+        "{recorded} + {counted}"
+    );
+    assert!(recorded >= 100 && counted > 0, "{recorded} recorded");
+    let metrics = app.get_text("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "chartbridge_operator_refusals_unrecorded_total {counted}"
+        )),
+        "{metrics}"
+    );
+}
+
 /// A FHIR-native form: the clinic's portal posts a QuestionnaireResponse to one of the
 /// mappings' Questionnaires, signed as that mapping's source. It is a submission like any
 /// other — durable, then delivered once: the EHR gets its Patient, the response, the extracted

@@ -660,6 +660,7 @@ fn operator_accesses_are_kept_newest_first_across_reopen() {
         path: "/submissions".into(),
         query: Some(format!("patient=https://crm.example/p|{n}")),
         allowed: n != 2,
+        unrecorded_refusals: (n == 1).then_some(40),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -136,6 +136,63 @@ pub fn fingerprint(key: &str) -> String {
     hex
 }
 
+/// How many refused operator attempts the audit trail records one by one: `per_second` on
+/// average, in bursts of up to `burst`. Beyond that (a script hammering the endpoints without
+/// the key) refusals are still refused, but only counted — the count goes into the next entry
+/// the trail records — so that they cannot fill the disk one entry each.
+pub struct RefusalBudget {
+    per_second: f64,
+    burst: f64,
+    /// Tokens left, and when they were counted.
+    tokens: std::sync::Mutex<(f64, std::time::Instant)>,
+    unrecorded: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalBudget {
+    pub fn new(per_second: f64, burst: f64, now: std::time::Instant) -> RefusalBudget {
+        RefusalBudget {
+            per_second,
+            burst,
+            tokens: std::sync::Mutex::new((burst, now)),
+            unrecorded: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a refusal at `now` is recorded; if not, it is counted.
+    pub fn record(&self, now: std::time::Instant) -> bool {
+        let recorded = match self.tokens.lock() {
+            Ok(mut t) => {
+                let (tokens, then) = *t;
+                let refilled = (tokens
+                    + now.saturating_duration_since(then).as_secs_f64() * self.per_second)
+                    .min(self.burst);
+                let recorded = refilled >= 1.0;
+                *t = (if recorded { refilled - 1.0 } else { refilled }, now);
+                recorded
+            }
+            // A poisoned lock (a panic elsewhere): record, as without a budget.
+            Err(_) => true,
+        };
+        if !recorded {
+            self.unrecorded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        recorded
+    }
+
+    /// The refusals counted since the last call (the count starts again).
+    pub fn take_unrecorded(&self) -> u64 {
+        self.unrecorded
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Puts back a count that could not be recorded after all.
+    pub fn put_back(&self, n: u64) {
+        self.unrecorded
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Healthie's signed webhooks: `Content-Digest: SHA-256=<digest of the body>`, and
 /// `Signature: sig1=<hex HMAC-SHA256>` of `"<method> <path> <query> <digest> application/json
 /// <body length>"` (method in lower case), as Healthie's webhook guide builds it. The HMAC
@@ -389,5 +446,24 @@ mod tests {
             .encode(<Sha256 as sha2::Digest>::digest(body));
         assert!(digest_of(body, &format!("sha-256=:{b64}:")));
         assert!(!digest_of(other, &format!("sha-256=:{b64}:")));
+    }
+
+    #[test]
+    fn refusals_beyond_the_budget_are_counted_not_recorded() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let budget = RefusalBudget::new(2.0, 3.0, t0);
+        let recorded: Vec<bool> = (0..5).map(|_| budget.record(t0)).collect();
+        assert_eq!(recorded, [true, true, true, false, false]);
+        assert_eq!(budget.take_unrecorded(), 2);
+        assert_eq!(budget.take_unrecorded(), 0);
+        // Half a second refills one; never more than the burst.
+        assert!(budget.record(t0 + Duration::from_millis(500)));
+        assert!(!budget.record(t0 + Duration::from_millis(500)));
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..4).filter(|_| budget.record(later)).count(), 3);
+        assert_eq!(budget.take_unrecorded(), 2);
+        budget.put_back(5);
+        assert_eq!(budget.take_unrecorded(), 5);
     }
 }

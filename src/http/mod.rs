@@ -56,6 +56,13 @@ pub struct AppState {
     pub fetch: Fetch,
     /// When the gateway started (RFC 3339): the CapabilityStatement's date.
     pub started: String,
+    /// How many refused operators' attempts the audit trail records one by one.
+    pub refusals: auth::RefusalBudget,
+}
+
+/// Refused operators' attempts recorded one by one: 10 a second, bursts of 100.
+pub fn refusal_budget() -> auth::RefusalBudget {
+    auth::RefusalBudget::new(10.0, 100.0, Instant::now())
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -106,6 +113,13 @@ async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: 
         },
         None => ("anyone: no admin key is configured".to_string(), None),
     };
+    if let Some(why) = &refused {
+        if !state.refusals.record(Instant::now()) {
+            Metrics::inc(&state.metrics.operator_refusals_unrecorded);
+            return ApiError::Unauthorized(why.clone()).into_response();
+        }
+    }
+    let unrecorded = state.refusals.take_unrecorded();
     let headers = req.headers();
     let access = store::Access {
         at: now(),
@@ -129,8 +143,10 @@ async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: 
         path: req.uri().path().to_string(),
         query: req.uri().query().map(str::to_string),
         allowed: refused.is_none(),
+        unrecorded_refusals: (unrecorded > 0).then_some(unrecorded),
     };
     if let Err(e) = state.intake.store().record_access(&access).await {
+        state.refusals.put_back(unrecorded);
         return ApiError::Unaudited(e.to_string()).into_response();
     }
     if let Some(why) = refused {

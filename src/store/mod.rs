@@ -102,6 +102,10 @@ pub struct Access {
     pub query: Option<String>,
     /// Whether it was let through.
     pub allowed: bool,
+    /// How many refused attempts came since the entry before this one without an entry of
+    /// their own (over the rate at which refusals are recorded one by one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded_refusals: Option<u64>,
 }
 
 static AUDIT_SEQ: AtomicU64 = AtomicU64::new(0);
