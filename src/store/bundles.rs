@@ -15,6 +15,11 @@
 //! record points at it (the writer fdatasyncs the segment before the sled transaction that
 //! refers to its frames), and appends simply go after it.
 //!
+//! Only the newest `OPEN_SEGMENTS` segments are kept open for reading (where the outbox reads);
+//! an older one is opened for the read that needs it: a log of thousands of segments (a long
+//! retention) does not hold thousands of file descriptors — running out of them would stop the
+//! gateway accepting connections.
+//!
 //! Stores of earlier versions kept one file, `bundles.log`: it becomes the first segment (its
 //! offsets are the same).
 
@@ -59,8 +64,22 @@ impl BundleAt {
     }
 }
 
-/// The segments by their first offset, each open for reading.
-type Segments = Arc<RwLock<BTreeMap<u64, Arc<File>>>>;
+/// The segments by their first offset; the newest `OPEN_SEGMENTS` open for reading.
+type Segments = Arc<RwLock<BTreeMap<u64, Option<Arc<File>>>>>;
+
+/// How many segments (the newest) stay open for reading.
+const OPEN_SEGMENTS: usize = 8;
+
+/// Closes the files of all but the newest `OPEN_SEGMENTS` segments (readers holding one keep
+/// it until they are done).
+fn close_older(segments: &mut BTreeMap<u64, Option<Arc<File>>>) {
+    for file in segments.values_mut().rev().skip(OPEN_SEGMENTS) {
+        if file.take().is_none() {
+            // Older ones were closed before.
+            break;
+        }
+    }
+}
 
 /// Reads at offsets, from any thread; drops old segments.
 pub(crate) struct BundleLog {
@@ -148,20 +167,25 @@ impl BundleLog {
                 .and_then(|n| n.strip_suffix(".log"))
                 .and_then(|n| n.parse::<u64>().ok());
             if let Some(start) = start {
-                segments.insert(start, Arc::new(File::open(&path).map_err(io(&path))?));
+                segments.insert(start, None);
             }
         }
         if segments.is_empty() {
             let path = segment_path(dir, 0);
             File::create(&path).map_err(io(&path))?;
             sync_dir(dir)?;
-            segments.insert(0, Arc::new(File::open(&path).map_err(io(&path))?));
+            segments.insert(0, None);
         }
-        let (&start, last) = segments
+        for (&start, file) in segments.iter_mut().rev().take(OPEN_SEGMENTS) {
+            let path = segment_path(dir, start);
+            *file = Some(Arc::new(File::open(&path).map_err(io(&path))?));
+        }
+        let start = segments
             .last_key_value()
+            .map(|(&start, _)| start)
             .ok_or_else(|| io(dir)(std::io::Error::other("no segment")))?;
-        let end = start + last.metadata().map_err(io(dir))?.len();
         let path = segment_path(dir, start);
+        let end = start + std::fs::metadata(&path).map_err(io(&path))?.len();
         let append = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -185,18 +209,25 @@ impl BundleLog {
         ))
     }
 
-    /// The segment file holding `offset`, with its first offset; `None` below the oldest kept
-    /// segment.
-    fn segment(&self, offset: u64) -> Option<(u64, Arc<File>)> {
+    /// The first offset of the segment holding `offset`, and its file if it is kept open;
+    /// `None` below the oldest kept segment.
+    fn segment(&self, offset: u64) -> Option<(u64, Option<Arc<File>>)> {
         let segments = self.segments.read().ok()?;
         let (&start, file) = segments.range(..=offset).next_back()?;
-        Some((start, Arc::clone(file)))
+        Some((start, file.clone()))
     }
 
     /// Whether the Bundle at `at` is still kept for a replay: its segment is there and no
     /// sweep is about to drop it.
     pub(crate) fn keeps(&self, at: BundleAt) -> bool {
         at.offset >= self.expiring_below.load(Ordering::SeqCst) && self.segment(at.offset).is_some()
+    }
+
+    #[cfg(test)]
+    fn open_files(&self) -> usize {
+        self.segments
+            .read()
+            .map_or(0, |s| s.values().filter(|f| f.is_some()).count())
     }
 
     /// Marks the Bundles below `offset` as expiring (never undone: segments only go).
@@ -210,6 +241,15 @@ impl BundleLog {
             return Ok(None);
         };
         let path = segment_path(&self.dir, start);
+        let file = match file {
+            Some(file) => file,
+            None => match File::open(&path) {
+                Ok(file) => Arc::new(file),
+                // Dropped by a sweep since it was looked up.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io(&path)(e)),
+            },
+        };
         let mut frame = vec![0u8; HEADER + at.len as usize];
         file.read_exact_at(&mut frame, at.offset - start)
             .map_err(io(&path))?;
@@ -232,16 +272,15 @@ impl BundleLog {
 
     /// The closed segments (all but the one appended to), oldest first.
     pub(crate) fn closed(&self) -> Result<Vec<Segment>, StoreError> {
-        let starts: Vec<(u64, Arc<File>)> = match self.segments.read() {
-            Ok(s) => s.iter().map(|(k, f)| (*k, Arc::clone(f))).collect(),
+        let starts: Vec<u64> = match self.segments.read() {
+            Ok(s) => s.keys().copied().collect(),
             Err(_) => return Ok(Vec::new()),
         };
         let mut closed = Vec::new();
         for pair in starts.windows(2) {
-            let ((start, file), (next, _)) = (&pair[0], &pair[1]);
+            let (start, next) = (&pair[0], &pair[1]);
             let path = segment_path(&self.dir, *start);
-            let modified = file
-                .metadata()
+            let modified = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .map_err(io(&path))?;
             closed.push(Segment {
@@ -347,7 +386,8 @@ impl BundleAppender {
         sync_dir(&self.dir)?;
         let read = File::open(&path).map_err(io(&path))?;
         if let Ok(mut segments) = self.segments.write() {
-            segments.insert(self.end, Arc::new(read));
+            segments.insert(self.end, Some(Arc::new(read)));
+            close_older(&mut segments);
         }
         self.append = append;
         self.start = self.end;
@@ -440,6 +480,32 @@ mod tests {
         let e = appender.append(&[b"eeee"]).unwrap()[0];
         assert_eq!(e.offset, 48);
         assert_eq!(read(&log, e).unwrap(), b"eeee");
+    }
+
+    #[test]
+    fn only_the_newest_segments_stay_open_and_older_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut appender) = open(dir.path(), 10);
+        let n = OPEN_SEGMENTS * 3;
+        let at: Vec<BundleAt> = (0..n)
+            .map(|i| appender.append(&[format!("b{i:03}").as_bytes()]).unwrap()[0])
+            .collect();
+        assert_eq!(log.closed().unwrap().len(), n - 1, "one segment each");
+        assert_eq!(log.open_files(), OPEN_SEGMENTS);
+        for (i, at) in at.iter().enumerate() {
+            assert_eq!(read(&log, *at).unwrap(), format!("b{i:03}").as_bytes());
+        }
+        // The same after a reopen; and a dropped old segment reads as gone.
+        drop((log, appender));
+        let (log, _appender) = open(dir.path(), 10);
+        assert_eq!(log.open_files(), OPEN_SEGMENTS);
+        assert_eq!(read(&log, at[1]).unwrap(), b"b001");
+        assert_eq!(log.drop_below(at[2].offset).unwrap(), 2);
+        assert_eq!(read(&log, at[1]), None);
+        assert_eq!(
+            read(&log, at[n - 1]).unwrap(),
+            format!("b{:03}", n - 1).as_bytes()
+        );
     }
 
     #[test]
