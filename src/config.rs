@@ -173,7 +173,14 @@ pub enum SourceAuth {
     },
     /// Healthie's signed webhooks: `Content-Digest` (SHA-256 of the body) and `Signature:
     /// sig1=<hex>`, an HMAC-SHA256 of the request line, that digest, the content type and length.
-    Healthie { secret: String },
+    Healthie {
+        secret: String,
+        /// The path Healthie signs when a proxy in front serves the gateway under another one
+        /// (e.g. `/chartbridge/submissions/glp1-intake-healthie`); by default, the path the
+        /// gateway is asked.
+        #[serde(default)]
+        signed_path: Option<String>,
+    },
     /// The Standard Webhooks scheme (a custom portal): `webhook-id`, `webhook-timestamp` and
     /// `webhook-signature: v1,<base64>` over `{id}.{timestamp}.{body}`; a timestamp outside
     /// `tolerance_seconds` is refused, so a captured request cannot be replayed later.

@@ -29,7 +29,17 @@ pub fn verify(
     now: u64,
 ) -> Result<(), String> {
     match auth {
-        SourceAuth::Healthie { secret } => healthie(secret, target, headers, body),
+        SourceAuth::Healthie {
+            secret,
+            signed_path,
+        } => {
+            // What the sender signed: the path before a proxy rewrote it, when configured.
+            let target = Target {
+                path: signed_path.as_deref().unwrap_or(target.path),
+                ..*target
+            };
+            healthie(secret, &target, headers, body)
+        }
         SourceAuth::StandardWebhooks {
             secret,
             tolerance_seconds,
@@ -409,6 +419,7 @@ mod tests {
     fn healthie_signatures_cover_the_request_line_and_the_body_digest() {
         let auth = SourceAuth::Healthie {
             secret: "hs3cret".into(),
+            signed_path: None,
         };
         let body = br#"{"resource_id":"1","resource_id_type":"FormAnswerGroup"}"#;
         let (digest, signature) = sign_healthie("hs3cret", &T, body);
@@ -446,6 +457,21 @@ mod tests {
             .encode(<Sha256 as sha2::Digest>::digest(body));
         assert!(digest_of(body, &format!("sha-256=:{b64}:")));
         assert!(!digest_of(other, &format!("sha-256=:{b64}:")));
+
+        // Behind a proxy that strips a prefix: Healthie signed the public path.
+        let public = Target {
+            path: "/chartbridge/submissions/x",
+            ..T
+        };
+        let (digest, signature) = sign_healthie("hs3cret", &public, body);
+        let proxied = headers(&digest, &signature);
+        assert!(verify(&auth, &T, &proxied, body, 0).is_err());
+        let behind_proxy = SourceAuth::Healthie {
+            secret: "hs3cret".into(),
+            signed_path: Some("/chartbridge/submissions/x".into()),
+        };
+        assert_eq!(verify(&behind_proxy, &T, &proxied, body, 0), Ok(()));
+        assert!(verify(&behind_proxy, &T, &good, body, 0).is_err());
     }
 
     #[test]
