@@ -79,6 +79,18 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// List the dead-lettered submissions (latest first, with the EHR's reason), or with
+    /// `--waiting` what the outbox holds (oldest first) — asks the running gateway, with
+    /// `CHARTBRIDGE_ADMIN_KEY` as inspect does.
+    DeadLetters {
+        /// The deliveries waiting in the outbox instead.
+        #[arg(long)]
+        waiting: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Show who used the operators' endpoints, newest first (asks the running gateway, with
     /// `CHARTBRIDGE_ADMIN_KEY` as inspect does).
     Audit {
@@ -152,6 +164,18 @@ pub fn run() -> ExitCode {
             reqwest::Method::GET,
             &format!("{url}/submissions"),
             &[("patient", &identifier)],
+        ),
+        Command::DeadLetters {
+            waiting,
+            limit,
+            url,
+        } => remote(
+            reqwest::Method::GET,
+            &format!("{url}/submissions"),
+            &[
+                ("state", if waiting { "waiting" } else { "dead-lettered" }),
+                ("limit", &limit.to_string()),
+            ],
         ),
         Command::Audit { limit, url } => remote(
             reqwest::Method::GET,

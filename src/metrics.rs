@@ -61,7 +61,7 @@ impl Metrics {
     }
 
     /// The Prometheus exposition text; the store's figures are read by the caller.
-    pub fn render(&self, outbox_depth: usize, store: &StoreFigures) -> String {
+    pub fn render(&self, outbox_depth: usize, dead_letters: usize, store: &StoreFigures) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut s = String::new();
         let _ = writeln!(
@@ -117,6 +117,14 @@ impl Metrics {
         let _ = writeln!(
             s,
             "# TYPE chartbridge_outbox_depth gauge\nchartbridge_outbox_depth {outbox_depth}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_dead_lettered Submissions dead-lettered now (not replayed since)."
+        );
+        let _ = writeln!(
+            s,
+            "# TYPE chartbridge_dead_lettered gauge\nchartbridge_dead_lettered {dead_letters}"
         );
         for (name, help, value) in [
             (
@@ -198,6 +206,7 @@ mod tests {
         m.observe_delivery(Duration::from_millis(30));
         let text = m.render(
             3,
+            1,
             &StoreFigures {
                 commits: 4,
                 rounds: 2,
@@ -206,6 +215,7 @@ mod tests {
         );
         assert!(text.contains("chartbridge_submissions_total{outcome=\"accepted\"} 1"));
         assert!(text.contains("chartbridge_outbox_depth 3"));
+        assert!(text.contains("chartbridge_dead_lettered 1"));
         assert!(text.contains("chartbridge_store_commit_rounds_total 2"));
         assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("chartbridge_delivery_seconds_bucket{le=\"0.05\"} 1"));

@@ -283,6 +283,13 @@ fn ehr_down_then_up_delivers_and_a_restart_resumes_the_outbox() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // Operators see what waits, and that nothing is dead-lettered.
+    let (status, waiting) = app.get("/submissions?state=waiting");
+    assert_eq!(status, 200, "{waiting}");
+    assert_eq!(waiting["submissions"][0]["key"], KEY);
+    assert_eq!(waiting["submissions"].as_array().unwrap().len(), 1);
+    let (_, dead) = app.get("/submissions?state=dead-lettered");
+    assert_eq!(dead["submissions"], serde_json::json!([]));
     // Stop the gateway while the delivery is pending; bring the EHR up; restart.
     app.terminate();
     let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
@@ -313,6 +320,24 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
     let reason = view["transitions"][2]["detail"].as_str().unwrap();
     assert!(reason.starts_with("HTTP 4"), "{reason}");
     assert_eq!(count(&strict, "QuestionnaireResponse"), 0);
+    // Operators find it among the dead letters, with the reason (CLI and HTTP alike).
+    let listed: Value = serde_json::from_slice(
+        &common::succeeds(
+            common::chartbridge()
+                .args(["dead-letters", "--url", &app.url])
+                .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+        )
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(listed["submissions"][0]["key"], key);
+    assert_eq!(listed["submissions"][0]["transitions"][2]["detail"], reason);
+    assert_eq!(listed["submissions"].as_array().unwrap().len(), 1);
+    assert!(app
+        .get_text("/metrics")
+        .contains("chartbridge_dead_lettered 1"));
+    let (status, _) = app.get("/submissions?state=delivered");
+    assert_eq!(status, 400, "only dead-lettered and waiting are listed");
 
     // The cause is fixed (the EHR lifts the limit); an operator replays it.
     drop(strict);
@@ -343,6 +368,12 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
         states,
         ["received", "mapped", "dead-lettered", "mapped", "delivered"]
     );
+    // Replayed: no longer a dead letter.
+    let (_, dead) = app.get("/submissions?state=dead-lettered");
+    assert_eq!(dead["submissions"], serde_json::json!([]));
+    assert!(app
+        .get_text("/metrics")
+        .contains("chartbridge_dead_lettered 0"));
 }
 
 #[test]

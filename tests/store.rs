@@ -678,3 +678,55 @@ fn operator_accesses_are_kept_newest_first_across_reopen() {
         vec![access(2), access(1), access(0)]
     );
 }
+
+/// Dead letters are listed latest first until they are replayed, across a reopen; a store of
+/// an earlier version (no index) gets its dead letters indexed once, from the records.
+#[test]
+fn dead_letters_are_listed_until_replayed_and_indexed_for_earlier_stores() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = |store: &Store| -> Vec<String> {
+        store
+            .dead_letters(10)
+            .unwrap()
+            .iter()
+            .map(SubmissionRecord::key)
+            .collect()
+    };
+    {
+        let store = Store::open(dir.path()).unwrap();
+        for id in ["a", "b", "c"] {
+            store.accept(&record(id, "aaaa"), BUNDLE).unwrap();
+        }
+        store
+            .transition(&key("a"), to(State::DeadLettered), vec![])
+            .unwrap();
+        store
+            .transition(&key("b"), to(State::Delivered), vec![])
+            .unwrap();
+        store
+            .transition(&key("c"), to(State::DeadLettered), vec![])
+            .unwrap();
+        assert_eq!(dead(&store), [key("c"), key("a")], "latest first");
+        assert_eq!(store.dead_letter_count(), 2);
+        assert_eq!(store.dead_letters(1).unwrap().len(), 1);
+        assert!(matches!(
+            store.requeue(&key("c"), "2026-01-03T00:00:00Z").unwrap(),
+            Requeued::Waiting(_)
+        ));
+        assert_eq!(dead(&store), [key("a")]);
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(dead(&store), [key("a")], "kept across a reopen");
+    drop(store);
+
+    // As an earlier version left it: no index, no mark.
+    {
+        let db = raw_sled(dir.path());
+        db.drop_tree("dead_letters").unwrap();
+        db.remove("dead_letters_indexed").unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(dead(&store), [key("a")], "indexed from the records");
+    assert_eq!(store.dead_letter_count(), 1);
+}

@@ -68,7 +68,7 @@ pub fn refusal_budget() -> auth::RefusalBudget {
 pub fn router(state: Arc<AppState>) -> Router {
     // What operators use: behind the admin key when one is configured.
     let operators = Router::new()
-        .route("/submissions", get(patient_submissions))
+        .route("/submissions", get(submissions))
         .route("/submissions/{mapping_id}/{submission_id}", get(status))
         .route(
             "/submissions/{mapping_id}/{submission_id}/replay",
@@ -622,31 +622,55 @@ fn parameter<'v>(parameters: &'v Value, name: &str) -> Option<&'v Value> {
 }
 
 #[derive(Deserialize)]
-struct PatientQuery {
+struct SubmissionsQuery {
     patient: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
 }
 
-/// `GET /submissions?patient=<system>|<value>`: a patient's submissions, each as its status
-/// view (no PHI values), by the identifier the mapping recorded.
-async fn patient_submissions(
+/// `GET /submissions?patient=<system>|<value>`: a patient's submissions, by the identifier the
+/// mapping recorded; `?state=dead-lettered` the dead letters (latest first), `?state=waiting`
+/// what the outbox holds (oldest first), `limit` of them (100 by default, 1,000 at most). Each
+/// as its status view (no PHI values).
+async fn submissions(
     State(state): State<Arc<AppState>>,
-    Query(q): Query<PatientQuery>,
+    Query(q): Query<SubmissionsQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let Some((system, value)) = q.patient.as_deref().and_then(|p| p.split_once('|')) else {
-        return Err(ApiError::BadQuery(
-            "give `patient=<system>|<value>`, the identifier the mapping recorded".into(),
-        ));
-    };
     let store = state.intake.store();
-    let mut submissions = Vec::new();
-    for key in store
-        .by_patient(system, value)
-        .map_err(IntakeError::Store)?
-    {
-        if let Some(r) = store.get(&key).map_err(IntakeError::Store)? {
-            submissions.push(public_view(&r));
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let records = match (q.patient.as_deref(), q.state.as_deref()) {
+        (Some(patient), None) => {
+            let Some((system, value)) = patient.split_once('|') else {
+                return Err(ApiError::BadQuery(
+                    "give `patient=<system>|<value>`, the identifier the mapping recorded".into(),
+                ));
+            };
+            let mut records = Vec::new();
+            for key in store
+                .by_patient(system, value)
+                .map_err(IntakeError::Store)?
+            {
+                records.extend(store.get(&key).map_err(IntakeError::Store)?);
+            }
+            records
         }
-    }
+        (None, Some("dead-lettered")) => store.dead_letters(limit).map_err(IntakeError::Store)?,
+        (None, Some("waiting")) => {
+            let mut records = Vec::new();
+            for waiting in store.pending_where(limit, |_| true) {
+                records.extend(store.get(&waiting.key).map_err(IntakeError::Store)?);
+            }
+            records
+        }
+        _ => {
+            return Err(ApiError::BadQuery(
+                "give `patient=<system>|<value>` (a patient's submissions), or \
+                 `state=dead-lettered` or `state=waiting` (with `limit`, 100 by default)"
+                    .into(),
+            ))
+        }
+    };
+    let submissions: Vec<Value> = records.iter().map(public_view).collect();
     Ok(Json(json!({ "submissions": submissions })))
 }
 
@@ -711,7 +735,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         flush_seconds: c.flush_micros as f64 / 1e6,
         sync_seconds: c.sync_micros as f64 / 1e6,
     };
-    let text = state.metrics.render(store.outbox_depth(), &figures);
+    let text = state
+        .metrics
+        .render(store.outbox_depth(), store.dead_letter_count(), &figures);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -255,6 +255,7 @@ impl Store {
             by_resource: db.open_tree("by_resource")?,
             by_patient: db.open_tree("by_patient")?,
             audit: db.open_tree("audit")?,
+            dead_letters: dead_letters(&db, &submissions)?,
             fresh: writer::Fresh::default(),
             submissions,
             db,
@@ -575,6 +576,31 @@ impl Store {
         }
     }
 
+    /// The dead-lettered submissions (waiting for a fix and a replay), latest dead letter
+    /// first, at most `limit`.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<SubmissionRecord>, StoreError> {
+        let mut entries = Vec::new();
+        for entry in self.trees.dead_letters.iter() {
+            let (key, when) = entry?;
+            let when = <[u8; 8]>::try_from(when.as_ref()).map_or(0, i64::from_le_bytes);
+            entries.push((std::cmp::Reverse(when), key));
+        }
+        entries.sort();
+        let mut records = Vec::new();
+        for (_, key) in entries.into_iter().take(limit) {
+            let key = String::from_utf8_lossy(&key).into_owned();
+            if let Some(record) = self.get(&key)? {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    /// How many submissions are dead-lettered now.
+    pub fn dead_letter_count(&self) -> usize {
+        self.trees.dead_letters.len()
+    }
+
     /// Keys of a patient's submissions.
     pub fn by_patient(&self, system: &str, value: &str) -> Result<Vec<String>, StoreError> {
         let prefix = format!("{system}|{value}\0");
@@ -613,6 +639,35 @@ fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
         }
     }
 }
+
+/// The dead-letter index; built once from the records in a store of an earlier version (which
+/// had none), marked done by `DEAD_LETTERS_INDEXED` in sled's default tree.
+fn dead_letters(db: &sled::Db, submissions: &sled::Tree) -> Result<sled::Tree, StoreError> {
+    let tree = db.open_tree("dead_letters")?;
+    if db.contains_key(DEAD_LETTERS_INDEXED)? {
+        return Ok(tree);
+    }
+    for entry in submissions.iter() {
+        let (key, value) = entry?;
+        let Ok(record) = decode(&String::from_utf8_lossy(&key), &value) else {
+            continue;
+        };
+        if let Some(last) = record
+            .transitions
+            .last()
+            .filter(|t| t.state == State::DeadLettered)
+        {
+            let micros =
+                chrono::DateTime::parse_from_rfc3339(&last.at).map_or(0, |t| t.timestamp_micros());
+            tree.insert(key, &micros.to_le_bytes())?;
+        }
+    }
+    db.insert(DEAD_LETTERS_INDEXED, &[1])?;
+    db.flush()?;
+    Ok(tree)
+}
+
+const DEAD_LETTERS_INDEXED: &[u8] = b"dead_letters_indexed";
 
 /// The outbox's entries in the order they entered it (accepted, or put back by a replay), then
 /// key: the time the entry keeps, or — written by an earlier version — its record's last

@@ -120,6 +120,9 @@ pub(crate) struct Trees {
     pub by_patient: sled::Tree,
     /// Operators' accesses, oldest first (`audit_key`).
     pub audit: sled::Tree,
+    /// The dead-lettered submissions (key → when, Unix µs, eight little-endian bytes): in by
+    /// the dead letter, out by a replay.
+    pub dead_letters: sled::Tree,
     pub fresh: Fresh,
 }
 
@@ -436,13 +439,15 @@ fn transact(
         &trees.outbox,
         &trees.by_resource,
         &trees.by_patient,
+        &trees.dead_letters,
     )
-        .transaction(|(subs, outbox, resources, patients)| {
+        .transaction(|(subs, outbox, resources, patients, dead_letters)| {
             let t = Tx {
                 subs,
                 outbox,
                 resources,
                 patients,
+                dead_letters,
                 trees,
                 now,
                 changes: std::cell::RefCell::new(Vec::new()),
@@ -465,6 +470,7 @@ struct Tx<'a> {
     outbox: &'a TransactionalTree,
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
+    dead_letters: &'a TransactionalTree,
     /// For what is read outside the transaction: the Bundle log, legacy Bundle places.
     trees: &'a Trees,
     /// The round's time (Unix µs): when what it puts in the outbox entered it.
@@ -554,24 +560,38 @@ impl Tx<'_> {
                 key,
                 transition,
                 ehr,
-            } => self.update(key, |record| {
-                record.transitions.push(transition.clone());
-                record.ehr.extend(ehr.iter().cloned());
-                match transition.state {
-                    State::Delivered | State::DeadLettered | State::Acknowledged => Outbox::Leave,
-                    State::Failed => Outbox::Failed,
-                    _ => Outbox::Stay,
+            } => {
+                let written = self.update(key, |record| {
+                    record.transitions.push(transition.clone());
+                    record.ehr.extend(ehr.iter().cloned());
+                    match transition.state {
+                        State::Delivered | State::DeadLettered | State::Acknowledged => {
+                            Outbox::Leave
+                        }
+                        State::Failed => Outbox::Failed,
+                        _ => Outbox::Stay,
+                    }
+                })?;
+                if transition.state == State::DeadLettered
+                    && matches!(written, Ok(Written::Record(Some(_))))
+                {
+                    self.dead_letters
+                        .insert(key.as_bytes(), &self.now.to_le_bytes())?;
                 }
-            })?,
+                written
+            }
             Write::Requeue { key, .. } if self.expired(key)? => Ok(Written::Expired),
-            Write::Requeue { key, at } => self.update(key, |record| {
-                record.transitions.push(Transition {
-                    state: State::Mapped,
-                    at: at.clone(),
-                    detail: Some("replay requested".into()),
-                });
-                Outbox::Enter
-            })?,
+            Write::Requeue { key, at } => {
+                self.dead_letters.remove(key.as_bytes())?;
+                self.update(key, |record| {
+                    record.transitions.push(Transition {
+                        state: State::Mapped,
+                        at: at.clone(),
+                        detail: Some("replay requested".into()),
+                    });
+                    Outbox::Enter
+                })?
+            }
             Write::Move { key, .. } => {
                 let Some(at) = at else {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
