@@ -1318,6 +1318,57 @@ fn extract_takes_parameters_with_an_inline_questionnaire_and_says_what_it_cannot
     assert_eq!(status, 400);
 }
 
+/// SDC 4.0 `member` and `derived` through `$extract`, and the Bundle through the real FHIR
+/// server: the panel's `hasMember` and the derived value's `derivedFrom` end up pointing at the
+/// Observations the server stored.
+#[test]
+fn extracted_panels_point_at_their_members_on_the_ehr() {
+    use serde_json::json;
+    let ehr = FhirServer::start();
+    let app = App::start(None);
+    let loinc = |code: &str| json!([{"system": "http://loinc.org", "code": code}]);
+    let flag = |v: &str| {
+        json!([{"url": "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-observationExtract",
+                "valueCode": v}])
+    };
+    let q = json!({
+        "resourceType": "Questionnaire", "status": "active",
+        "url": "https://portal.example/Questionnaire/vitals",
+        "item": [{"linkId": "panel", "type": "group", "code": loinc("85353-1"),
+                  "extension": flag("independent"), "item": [
+            {"linkId": "weight", "type": "decimal", "code": loinc("29463-7"),
+             "extension": flag("member")},
+            {"linkId": "bmi", "type": "decimal", "code": loinc("39156-5"),
+             "extension": flag("derived")}]}]
+    });
+    let qr = json!({
+        "resourceType": "QuestionnaireResponse", "status": "completed",
+        "questionnaire": "https://portal.example/Questionnaire/vitals",
+        "identifier": {"system": "https://portal.example/qr", "value": "vitals-1"},
+        "authored": "2026-11-27T09:00:00Z",
+        "item": [{"linkId": "panel", "item": [
+            {"linkId": "weight", "answer": [{"valueDecimal": 70.5}]},
+            {"linkId": "bmi", "answer": [{"valueDecimal": 23.0}]}]}]
+    });
+    let parameters = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "questionnaire-response", "resource": qr},
+        {"name": "questionnaire", "resource": q}]});
+    let (status, bundle, _) = post_extract(&app, parameters.to_string().as_bytes());
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["resourceType"], "Bundle", "no warnings: {bundle}");
+    let (status, answer) = ehr.transaction(&bundle);
+    assert_eq!(status, 200, "{answer}");
+    let find = |code: &str| {
+        let found = ehr.search(&format!("Observation?code=http://loinc.org|{code}"));
+        assert_eq!(found["total"], 1, "{found}");
+        found["entry"][0]["resource"].clone()
+    };
+    let (panel, weight, bmi) = (find("85353-1"), find("29463-7"), find("39156-5"));
+    let id = |o: &Value| format!("Observation/{}", o["id"].as_str().unwrap());
+    assert_eq!(panel["hasMember"], json!([{"reference": id(&weight)}]));
+    assert_eq!(bmi["derivedFrom"][1], json!({"reference": id(&panel)}));
+}
+
 /// Every use of an operators' endpoint, let through or refused, is in the audit trail before
 /// it is served — with which admin key, from where, the request id and the query (a patient
 /// lookup's identifier stays there, not in the log).

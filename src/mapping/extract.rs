@@ -62,12 +62,24 @@ pub enum ExtractError {
     NotFinished,
 }
 
-/// Whether (and how) an item is extracted, as its nearest word on it says.
+/// Whether (and how) an item is extracted, as its nearest word on it says (SDC 4.0's codes:
+/// `independent` is `Extract`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Flag {
     Extract,
     Component,
+    /// An Observation of its own that its parent's Observation lists in `hasMember`.
+    Member,
+    /// An Observation of its own, `derivedFrom` its parent's Observation.
+    Derived,
     Off,
+}
+
+impl Flag {
+    /// Whether the item makes an Observation of its own.
+    fn own(self) -> bool {
+        matches!(self, Flag::Extract | Flag::Member | Flag::Derived)
+    }
 }
 
 /// What the Questionnaire says of one item, its ancestors' words applied.
@@ -315,6 +327,8 @@ fn flag_of(v: &Value) -> Option<Flag> {
         Value::Bool(true) => Flag::Extract,
         Value::Bool(false) => Flag::Off,
         Value::String(c) if c == "component" => Flag::Component,
+        Value::String(c) if c == "member" => Flag::Member,
+        Value::String(c) if c == "derived" => Flag::Derived,
         Value::String(_) => Flag::Extract,
         _ => return None,
     })
@@ -339,12 +353,11 @@ fn define<'q>(
         let flagged: Vec<&Value> = codes
             .iter()
             .copied()
-            .filter(|c| flag_of(c) == Some(Flag::Extract))
+            .filter(|c| flag_of(c).is_some_and(Flag::own))
             .collect();
         let flag = match flag_of(item) {
             Some(f) => Some(f),
-            None if !flagged.is_empty() => Some(Flag::Extract),
-            None => inherited,
+            None => flagged.first().and_then(|c| flag_of(c)).or(inherited),
         };
         let codes = if flagged.is_empty() { codes } else { flagged };
         let own: Vec<&Value> = extensions(item, EXTRACT_CATEGORY).collect();
@@ -363,6 +376,22 @@ fn define<'q>(
                 unit: extension(item, QUESTIONNAIRE_UNIT),
             },
         );
+    }
+}
+
+/// How an Observation relates to its parent item's (SDC 4.0 `member`, `derived`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Link {
+    Member,
+    Derived,
+}
+
+impl Link {
+    fn code(self) -> &'static str {
+        match self {
+            Link::Member => "member",
+            Link::Derived => "derived",
+        }
     }
 }
 
@@ -424,7 +453,13 @@ impl<'a> Run<'a> {
 
     /// Extracts every Observation into `entries`.
     fn observations(&mut self) {
-        self.walk(items_in(self.response), "QuestionnaireResponse", "", false);
+        self.walk(
+            items_in(self.response),
+            "QuestionnaireResponse",
+            "",
+            false,
+            None,
+        );
         if self.entries.is_empty() {
             self.issues.push(Issue::warning(
                 "not-found",
@@ -446,8 +481,16 @@ impl<'a> Run<'a> {
     }
 
     /// Walks the response's items (`at`: their FHIRPath, for issues; `path`: the linkId path
-    /// that names an Observation).
-    fn walk(&mut self, items: &'a [Value], at: &str, path: &str, parent_extracted: bool) {
+    /// that names an Observation; `parent`: the fullUrl of the Observation their parent item or
+    /// answer made, if it made one).
+    fn walk(
+        &mut self,
+        items: &'a [Value],
+        at: &str,
+        path: &str,
+        parent_extracted: bool,
+        parent: Option<&str>,
+    ) {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let here = format!("{at}.item[{i}]");
@@ -483,6 +526,32 @@ impl<'a> Run<'a> {
                 }
             };
             let flag = self.definitions.get(link_id).map(|d| d.flag);
+            let link = match flag {
+                Some(Some(Flag::Member)) => Some(Link::Member),
+                Some(Some(Flag::Derived)) => Some(Link::Derived),
+                _ => None,
+            };
+            let link = match (link, parent) {
+                (Some(link), Some(parent)) => Some((link, parent)),
+                (Some(link), None) if !answers.is_empty() => {
+                    self.issues.push(
+                        Issue::warning(
+                            "incomplete",
+                            format!(
+                                "item `{link_id}` is marked `{}` of its parent's Observation, \
+                                 and its parent makes none: extracted on its own",
+                                link.code()
+                            ),
+                        )
+                        .at(here.clone()),
+                    );
+                    None
+                }
+                _ => None,
+            };
+            // The Observation(s) this item makes: of the group, or one per answer.
+            let mut made: Option<String> = None;
+            let mut per_answer: Vec<Option<String>> = vec![None; answers.len()];
             match flag {
                 None => self.issues.push(
                     Issue::warning(
@@ -491,20 +560,21 @@ impl<'a> Run<'a> {
                     )
                     .at(here.clone()),
                 ),
-                // A group: one Observation of its components (a blood pressure panel), if it
-                // has any.
-                Some(Some(Flag::Extract)) if answers.is_empty() => {
+                // A group: one Observation of its components (a blood pressure panel) and
+                // members, if it has any.
+                Some(Some(f)) if f.own() && answers.is_empty() => {
                     let components = self.components(items_in(item), &here);
-                    if !components.is_empty() {
-                        self.observation(link_id, None, components, &path, &here);
+                    if !components.is_empty() || self.has_members(items_in(item)) {
+                        made = self.observation(link_id, None, components, &path, &here, link);
                     }
                 }
-                Some(Some(Flag::Extract)) => {
+                Some(Some(f)) if f.own() => {
                     for (k, answer) in answers.iter().enumerate() {
                         let name = answer_path(k);
                         let at = format!("{here}.answer[{k}]");
                         let components = self.components(items_in(answer), &at);
-                        self.observation(link_id, Some(answer), components, &name, &at);
+                        per_answer[k] =
+                            self.observation(link_id, Some(answer), components, &name, &at, link);
                     }
                 }
                 // Taken by the parent's Observation (`components`).
@@ -521,14 +591,29 @@ impl<'a> Run<'a> {
                 ),
                 Some(_) => {}
             }
-            let extracted = flag == Some(Some(Flag::Extract));
+            let extracted = flag.flatten().is_some_and(Flag::own);
             // Children: of a group directly, of a question under each answer.
-            self.walk(items_in(item), &here, &path, extracted);
+            self.walk(items_in(item), &here, &path, extracted, made.as_deref());
             for (k, answer) in answers.iter().enumerate() {
                 let at = format!("{here}.answer[{k}]");
-                self.walk(items_in(answer), &at, &answer_path(k), extracted);
+                let parent = per_answer[k].as_deref();
+                self.walk(items_in(answer), &at, &answer_path(k), extracted, parent);
             }
         }
+    }
+
+    /// Whether any of `items` is an answered `member` (its parent's Observation lists it).
+    fn has_members(&self, items: &[Value]) -> bool {
+        items.iter().any(|item| {
+            item.get("answer")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
+                && item
+                    .get("linkId")
+                    .and_then(Value::as_str)
+                    .and_then(|l| self.definitions.get(l))
+                    .is_some_and(|d| d.flag == Some(Flag::Member))
+        })
     }
 
     /// The `Observation.component`s of the answered items among `items` marked `component`.
@@ -565,7 +650,9 @@ impl<'a> Run<'a> {
         components
     }
 
-    /// One Observation: of `answer` (its value), with `components`; a group's has only those.
+    /// One Observation: of `answer` (its value), with `components`; a group's has only those
+    /// (and its members). `link`: how it relates to its parent's Observation (that fullUrl).
+    /// Its fullUrl, if it was made.
     fn observation(
         &mut self,
         link_id: &str,
@@ -573,10 +660,9 @@ impl<'a> Run<'a> {
         components: Vec<Value>,
         name: &str,
         at: &str,
-    ) {
-        let Some(def) = self.definitions.get(link_id) else {
-            return;
-        };
+        link: Option<(Link, &str)>,
+    ) -> Option<String> {
+        let def = self.definitions.get(link_id)?;
         if def.codes.is_empty() {
             self.issues.push(
                 Issue::warning(
@@ -585,7 +671,7 @@ impl<'a> Run<'a> {
                 )
                 .at(at),
             );
-            return;
+            return None;
         }
         let value = match answer.map(|a| observation_value(a, def.unit)).transpose() {
             Ok(v) => v,
@@ -593,7 +679,7 @@ impl<'a> Run<'a> {
                 self.issues.push(
                     Issue::warning("not-supported", format!("item `{link_id}`: {why}")).at(at),
                 );
-                return;
+                return None;
             }
         };
         let r = self.response;
@@ -664,8 +750,16 @@ impl<'a> Run<'a> {
         if !components.is_empty() {
             obs.insert("component".into(), Value::Array(components));
         }
-        if let Some(derived) = self.derived_from() {
-            obs.insert("derivedFrom".into(), json!([derived]));
+        // From the response; and from the parent's Observation when `derived`.
+        let sources: Vec<Value> = self
+            .derived_from()
+            .into_iter()
+            .chain(link.and_then(|(l, parent)| {
+                (l == Link::Derived).then(|| json!({ "reference": parent }))
+            }))
+            .collect();
+        if !sources.is_empty() {
+            obs.insert("derivedFrom".into(), Value::Array(sources));
         }
         let full_url = urn_uuid(&[
             "sdc-extract",
@@ -684,8 +778,36 @@ impl<'a> Run<'a> {
                 Conditional::Update { query }
             }
         });
+        if let Some((Link::Member, parent)) = link {
+            self.add_member(parent, &full_url);
+        }
         self.entries
-            .push(entry(full_url, Value::Object(obs), conditional));
+            .push(entry(full_url.clone(), Value::Object(obs), conditional));
+        Some(full_url)
+    }
+
+    /// Lists `member` in `hasMember` of the Observation at `parent` (made before its members),
+    /// where R4 orders it: before `derivedFrom` and `component`.
+    fn add_member(&mut self, parent: &str, member: &str) {
+        let Some(Value::Object(obs)) = self
+            .entries
+            .iter_mut()
+            .find(|e| e["fullUrl"] == parent)
+            .and_then(|e| e.get_mut("resource"))
+        else {
+            return;
+        };
+        let reference = json!({ "reference": member });
+        if let Some(Value::Array(members)) = obs.get_mut("hasMember") {
+            members.push(reference);
+            return;
+        }
+        let later: Vec<(String, Value)> = ["derivedFrom", "component"]
+            .into_iter()
+            .filter_map(|k| obs.remove(k).map(|v| (k.to_string(), v)))
+            .collect();
+        obs.insert("hasMember".into(), json!([reference]));
+        obs.extend(later);
     }
 
     /// The extracted Observations' Provenance (SDC: they SHOULD have one), when there are
@@ -938,6 +1060,85 @@ mod tests {
             "valueCode"
         };
         json!([{"url": OBSERVATION_EXTRACT, key: on}])
+    }
+
+    /// SDC 4.0 `member` and `derived`: a panel's Observation lists its members in `hasMember`
+    /// (a group with members and no components still makes one); a derived answer's Observation
+    /// is `derivedFrom` its parent's and the response; with no parent Observation, a member is
+    /// extracted on its own, with a warning.
+    #[test]
+    fn members_and_derived_observations_are_linked_to_their_parents() {
+        let loinc = |code: &str| json!([{"system": "http://loinc.org", "code": code}]);
+        let q = json!({
+            "resourceType": "Questionnaire", "status": "active",
+            "item": [
+                {"linkId": "panel", "type": "group", "code": loinc("85353-1"),
+                 "extension": flag(json!(true)), "item": [
+                    {"linkId": "weight", "type": "decimal", "code": loinc("29463-7"),
+                     "extension": flag(json!("member"))},
+                    {"linkId": "height", "type": "decimal", "code": loinc("8302-2"),
+                     "extension": flag(json!("member"))},
+                    {"linkId": "bmi", "type": "decimal", "code": loinc("39156-5"),
+                     "extension": flag(json!("derived"))}]},
+                {"linkId": "lone", "type": "group", "item": [
+                    {"linkId": "pulse", "type": "integer", "code": loinc("8867-4"),
+                     "extension": flag(json!("member"))}]}]
+        });
+        let qr = json!({
+            "resourceType": "QuestionnaireResponse", "status": "completed",
+            "identifier": {"system": "https://portal.example/qr", "value": "r-9"},
+            "subject": {"reference": "Patient/p1"}, "authored": "2026-11-27T09:00:00Z",
+            "item": [
+                {"linkId": "panel", "item": [
+                    {"linkId": "weight", "answer": [{"valueDecimal": 70.5}]},
+                    {"linkId": "height", "answer": [{"valueDecimal": 1.75}]},
+                    {"linkId": "bmi", "answer": [{"valueDecimal": 23.0}]}]},
+                {"linkId": "lone", "item": [
+                    {"linkId": "pulse", "answer": [{"valueInteger": 64}]}]}]
+        });
+        let out = extract(&q, &qr).unwrap();
+        crate::fhir::validate::validate(&out.bundle).unwrap();
+        let obs = entries(&out.bundle, "Observation");
+        let url_of = |code: &str| {
+            obs.iter()
+                .find(|e| e["resource"]["code"]["coding"][0]["code"] == code)
+                .map(|e| e["fullUrl"].as_str().unwrap().to_string())
+                .unwrap()
+        };
+        let resource = |code: &str| {
+            &obs.iter()
+                .find(|e| e["resource"]["code"]["coding"][0]["code"] == code)
+                .unwrap()["resource"]
+        };
+        assert_eq!(obs.len(), 5, "the panel, its three, and the pulse");
+        let panel = resource("85353-1");
+        assert_eq!(
+            panel["hasMember"],
+            json!([{"reference": url_of("29463-7")}, {"reference": url_of("8302-2")}])
+        );
+        assert!(panel.get("valueQuantity").is_none());
+        // R4's order: hasMember before derivedFrom.
+        let keys: Vec<&String> = panel.as_object().unwrap().keys().collect();
+        let at = |k: &str| keys.iter().position(|x| *x == k).unwrap();
+        assert!(at("hasMember") < at("derivedFrom"), "{keys:?}");
+        assert_eq!(
+            resource("39156-5")["derivedFrom"],
+            json!([{"type": "QuestionnaireResponse",
+                    "identifier": {"system": "https://portal.example/qr", "value": "r-9"}},
+                   {"reference": url_of("85353-1")}])
+        );
+        assert!(resource("29463-7").get("hasMember").is_none());
+        assert_eq!(
+            resource("8867-4")["derivedFrom"].as_array().unwrap().len(),
+            1
+        );
+        let warned: Vec<String> = out.issues.iter().map(|i| i.to_string()).collect();
+        assert!(
+            warned
+                .iter()
+                .any(|w| w.contains("`pulse` is marked `member`")),
+            "{warned:?}"
+        );
     }
 
     fn traps() -> (Value, Value) {
