@@ -376,6 +376,59 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
         .contains("chartbridge_dead_lettered 0"));
 }
 
+/// An EHR URL that answers with a redirect: the Bundle (PHI) is not sent where the answer
+/// points. A temporary redirect is retried; a permanent one is a dead letter that names the
+/// new location — nothing reaches the server behind it until an operator decides.
+#[test]
+fn deliveries_do_not_follow_redirects() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::Arc;
+    let ehr = FhirServer::start();
+    let code = Arc::new(AtomicU16::new(307));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let redirector = runtime.block_on({
+        let (code, to) = (Arc::clone(&code), ehr.url.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/fhir", listener.local_addr().unwrap());
+            let app = axum::Router::new().fallback(move || {
+                let status = code.load(Ordering::SeqCst);
+                let to = to.clone();
+                async move {
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        [(axum::http::header::LOCATION, to)],
+                    )
+                }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        }
+    });
+    let app = App::start(Some(&redirector));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(KEY, "failed", 30);
+    let reason = view["transitions"][2]["detail"].as_str().unwrap();
+    assert!(
+        reason.starts_with("HTTP 307: the EHR redirects to") && reason.contains(&ehr.url),
+        "{reason}"
+    );
+    code.store(308, Ordering::SeqCst);
+    let view = app.wait_for_state(KEY, "dead-lettered", 30);
+    assert!(states(&view).len() >= 4, "{view}");
+    let last = view["transitions"].as_array().unwrap().last().unwrap();
+    assert!(
+        last["detail"].as_str().unwrap().starts_with("HTTP 308"),
+        "{view}"
+    );
+    assert_eq!(
+        count(&ehr, "QuestionnaireResponse"),
+        0,
+        "nothing was sent on"
+    );
+}
+
 #[test]
 fn killed_right_after_202_the_submission_is_delivered_exactly_once() {
     let ehr = FhirServer::start();

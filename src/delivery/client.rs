@@ -43,6 +43,9 @@ impl EhrClient {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_secs(5))
+            // A Bundle (PHI) or a client assertion goes where it is configured to, never where
+            // an answer points (`post` says what a redirect named).
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let auth = match &config.auth {
             EhrAuth::None => Auth::None,
@@ -211,6 +214,27 @@ impl EhrClient {
             }
         };
         let status = resp.status().as_u16();
+        if resp.status().is_redirection() {
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("(no Location)");
+            let reason = format!(
+                "HTTP {status}: the EHR redirects to {to}; deliveries do not follow redirects \
+                 (the Bundle holds PHI): point `[ehr] base_url` there if it is the EHR"
+            );
+            // A permanent redirect is a configuration to fix (then replay); a temporary one
+            // may pass.
+            return Err(if matches!(status, 301 | 308) {
+                Attempt::Reject { reason }
+            } else {
+                Attempt::Retry {
+                    reason,
+                    retry_after: None,
+                }
+            });
+        }
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
