@@ -148,12 +148,24 @@ impl Drop for FhirServer {
     }
 }
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port (bound, released) for a server a test starts later: below Linux's
+/// ephemeral range (32768–60999), which the kernel hands to the tests' client connections —
+/// a port from there could be some connection's own by the time the server binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999")
 }
 
 /// The gateway itself: `chartbridge serve` as a child process on a random port, with its own
