@@ -136,9 +136,16 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let mut handoffs = Vec::with_capacity(threads);
     for i in 0..threads {
         let (handoff, connections) = tokio::sync::mpsc::unbounded_channel();
-        let connections = Handoff { connections, addr };
+        let connections = Handoff { connections };
         http.push(
-            http_thread(i, connections, app.clone(), http_stopped.clone()).map_err(listen_error)?,
+            http_thread(
+                i,
+                connections,
+                app.clone(),
+                Duration::from_millis(state.config.limits.request_timeout_ms),
+                http_stopped.clone(),
+            )
+            .map_err(listen_error)?,
         );
         handoffs.push(handoff);
     }
@@ -180,11 +187,14 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
 }
 
 /// Starts HTTP thread `i`: serves `app` on the connections handed to it until `stop` turns
-/// true.
+/// true, then lets each connection finish the request it is serving (graceful) and returns.
+/// A client that has not sent a request's headers within `header_timeout` of starting it is
+/// cut off (hyper's header timer; `axum::serve` runs without one).
 fn http_thread(
     i: usize,
-    connections: Handoff,
+    mut connections: Handoff,
     app: axum::Router,
+    header_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -194,16 +204,60 @@ fn http_thread(
         .name(format!("http-{i}"))
         .spawn(move || {
             runtime.block_on(async move {
-                axum::serve(
-                    connections,
-                    app.into_make_service_with_connect_info::<Peer>(),
-                )
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
+                let mut served = tokio::task::JoinSet::new();
+                loop {
+                    let (stream, peer) = tokio::select! {
+                        next = connections.next() => match next {
+                            Some(connection) => connection,
+                            None => break,
+                        },
+                        _ = stop.wait_for(|s| *s) => break,
+                    };
+                    served.spawn(serve_connection(
+                        stream,
+                        peer,
+                        app.clone(),
+                        header_timeout,
+                        stop.clone(),
+                    ));
+                    // Reap what has finished, so the set holds open connections only.
+                    while served.try_join_next().is_some() {}
+                }
+                while served.join_next().await.is_some() {}
+                Ok(())
             })
         })
+}
+
+/// One connection: HTTP/1.1 requests to `app` (each knowing the peer) until the client closes
+/// it, it times out, or `stop` turns true (then the request in flight is finished first).
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tower::ServiceExt;
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(Peer(peer)));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        // Its end, or its error (a client gone, a timeout): nothing to answer any more.
+        _ = connection.as_mut() => return,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
 }
 
 /// Accepts connections and hands them to the HTTP threads in turn, until `stop` turns true
@@ -236,38 +290,21 @@ async fn hand_out(
 
 type Connection = (std::net::TcpStream, SocketAddr);
 
-/// An HTTP thread's connections, as axum's listener.
+/// An HTTP thread's connections, as the acceptor hands them over.
 struct Handoff {
     connections: UnboundedReceiver<Connection>,
-    addr: SocketAddr,
 }
 
-impl axum::serve::Listener for Handoff {
-    type Io = tokio::net::TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl Handoff {
+    /// The next connection, on this thread's reactor; `None` once the acceptor has stopped.
+    async fn next(&mut self) -> Option<(tokio::net::TcpStream, SocketAddr)> {
         loop {
-            let Some((stream, peer)) = self.connections.recv().await else {
-                // The acceptor has stopped: so has the server, which stops asking.
-                return std::future::pending().await;
-            };
+            let (stream, peer) = self.connections.recv().await?;
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => return (stream, peer),
+                Ok(stream) => return Some((stream, peer)),
                 Err(e) => tracing::warn!(error = %e, "cannot take over a connection"),
             }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.addr)
-    }
-}
-
-/// Each request knows the peer its connection was handed over with.
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Handoff>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, Handoff>) -> Peer {
-        Peer(*stream.remote_addr())
     }
 }
 

@@ -429,6 +429,50 @@ fn deliveries_do_not_follow_redirects() {
     );
 }
 
+/// Slow clients hold nothing for good: one that has not finished its request's headers within
+/// `request_timeout_ms` is disconnected; one trickling its body gets a `408` (an
+/// OperationOutcome) and the connection closes. The gateway serves others meanwhile and after.
+#[test]
+fn slow_clients_are_cut_off() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let app = App::start_configured(None, "", "request_timeout_ms = 600\n");
+    let addr = app.url.trim_start_matches("http://").to_string();
+    let read_all = |stream: &mut std::net::TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // Headers never finished.
+    let started = Instant::now();
+    let mut slow_headers = std::net::TcpStream::connect(&addr).unwrap();
+    slow_headers
+        .write_all(b"POST /submissions/glp1-intake-typeform HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // A body that never arrives whole.
+    let mut slow_body = std::net::TcpStream::connect(&addr).unwrap();
+    slow_body
+        .write_all(
+            b"POST /submissions/glp1-intake-typeform HTTP/1.1\r\nHost: x\r\nx-api-key: test-key\r\n\
+              content-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"form_response\"",
+        )
+        .unwrap();
+    // Others are served meanwhile.
+    let (status, _) = app.get("/health");
+    assert_eq!(status, 200);
+    let cut = read_all(&mut slow_headers);
+    assert!(!cut.starts_with("HTTP/1.1 2"), "{cut}");
+    let answered = read_all(&mut slow_body);
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    assert!(answered.contains("\"timeout\""), "{answered}");
+    assert!(started.elapsed() < Duration::from_secs(8), "cut off late");
+    let (status, _) = app.get("/health");
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn killed_right_after_202_the_submission_is_delivered_exactly_once() {
     let ehr = FhirServer::start();

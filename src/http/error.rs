@@ -40,6 +40,8 @@ pub enum ApiError {
     Extract(#[from] crate::mapping::extract::ExtractError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
+    #[error("the request was not received and answered within {0} ms")]
+    TimedOut(u128),
     #[error("internal error")]
     Internal(String),
     /// An operator's access that the audit trail could not record (the store failed).
@@ -73,6 +75,7 @@ impl ApiError {
             | ApiError::Form(_)
             | ApiError::BadQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Intake(IntakeError::UnknownMapping(_)) => StatusCode::NOT_FOUND,
             ApiError::Intake(IntakeError::Invalid(_) | IntakeError::Response(_))
             | ApiError::Unprocessable(_)
@@ -105,6 +108,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
             ApiError::Overloaded(_) => issue("throttled", self.to_string()),
             ApiError::Unaudited(_) => issue("transient", self.to_string()),
+            ApiError::TimedOut(_) => issue("timeout", self.to_string()),
             ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),
             ApiError::Fetch(FetchError::NotFound(_)) => issue("not-found", self.to_string()),
             ApiError::Fetch(FetchError::Unavailable(_)) => issue("transient", self.to_string()),

@@ -98,8 +98,29 @@ pub fn router(state: Arc<AppState>) -> Router {
     };
     routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            within_time,
+        ))
         .layer(middleware::from_fn(request_log))
         .with_state(state)
+}
+
+/// Answers `408` to a request whose body (and answer) take longer than `request_timeout_ms`
+/// (the connection then closes): a client trickling its body holds no task for good. Safe
+/// mid-write: a write the store was given completes, and the client's retry finds it.
+async fn within_time(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let limit = std::time::Duration::from_millis(state.config.limits.request_timeout_ms);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = ApiError::TimedOut(limit.as_millis()).into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            response
+        }
+    }
 }
 
 /// Refuses an operator endpoint without the admin key (when one is configured), and records
