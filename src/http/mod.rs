@@ -185,6 +185,12 @@ pub struct Peer(pub std::net::SocketAddr);
 #[derive(Clone)]
 struct RequestId(String);
 
+/// How many entries a listing (`/audit`, `/submissions?state=`) gives: `limit`, 100 by
+/// default, 1,000 at most.
+fn listed(limit: Option<usize>) -> usize {
+    limit.unwrap_or(100).min(1000)
+}
+
 #[derive(Deserialize)]
 struct AuditQuery {
     limit: Option<usize>,
@@ -199,7 +205,7 @@ async fn audit(
     let accesses = state
         .intake
         .store()
-        .accesses(q.limit.unwrap_or(100).min(1000))
+        .accesses(listed(q.limit))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(json!({ "accesses": accesses })))
 }
@@ -658,7 +664,7 @@ async fn submissions(
     Query(q): Query<SubmissionsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = state.intake.store();
-    let limit = q.limit.unwrap_or(100).min(1000);
+    let limit = listed(q.limit);
     let records = match (q.patient.as_deref(), q.state.as_deref()) {
         (Some(patient), None) => {
             let Some((system, value)) = patient.split_once('|') else {
