@@ -159,7 +159,7 @@ impl Intake {
                 submission_id: submitted.submission_id,
                 payload_sha256,
                 patient: submitted.patient,
-                flags: Vec::new(),
+                flags: submitted.flags,
                 missing: submitted.missing,
             },
             received_at,

@@ -1698,7 +1698,17 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     let key = "consult-intake-portal/resp-42";
     assert_eq!(receipt["key"], key);
     assert_eq!(receipt["missing"], json!(["reason"]));
+    // The mapping's flags, as a vendor payload would raise them: medications listed.
+    assert_eq!(
+        receipt["flags"],
+        json!([
+            "medication_reconciliation_needed",
+            "more_information_needed"
+        ])
+    );
     app.wait_for_state(key, "delivered", 30);
+    let (_, view) = app.get(&format!("/submissions/{key}"));
+    assert_eq!(view["flags"], receipt["flags"], "{view}");
     let observations = count(&ehr, "Observation");
     assert!(observations >= 3, "{}", ehr.counts());
     for kind in ["Patient", "QuestionnaireResponse", "Provenance"] {

@@ -126,8 +126,11 @@ pub struct ResponseSubmission {
     pub bundle: Value,
     /// What could not be extracted.
     pub issues: Vec<Issue>,
-    /// The linkIds of required questions left unanswered (`missing_answers`).
+    /// The linkIds of required questions left unanswered (`missing_answers`, and what the
+    /// mapping's `required_when` asks for).
     pub missing: Vec<String>,
+    /// The mapping's ops flags its answers raise (`Mapping::response_signals`).
+    pub flags: Vec<String>,
 }
 
 /// Where a response submission comes from, for its Provenance.
@@ -227,8 +230,10 @@ pub fn submission(
             if_none_exist: tag_query(system, value),
         }),
     ));
+    let signals = m.response_signals(response, missing_answers(questionnaire, response));
     Ok(ResponseSubmission {
-        missing: missing_answers(questionnaire, response),
+        missing: signals.missing,
+        flags: signals.flags,
         submission_id: value.to_string(),
         patient: (patient.0.to_string(), patient.1.to_string()),
         bundle: json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}),

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
 pub use condition::Condition;
-pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
+pub use engine::{MappedSubmission, MappingFailure, Signals, SubmissionInput};
 pub use read::PayloadError;
 use select::{AnswerSource, Projection, Selector};
 use value::CodingTarget;
