@@ -96,6 +96,15 @@ enum Command {
     Audit {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Recorded at or after this instant (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Recorded before this instant (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Go on from a page's `next`.
+        #[arg(long)]
+        before: Option<String>,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
@@ -177,11 +186,24 @@ pub fn run() -> ExitCode {
                 ("limit", &limit.to_string()),
             ],
         ),
-        Command::Audit { limit, url } => remote(
-            reqwest::Method::GET,
-            &format!("{url}/audit"),
-            &[("limit", &limit.to_string())],
-        ),
+        Command::Audit {
+            limit,
+            since,
+            until,
+            before,
+            url,
+        } => {
+            let limit = limit.to_string();
+            let window = [("since", since), ("until", until), ("before", before)];
+            let query: Vec<(&str, &str)> = std::iter::once(("limit", limit.as_str()))
+                .chain(
+                    window
+                        .iter()
+                        .filter_map(|(name, v)| Some((*name, v.as_deref()?))),
+                )
+                .collect();
+            remote(reqwest::Method::GET, &format!("{url}/audit"), &query)
+        }
         Command::Replay { key, url } => remote(
             reqwest::Method::POST,
             &format!("{url}/submissions/{key}/replay"),

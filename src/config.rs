@@ -24,6 +24,9 @@ pub struct Config {
     /// Days a delivered submission's Bundle (PHI) is kept for a replay; `0` keeps it for good.
     /// Bundles still waiting or dead-lettered are kept whatever their age.
     pub bundle_retention_days: u64,
+    /// Days the audit trail keeps an operator's access; `0` (the default) keeps them for good.
+    /// HIPAA asks for six years (2190 days) of such records.
+    pub audit_retention_days: u64,
     /// The key operators present (`Authorization: Bearer <key>`) to read a submission's status,
     /// look up provenance or a patient's submissions, and replay. Unset, those endpoints are
     /// open (said at start-up). `CHARTBRIDGE_ADMIN_KEY`.
@@ -44,6 +47,7 @@ impl Default for Config {
             sources: HashMap::new(),
             fetch: HashMap::new(),
             bundle_retention_days: 30,
+            audit_retention_days: 0,
             admin_key: None,
             echo_route: false,
         }
@@ -294,6 +298,12 @@ impl Config {
                 message: format!("not a number of days ({e})"),
             })?;
         }
+        if let Some(v) = var("CHARTBRIDGE_AUDIT_RETENTION_DAYS") {
+            self.audit_retention_days = v.parse().map_err(|e| ConfigError::Env {
+                name: "CHARTBRIDGE_AUDIT_RETENTION_DAYS",
+                message: format!("not a number of days ({e})"),
+            })?;
+        }
         if let Some(url) = var("CHARTBRIDGE_EHR_URL") {
             match &mut self.ehr {
                 Some(ehr) => ehr.base_url = url,
@@ -326,9 +336,12 @@ impl Config {
 
     /// How long a delivered submission's Bundle is kept; `None`: for good.
     pub fn bundle_retention(&self) -> Option<std::time::Duration> {
-        (self.bundle_retention_days > 0).then(|| {
-            std::time::Duration::from_secs(self.bundle_retention_days.saturating_mul(86_400))
-        })
+        days(self.bundle_retention_days)
+    }
+
+    /// How long the audit trail keeps an access; `None`: for good.
+    pub fn audit_retention(&self) -> Option<std::time::Duration> {
+        days(self.audit_retention_days)
     }
 
     /// The authentication of a mapping's source: its own entry, else `"*"`, else none.
@@ -339,6 +352,11 @@ impl Config {
             .or_else(|| self.sources.get("*"))
             .unwrap_or(NONE)
     }
+}
+
+/// `n` days; `None` for 0 (kept for good).
+fn days(n: u64) -> Option<std::time::Duration> {
+    (n > 0).then(|| std::time::Duration::from_secs(n.saturating_mul(86_400)))
 }
 
 #[cfg(test)]
@@ -408,6 +426,17 @@ mod tests {
         assert!(c
             .apply_env(|n| (n == "CHARTBRIDGE_BUNDLE_RETENTION_DAYS").then(|| "a week".into()))
             .is_err());
+        assert_eq!(
+            c.audit_retention(),
+            None,
+            "the audit trail is kept for good"
+        );
+        c.apply_env(|n| (n == "CHARTBRIDGE_AUDIT_RETENTION_DAYS").then(|| "2190".to_string()))
+            .unwrap();
+        assert_eq!(
+            c.audit_retention(),
+            Some(std::time::Duration::from_secs(2190 * 86_400))
+        );
         assert!(
             toml::from_str::<Config>("lisen = 1").is_err(),
             "typos are errors"

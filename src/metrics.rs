@@ -32,6 +32,8 @@ pub struct Metrics {
     pub bundles_expired: AtomicU64,
     pub bundles_moved: AtomicU64,
     pub bundle_segments_deleted: AtomicU64,
+    /// Audit entries removed past their retention.
+    pub audit_entries_forgotten: AtomicU64,
     /// Refused operators' attempts over the audit trail's rate, counted instead of recorded.
     pub operator_refusals_unrecorded: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
@@ -161,6 +163,11 @@ impl Metrics {
                 "chartbridge_bundle_segments_deleted_total",
                 "Bundle log segments deleted by the retention sweep.",
                 get(&self.bundle_segments_deleted) as f64,
+            ),
+            (
+                "chartbridge_audit_entries_forgotten_total",
+                "Audit trail entries removed past their retention.",
+                get(&self.audit_entries_forgotten) as f64,
             ),
         ] {
             let _ = writeln!(

@@ -82,18 +82,24 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         ),
         None => None,
     };
-    let sweeper = match config.bundle_retention() {
-        Some(retention) => Some(tokio::spawn(sweep_bundles(
+    let retention = Retention {
+        bundles: config.bundle_retention(),
+        audit: config.audit_retention(),
+    };
+    if retention.bundles.is_none() {
+        tracing::info!("bundle retention is off: Bundles are kept for good");
+    }
+    if retention.audit.is_none() {
+        tracing::info!("audit retention is off: the audit trail is kept for good");
+    }
+    let sweeper = (retention.bundles.is_some() || retention.audit.is_some()).then(|| {
+        tokio::spawn(sweep(
             Arc::clone(&store),
             Arc::clone(&metrics),
             retention,
             stopped,
-        ))),
-        None => {
-            tracing::info!("bundle retention is off: Bundles are kept for good");
-            None
-        }
-    };
+        ))
+    });
     for (source, auth) in &config.sources {
         if matches!(auth, crate::config::SourceAuth::None) {
             tracing::warn!(source, "source authentication is off");
@@ -308,15 +314,24 @@ impl Handoff {
     }
 }
 
-/// How often the Bundle log is swept for Bundles past their retention (the first time at start).
+/// How often the store is swept for what is past its retention (the first time at start).
 const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
-/// Sweeps the Bundle log now and every `SWEEP_EVERY` until `stopped` (a sweep under way
-/// finishes first).
-async fn sweep_bundles(
+/// How long the store keeps what it may drop; `None`: for good.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    /// Delivered submissions' Bundles (PHI).
+    bundles: Option<Duration>,
+    /// Operators' accesses.
+    audit: Option<Duration>,
+}
+
+/// Sweeps the Bundle log and the audit trail now and every `SWEEP_EVERY` until `stopped` (a
+/// sweep under way finishes first).
+async fn sweep(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    retention: Duration,
+    retention: Retention,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut every = tokio::time::interval(SWEEP_EVERY);
@@ -325,24 +340,43 @@ async fn sweep_bundles(
             _ = every.tick() => {}
             _ = stopped.changed() => return,
         }
-        let (store, now) = (Arc::clone(&store), std::time::SystemTime::now());
-        match tokio::task::spawn_blocking(move || store.sweep_bundles(retention, now)).await {
-            Ok(Ok(swept)) => {
-                Metrics::add(&metrics.bundles_expired, swept.expired as u64);
-                Metrics::add(&metrics.bundles_moved, swept.moved as u64);
-                Metrics::add(&metrics.bundle_segments_deleted, swept.segments as u64);
-                if swept.segments > 0 || swept.migrated > 0 {
-                    tracing::info!(
-                        segments = swept.segments,
-                        expired = swept.expired,
-                        moved = swept.moved,
-                        migrated = swept.migrated,
-                        "bundle log swept"
-                    );
+        if let Some(retention) = retention.bundles {
+            let (store, now) = (Arc::clone(&store), std::time::SystemTime::now());
+            match tokio::task::spawn_blocking(move || store.sweep_bundles(retention, now)).await {
+                Ok(Ok(swept)) => {
+                    Metrics::add(&metrics.bundles_expired, swept.expired as u64);
+                    Metrics::add(&metrics.bundles_moved, swept.moved as u64);
+                    Metrics::add(&metrics.bundle_segments_deleted, swept.segments as u64);
+                    if swept.segments > 0 || swept.migrated > 0 {
+                        tracing::info!(
+                            segments = swept.segments,
+                            expired = swept.expired,
+                            moved = swept.moved,
+                            migrated = swept.migrated,
+                            "bundle log swept"
+                        );
+                    }
                 }
+                Ok(Err(e)) => tracing::error!(error = %e, "bundle sweep failed"),
+                Err(_) => tracing::error!("the bundle sweep ended abnormally"),
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "bundle sweep failed"),
-            Err(_) => tracing::error!("the bundle sweep ended abnormally"),
+        }
+        if let Some(retention) = retention.audit {
+            let cutoff = std::time::SystemTime::now()
+                .checked_sub(retention)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            let store = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || store.forget_accesses(cutoff)).await {
+                Ok(Ok(forgotten)) => {
+                    Metrics::add(&metrics.audit_entries_forgotten, forgotten as u64);
+                    if forgotten > 0 {
+                        tracing::info!(forgotten, "audit trail swept");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "audit sweep failed"),
+                Err(_) => tracing::error!("the audit sweep ended abnormally"),
+            }
         }
     }
 }

@@ -1593,12 +1593,114 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
     // The same from the command line.
     let out = common::succeeds(
         common::chartbridge()
-            .args(["audit", "--limit", "1", "--url", &app.url])
+            .args(["audit", "--limit", "1", "--since", "2000-01-01T00:00:00Z"])
+            .args(["--url", &app.url])
             .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
     );
     let printed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(printed["accesses"][0]["path"], "/audit");
-    assert_eq!(printed["accesses"][0]["query"], "limit=1");
+    assert_eq!(
+        printed["accesses"][0]["query"],
+        "limit=1&since=2000-01-01T00%3A00%3A00Z"
+    );
+    assert!(printed["next"].is_string(), "{printed}");
+}
+
+/// The audit trail is read by time window and page by page; entries older than
+/// `audit_retention_days` go at start (then hourly), counted in `/metrics`.
+#[test]
+fn the_audit_trail_pages_by_time_and_forgets_past_its_retention() {
+    use serde_json::json;
+    let mut app = App::start(None);
+    for n in 0..3 {
+        let (status, _) = app.get(&format!("/provenance?target=Observation/{n}"));
+        assert_eq!(status, 404);
+    }
+    // Page by page, newest first: each page's `next` is where the one after begins.
+    let mut pages = Vec::new();
+    let mut next = None::<String>;
+    loop {
+        let query = match &next {
+            Some(before) => format!("/audit?limit=2&before={before}&until=2999-01-01T00:00:00Z"),
+            None => "/audit?limit=2&until=2999-01-01T00:00:00Z".to_string(),
+        };
+        let (status, page) = app.get(&query);
+        assert_eq!(status, 200, "{page}");
+        pages.push(page["accesses"].clone());
+        match page["next"].as_str() {
+            Some(n) => next = Some(n.to_string()),
+            None => break,
+        }
+        assert!(pages.len() < 10, "pages never end");
+    }
+    let queries: Vec<&str> = pages
+        .iter()
+        .flat_map(|p| p.as_array().unwrap())
+        .filter_map(|a| a["query"].as_str())
+        .filter(|q| q.starts_with("target="))
+        .collect();
+    assert_eq!(
+        queries,
+        [
+            "target=Observation/2",
+            "target=Observation/1",
+            "target=Observation/0"
+        ]
+    );
+    // A window in the future holds nothing; a time that is not one is the caller's mistake.
+    let (_, future) = app.get("/audit?since=2999-01-01T00:00:00Z");
+    assert_eq!(future["accesses"], json!([]));
+    assert!(future.get("next").is_none());
+    for bad in ["since=yesterday", "until=2026-13-01T00:00:00Z", "before=zz"] {
+        let (status, outcome) = app.get(&format!("/audit?{bad}"));
+        assert_eq!(
+            (status, outcome["resourceType"].as_str()),
+            (400, Some("OperationOutcome")),
+            "{bad}: {outcome}"
+        );
+    }
+
+    // Two entries from weeks ago (as an older gateway recorded them); a retention of 30 days.
+    app.kill();
+    let day = 86_400_000_000u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    {
+        let db = sled::open(app.data_dir()).unwrap();
+        let audit = db.open_tree("audit").unwrap();
+        for (age, path) in [(31, "/old"), (29, "/recent")] {
+            let mut key = [0u8; 16];
+            key[..8].copy_from_slice(&(now - age * day).to_be_bytes());
+            let access = json!({"at": "then", "who": "admin key 0123456789abcdef",
+                "request_id": "req-1", "method": "GET", "path": path, "allowed": true});
+            audit
+                .insert(key, serde_json::to_vec(&access).unwrap())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+    let config = std::fs::read_to_string(&app.config_path).unwrap();
+    std::fs::write(
+        &app.config_path,
+        format!("audit_retention_days = 30\n{config}"),
+    )
+    .unwrap();
+    app.restart();
+    app.wait_for_metrics(&["chartbridge_audit_entries_forgotten_total 1"]);
+    let twenty_days = now - 20 * day;
+    let until = chrono::DateTime::from_timestamp_micros(twenty_days as i64)
+        .unwrap()
+        .to_rfc3339();
+    let (_, old) = app.get(&format!("/audit?until={}", until.replace('+', "%2B")));
+    let paths: Vec<&str> = old["accesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/recent"]);
 }
 
 /// A script hammering the operators' endpoints without the key is refused every time, but

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use chartbridge::store::{
-    Accepted, EhrResource, Requeued, State, Store, StoreOptions, SubmissionRecord, Swept,
-    Transition,
+    Accepted, AuditWindow, EhrResource, Requeued, State, Store, StoreOptions, SubmissionRecord,
+    Swept, Transition,
 };
 
 const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
@@ -665,18 +665,105 @@ fn operator_accesses_are_kept_newest_first_across_reopen() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    let micros = || {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        t
+    };
+    let mut between = Vec::new();
     {
         let store = Store::open(dir.path()).unwrap();
         for n in 0..3 {
             runtime.block_on(store.record_access(&access(n))).unwrap();
+            between.push(micros());
         }
-        assert_eq!(store.accesses(2).unwrap(), vec![access(2), access(1)]);
+        let page = store.accesses(AuditWindow::default(), 2).unwrap();
+        assert_eq!(page.accesses, vec![access(2), access(1)]);
+        // The next page goes on from there, and is the last.
+        let before = AuditWindow::cursor(page.next.as_deref().unwrap());
+        assert!(before.is_some());
+        let rest = AuditWindow {
+            before,
+            ..AuditWindow::default()
+        };
+        let page = store.accesses(rest, 2).unwrap();
+        assert_eq!((page.accesses, page.next), (vec![access(0)], None));
     }
     let store = Store::open(dir.path()).unwrap();
+    let all = |store: &Store| store.accesses(AuditWindow::default(), 10).unwrap();
+    assert_eq!(all(&store).accesses, vec![access(2), access(1), access(0)]);
+    // A time window: since the first, until the last.
+    let window = AuditWindow {
+        since: Some(between[0]),
+        before: Some(AuditWindow::until(between[1])),
+    };
     assert_eq!(
-        store.accesses(10).unwrap(),
-        vec![access(2), access(1), access(0)]
+        store.accesses(window, 10).unwrap().accesses,
+        vec![access(1)]
     );
+    let backwards = AuditWindow {
+        since: Some(between[1]),
+        before: Some(AuditWindow::until(between[0])),
+    };
+    assert_eq!(store.accesses(backwards, 10).unwrap().accesses, vec![]);
+    assert_eq!(AuditWindow::cursor("not a cursor"), None);
+    assert_eq!(AuditWindow::cursor(&"zz".repeat(16)), None);
+    // Past the retention: the entries before the cutoff go, durably.
+    assert_eq!(store.forget_accesses(between[1]).unwrap(), 2);
+    assert_eq!(store.forget_accesses(between[1]).unwrap(), 0);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(all(&store).accesses, vec![access(2)]);
+}
+
+/// A retention sweep removes any number of entries (in rounds of some thousands), and what
+/// came after the cutoff stays.
+#[test]
+fn an_audit_trail_longer_than_a_round_is_forgotten_whole() {
+    use chartbridge::store::Access;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let access = |n: usize| Access {
+        at: "2026-11-27T10:00:00Z".into(),
+        who: "anyone: no admin key is configured".into(),
+        client: None,
+        forwarded_for: None,
+        request_id: format!("req-{n}"),
+        method: "GET".into(),
+        path: "/audit".into(),
+        query: None,
+        allowed: true,
+        unrecorded_refusals: None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut recording = tokio::task::JoinSet::new();
+        for n in 0..5000 {
+            let (store, access) = (Arc::clone(&store), access(n));
+            recording.spawn(async move { store.record_access(&access).await });
+        }
+        while let Some(done) = recording.join_next().await {
+            done.unwrap().unwrap();
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    runtime
+        .block_on(store.record_access(&access(5000)))
+        .unwrap();
+    assert_eq!(store.forget_accesses(cutoff).unwrap(), 5000);
+    let left = store.accesses(AuditWindow::default(), 10).unwrap();
+    assert_eq!((left.accesses, left.next), (vec![access(5000)], None));
 }
 
 /// Dead letters are listed latest first until they are replayed, across a reopen; a store of

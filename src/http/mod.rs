@@ -7,7 +7,8 @@
 //! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
 //! - `GET  /submissions?patient=<system>|<value>` — a patient's submissions
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
-//! - `GET  /audit` — who used the operators' endpoints (each of them records every attempt)
+//! - `GET  /audit` — who used the operators' endpoints (each of them records every attempt),
+//!   by time window and page
 //! - `GET  /Questionnaire/{id}`, `GET /Questionnaire?url=…` — the Questionnaire each mapping
 //!   defines (what its QuestionnaireResponses point at), and `GET /metadata`
 //! - `POST /QuestionnaireResponse` — a FHIR-native form's response, as a submission of the
@@ -194,20 +195,56 @@ fn listed(limit: Option<usize>) -> usize {
 #[derive(Deserialize)]
 struct AuditQuery {
     limit: Option<usize>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<String>,
 }
 
-/// `GET /audit[?limit=N]`: who used the operators' endpoints, newest first (100 by default,
-/// 1,000 at most).
+/// `GET /audit[?since=T][&until=T][&before=C][&limit=N]`: who used the operators' endpoints,
+/// newest first (100 by default, 1,000 at most), recorded at or after `since` and before
+/// `until` (RFC 3339); `next`, when there may be more, is the `before` of the page after.
 async fn audit(
     State(state): State<Arc<AppState>>,
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let accesses = state
+    let instant = |name: &str, v: &Option<String>| -> Result<Option<u64>, ApiError> {
+        v.as_deref()
+            .map(|t| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .ok()
+                    .and_then(|t| u64::try_from(t.timestamp_micros()).ok())
+                    .ok_or_else(|| {
+                        ApiError::BadQuery(format!(
+                            "`{name}` is not an RFC 3339 instant after 1970 (e.g. 2026-11-27T09:00:00Z)"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let cursor = q
+        .before
+        .as_deref()
+        .map(|c| {
+            store::AuditWindow::cursor(c).ok_or_else(|| {
+                ApiError::BadQuery("`before` is not a page's `next` (32 hex digits)".into())
+            })
+        })
+        .transpose()?;
+    let until = instant("until", &q.until)?.map(store::AuditWindow::until);
+    let window = store::AuditWindow {
+        since: instant("since", &q.since)?,
+        before: cursor.into_iter().chain(until).min(),
+    };
+    let page = state
         .intake
         .store()
-        .accesses(listed(q.limit))
+        .accesses(window, listed(q.limit))
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(json!({ "accesses": accesses })))
+    let mut body = json!({ "accesses": page.accesses });
+    if let Some(next) = page.next {
+        body["next"] = json!(next);
+    }
+    Ok(Json(body))
 }
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);

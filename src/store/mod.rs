@@ -116,10 +116,56 @@ fn audit_key() -> [u8; 16] {
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    audit_key_at(micros, AUDIT_SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The audit key of `micros` (Unix µs) and sequence number `seq`.
+fn audit_key_at(micros: u64, seq: u64) -> [u8; 16] {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&micros.to_be_bytes());
-    key[8..].copy_from_slice(&AUDIT_SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// How many audit entries one write round removes at most (a sweep takes several rounds, and
+/// submissions get theirs in between).
+const FORGET_AT_ONCE: usize = 2048;
+
+/// Which part of the audit trail to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditWindow {
+    /// Entries recorded at or after this time (Unix µs).
+    pub since: Option<u64>,
+    /// Entries before this key (a page's `next`, or `until`'s time as a key).
+    pub before: Option<[u8; 16]>,
+}
+
+impl AuditWindow {
+    /// Entries recorded before `micros` (Unix µs).
+    pub fn until(micros: u64) -> [u8; 16] {
+        audit_key_at(micros, 0)
+    }
+
+    /// A page's `next` (32 hex digits) as a key; `None` if it is not one.
+    pub fn cursor(next: &str) -> Option<[u8; 16]> {
+        if next.len() != 32 || !next.is_ascii() {
+            return None;
+        }
+        let mut key = [0u8; 16];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&next[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(key)
+    }
+}
+
+/// A page of the audit trail, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    pub accesses: Vec<Access>,
+    /// Where the next (older) page begins, as `AuditWindow::cursor` reads it; `None` once the
+    /// window holds no more.
+    pub next: Option<String>,
 }
 
 fn hex_key(key: &[u8]) -> String {
@@ -305,21 +351,58 @@ impl Store {
         self.writer.write_async(write).await.map(|_| ())
     }
 
-    /// The audit trail, newest first, at most `limit` entries.
-    pub fn accesses(&self, limit: usize) -> Result<Vec<Access>, StoreError> {
-        self.trees
-            .audit
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|entry| {
-                let (key, value) = entry?;
-                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+    /// The audit trail within `window`, newest first, at most `limit` entries; `next` says
+    /// where the page after (older entries) begins when there may be one.
+    pub fn accesses(&self, window: AuditWindow, limit: usize) -> Result<AuditPage, StoreError> {
+        let since = window.since.map_or([0; 16], |t| audit_key_at(t, 0));
+        let before = window.before.unwrap_or([0xff; 16]);
+        let mut accesses = Vec::new();
+        if since >= before {
+            return Ok(AuditPage {
+                accesses,
+                next: None,
+            });
+        }
+        let mut last = None;
+        for entry in self.trees.audit.range(since..before).rev().take(limit) {
+            let (key, value) = entry?;
+            accesses.push(serde_json::from_slice(&value).map_err(|source| {
+                StoreError::Corrupt {
                     key: format!("audit {}", hex_key(&key)),
                     source,
-                })
-            })
-            .collect()
+                }
+            })?);
+            last = Some(key);
+        }
+        let next = last
+            .filter(|_| accesses.len() == limit)
+            .map(|key| hex_key(&key));
+        Ok(AuditPage { accesses, next })
+    }
+
+    /// Removes the audit entries recorded before `cutoff` (Unix µs), through the writer, some
+    /// thousands at a time; how many went. Durable when it returns.
+    pub fn forget_accesses(&self, cutoff: u64) -> Result<usize, StoreError> {
+        let below = audit_key_at(cutoff, 0);
+        let mut forgotten = 0;
+        loop {
+            let keys = self
+                .trees
+                .audit
+                .range(..below)
+                .keys()
+                .take(FORGET_AT_ONCE)
+                .collect::<Result<Vec<_>, _>>()?;
+            let n = keys.len();
+            if n == 0 {
+                return Ok(forgotten);
+            }
+            self.writer.write(Write::Forget { keys })?;
+            forgotten += n;
+            if n < FORGET_AT_ONCE {
+                return Ok(forgotten);
+            }
+        }
     }
 
     /// Writes made durable, write rounds, time in flush and fdatasync.

@@ -73,6 +73,11 @@ pub(crate) enum Write {
         key: [u8; 16],
         access: Vec<u8>,
     },
+    /// Audit entries past their retention, out of the trail (outside the transaction, as
+    /// they went in).
+    Forget {
+        keys: Vec<sled::IVec>,
+    },
     /// Nothing to write: answered once everything queued before it is durable.
     Barrier,
 }
@@ -419,6 +424,11 @@ fn apply(
             Write::Audit { key, access } => {
                 trees.audit.insert(key, access.as_slice())?;
             }
+            Write::Forget { keys } => {
+                for key in keys {
+                    trees.audit.remove(key)?;
+                }
+            }
             _ => {}
         }
     }
@@ -604,7 +614,9 @@ impl Tx<'_> {
                 }
                 Ok(Written::Moved)
             }
-            Write::Expire { .. } | Write::Audit { .. } | Write::Barrier => Ok(Written::Barrier),
+            Write::Expire { .. } | Write::Audit { .. } | Write::Forget { .. } | Write::Barrier => {
+                Ok(Written::Barrier)
+            }
         })
     }
 
