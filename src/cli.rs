@@ -111,7 +111,14 @@ enum Command {
     /// Deliver a submission again, e.g. after a dead letter's cause was fixed.
     Replay {
         /// `<mapping id>/<submission id>`
-        key: String,
+        #[arg(required_unless_present = "dead_lettered")]
+        key: Option<String>,
+        /// Every dead letter instead, earliest first (after the cause the EHR named is fixed).
+        #[arg(long, conflicts_with = "key")]
+        dead_lettered: bool,
+        /// With --dead-lettered: only this mapping's.
+        #[arg(long, requires = "dead_lettered")]
+        mapping: Option<String>,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
@@ -204,11 +211,29 @@ pub fn run() -> ExitCode {
                 .collect();
             remote(reqwest::Method::GET, &format!("{url}/audit"), &query)
         }
-        Command::Replay { key, url } => remote(
+        Command::Replay {
+            key: Some(key),
+            url,
+            ..
+        } => remote(
             reqwest::Method::POST,
             &format!("{url}/submissions/{key}/replay"),
             &[],
         ),
+        Command::Replay {
+            key: None,
+            mapping,
+            url,
+            ..
+        } => {
+            let query: Vec<(&str, &str)> =
+                mapping.iter().map(|m| ("mapping", m.as_str())).collect();
+            remote(
+                reqwest::Method::POST,
+                &format!("{url}/dead-letters/replay"),
+                &query,
+            )
+        }
         Command::Extract {
             questionnaire,
             mappings,

@@ -376,6 +376,81 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
         .contains("chartbridge_dead_lettered 0"));
 }
 
+/// Many submissions dead-lettered for one cause (an EHR limit) are replayed at once once it
+/// is fixed — of one mapping, earliest first — and each reaches the EHR once.
+#[test]
+fn dead_letters_are_replayed_in_bulk_after_the_fix() {
+    use serde_json::json;
+    let port = free_port();
+    let strict =
+        FhirServer::start_with(&[("PORT", &port.to_string()), ("MAX_STRICT_TX_ENTRIES", "8")]);
+    let app = App::start(Some(&strict.url));
+    let body = String::from_utf8(fixture(
+        "fixtures/glp1-intake-typeform/contraindications.input.json",
+    ))
+    .unwrap();
+    let id = "e4a91f0c7b2d5836a1c9e07f4b2d8a15";
+    assert!(body.contains(id));
+    let ids: Vec<String> = (0..3).map(|n| format!("bulk-{n}")).collect();
+    for other in &ids {
+        let (status, _, _) = app.post_typeform(body.replace(id, other).as_bytes());
+        assert_eq!(status, 202);
+    }
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|i| format!("glp1-intake-typeform/{i}"))
+        .collect();
+    for key in &keys {
+        app.wait_for_state(key, "dead-lettered", 30);
+    }
+    // Another mapping's dead letters: none; an unknown mapping: 404.
+    let (status, none, _) = app.post("/dead-letters/replay?mapping=phq9-typeform", b"", &[]);
+    assert_eq!(status, 202, "{none}");
+    assert_eq!(none, json!({"replayed": [], "expired": [], "left": 0}));
+    let (status, outcome, _) = app.post("/dead-letters/replay?mapping=nope", b"", &[]);
+    assert_eq!(
+        (status, outcome["resourceType"].as_str()),
+        (404, Some("OperationOutcome"))
+    );
+
+    drop(strict);
+    let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
+    let out = common::succeeds(
+        common::chartbridge()
+            .args([
+                "replay",
+                "--dead-lettered",
+                "--mapping",
+                "glp1-intake-typeform",
+            ])
+            .args(["--url", &app.url])
+            .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+    );
+    let replayed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        replayed,
+        json!({"replayed": keys, "expired": [], "left": 0})
+    );
+    for key in &keys {
+        let view = app.wait_for_state(key, "delivered", 30);
+        assert_eq!(
+            states(&view),
+            ["received", "mapped", "dead-lettered", "mapped", "delivered"]
+        );
+    }
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 3);
+    // Nothing left to replay; the trail says who did it.
+    let (_, again, _) = app.post("/dead-letters/replay", b"", &[]);
+    assert_eq!(again, json!({"replayed": [], "expired": [], "left": 0}));
+    let (_, trail) = app.get("/audit?limit=2");
+    assert_eq!(trail["accesses"][1]["path"], "/dead-letters/replay");
+    // A key or --dead-lettered, not both, not neither.
+    for args in [&["replay"][..], &["replay", "k/1", "--dead-lettered"]] {
+        let refused = common::chartbridge().args(args).output().unwrap();
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+    }
+}
+
 /// An EHR URL that answers with a redirect: the Bundle (PHI) is not sent where the answer
 /// points. A temporary redirect is retried; a permanent one is a dead letter that names the
 /// new location — nothing reaches the server behind it until an operator decides.

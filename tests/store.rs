@@ -796,6 +796,20 @@ fn dead_letters_are_listed_until_replayed_and_indexed_for_earlier_stores() {
         assert_eq!(dead(&store), [key("c"), key("a")], "latest first");
         assert_eq!(store.dead_letter_count(), 2);
         assert_eq!(store.dead_letters(1).unwrap().len(), 1);
+        // What a bulk replay takes: earliest first, of one mapping or all.
+        assert_eq!(
+            store.dead_letter_keys(None, 10).unwrap(),
+            [key("a"), key("c")]
+        );
+        assert_eq!(
+            store
+                .dead_letter_keys(Some("glp1-intake-typeform"), 1)
+                .unwrap(),
+            [key("a")]
+        );
+        for other in ["glp1-intake", "glp1-intake-typeform-v2"] {
+            assert!(store.dead_letter_keys(Some(other), 10).unwrap().is_empty());
+        }
         assert!(matches!(
             store.requeue(&key("c"), "2026-01-03T00:00:00Z").unwrap(),
             Requeued::Waiting(_)

@@ -5,6 +5,7 @@
 //! - `POST /submissions/{mapping_id}` — a submission in → `202` once it is durable
 //! - `GET  /submissions/{mapping_id}/{submission_id}` — status, transitions, EHR references
 //! - `POST /submissions/{mapping_id}/{submission_id}/replay` — deliver again
+//! - `POST /dead-letters/replay[?mapping=…]` — deliver every dead letter again (after a fix)
 //! - `GET  /submissions?patient=<system>|<value>` — a patient's submissions
 //! - `GET  /provenance?target=Observation/123` — which submission and mapping produced it
 //! - `GET  /audit` — who used the operators' endpoints (each of them records every attempt),
@@ -75,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/submissions/{mapping_id}/{submission_id}/replay",
             post(replay),
         )
+        .route("/dead-letters/replay", post(replay_dead_letters))
         .route("/provenance", get(provenance))
         .route("/audit", get(audit))
         .route_layer(middleware::from_fn_with_state(
@@ -527,6 +529,83 @@ async fn replay(
         ))),
         Requeued::Unknown => Err(ApiError::NotFound(format!("no submission {key}"))),
     }
+}
+
+#[derive(Deserialize)]
+struct BulkReplayQuery {
+    mapping: Option<String>,
+    limit: Option<usize>,
+}
+
+/// How many dead letters one bulk replay takes at most (10,000 by default too).
+const BULK_REPLAY_MAX: usize = 10_000;
+
+/// `POST /dead-letters/replay[?mapping=ID][&limit=N]`: every dead letter (of one mapping),
+/// earliest first, back in the outbox — what an operator does once the cause the EHR named is
+/// fixed. `202` with the keys replayed, those whose Bundle is past its retention (nothing to
+/// send) and how many dead letters are left (beyond `limit`, or dead-lettered meanwhile).
+async fn replay_dead_letters(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<BulkReplayQuery>,
+) -> Result<Response, ApiError> {
+    let store = state.intake.store();
+    if let Some(m) = &q.mapping {
+        if state.intake.mapping(m).is_none() {
+            return Err(IntakeError::UnknownMapping(m.clone()).into());
+        }
+    }
+    let limit = q.limit.unwrap_or(BULK_REPLAY_MAX).min(BULK_REPLAY_MAX);
+    let keys = store
+        .dead_letter_keys(q.mapping.as_deref(), limit)
+        .map_err(IntakeError::Store)?;
+    // All at once: the writer takes them in a few rounds.
+    let at = now();
+    let mut requeues = tokio::task::JoinSet::new();
+    for key in keys {
+        let (store, at) = (Arc::clone(store), at.clone());
+        requeues.spawn(async move {
+            let requeued = store.requeue_async(&key, &at).await;
+            (key, requeued)
+        });
+    }
+    let (mut replayed, mut expired) = (Vec::new(), Vec::new());
+    let mut failed = None;
+    while let Some(done) = requeues.join_next().await {
+        match done {
+            Ok((key, Ok(Requeued::Waiting(_)))) => replayed.push(key),
+            Ok((key, Ok(Requeued::Expired))) => expired.push(key),
+            // Gone since it was listed: nothing to do.
+            Ok((_, Ok(Requeued::Unknown))) => {}
+            Ok((_, Err(e))) => failed = Some(e.to_string()),
+            Err(e) => failed = Some(e.to_string()),
+        }
+    }
+    if !replayed.is_empty() {
+        state.outbox.notify_one();
+    }
+    // What was requeued stays requeued; the caller learns the rest did not go and can ask again.
+    if let Some(e) = failed {
+        return Err(ApiError::Internal(e));
+    }
+    replayed.sort();
+    expired.sort();
+    tracing::info!(
+        replayed = replayed.len(),
+        expired = expired.len(),
+        "dead letters replayed"
+    );
+    let left = match &q.mapping {
+        Some(m) => store
+            .dead_letter_keys(Some(m), usize::MAX)
+            .map_err(IntakeError::Store)?
+            .len(),
+        None => store.dead_letter_count(),
+    };
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"replayed": replayed, "expired": expired, "left": left})),
+    )
+        .into_response())
 }
 
 /// A FHIR resource as the answer, with FHIR's media type.

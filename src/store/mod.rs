@@ -679,6 +679,28 @@ impl Store {
         Ok(records)
     }
 
+    /// The keys of the dead-lettered submissions — of one mapping, or all — earliest dead
+    /// letter first, at most `limit`.
+    pub fn dead_letter_keys(
+        &self,
+        mapping_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let prefix = mapping_id.map_or_else(Vec::new, |m| key(m, "").into_bytes());
+        let mut entries = Vec::new();
+        for entry in self.trees.dead_letters.scan_prefix(prefix) {
+            let (key, when) = entry?;
+            let when = <[u8; 8]>::try_from(when.as_ref()).map_or(0, i64::from_le_bytes);
+            entries.push((when, key));
+        }
+        entries.sort();
+        Ok(entries
+            .into_iter()
+            .take(limit)
+            .map(|(_, key)| String::from_utf8_lossy(&key).into_owned())
+            .collect())
+    }
+
     /// How many submissions are dead-lettered now.
     pub fn dead_letter_count(&self) -> usize {
         self.trees.dead_letters.len()
