@@ -17,14 +17,55 @@ pub struct StoreFigures {
     pub sync_seconds: f64,
 }
 
+/// What became of a submission (`chartbridge_submissions_total`'s `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// The same submission again: answered as before, nothing new.
+    Duplicate,
+    /// Refused for what was sent (a 4xx), or while the outbox is full.
+    Rejected,
+    /// Its signature or key did not check out.
+    Unauthorized,
+    /// A notification whose submission could not be fetched from the source's API.
+    Unfetched,
+    /// The gateway's own failure (a 500: the store).
+    Failed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Accepted,
+        Outcome::Duplicate,
+        Outcome::Rejected,
+        Outcome::Unauthorized,
+        Outcome::Unfetched,
+        Outcome::Failed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected => "rejected",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Unfetched => "unfetched",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// One counter per outcome.
+#[derive(Default)]
+struct Outcomes([AtomicU64; Outcome::ALL.len()]);
+
 #[derive(Default)]
 pub struct Metrics {
-    pub submissions_accepted: AtomicU64,
-    pub submissions_duplicate: AtomicU64,
-    pub submissions_rejected: AtomicU64,
-    pub submissions_unauthorized: AtomicU64,
-    /// Notifications whose submission could not be fetched from the source's API.
-    pub submissions_unfetched: AtomicU64,
+    /// Submissions by mapping (those loaded at start: the label set is bounded) and outcome.
+    submissions: std::collections::BTreeMap<String, Outcomes>,
+    /// Submissions no loaded mapping is named for (an unknown id, a response to no mapping's
+    /// Questionnaire, a body that names none): counted without a mapping, by outcome.
+    unattributed: Outcomes,
     pub deliveries_ok: AtomicU64,
     pub delivery_retries: AtomicU64,
     pub dead_letters: AtomicU64,
@@ -42,6 +83,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counters for these mappings' submissions, the rest at zero.
+    pub fn for_mappings<'a>(ids: impl IntoIterator<Item = &'a str>) -> Metrics {
+        Metrics {
+            submissions: ids
+                .into_iter()
+                .map(|id| (id.to_string(), Outcomes::default()))
+                .collect(),
+            ..Metrics::default()
+        }
+    }
+
+    /// Counts a submission to `mapping` (`None`: none loaded is named).
+    pub fn submission(&self, mapping: Option<&str>, outcome: Outcome) {
+        let of = mapping
+            .and_then(|m| self.submissions.get(m))
+            .unwrap_or(&self.unattributed);
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            Metrics::inc(&of.0[i]);
+        }
+    }
+
     pub fn inc(counter: &AtomicU64) {
         Metrics::add(counter, 1);
     }
@@ -68,19 +130,25 @@ impl Metrics {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "# HELP chartbridge_submissions_total Submissions received, by outcome."
+            "# HELP chartbridge_submissions_total Submissions received, by mapping and outcome."
         );
         let _ = writeln!(s, "# TYPE chartbridge_submissions_total counter");
-        for (outcome, c) in [
-            ("accepted", &self.submissions_accepted),
-            ("duplicate", &self.submissions_duplicate),
-            ("rejected", &self.submissions_rejected),
-            ("unauthorized", &self.submissions_unauthorized),
-            ("unfetched", &self.submissions_unfetched),
-        ] {
+        for (mapping, counts) in self.submissions.iter().map(|(m, c)| (Some(m), c)) {
+            for (outcome, c) in Outcome::ALL.iter().zip(&counts.0) {
+                let _ = writeln!(
+                    s,
+                    "chartbridge_submissions_total{{mapping=\"{}\",outcome=\"{}\"}} {}",
+                    mapping.map_or("", String::as_str),
+                    outcome.label(),
+                    get(c)
+                );
+            }
+        }
+        for (outcome, c) in Outcome::ALL.iter().zip(&self.unattributed.0) {
             let _ = writeln!(
                 s,
-                "chartbridge_submissions_total{{outcome=\"{outcome}\"}} {}",
+                "chartbridge_submissions_total{{outcome=\"{}\"}} {}",
+                outcome.label(),
                 get(c)
             );
         }
@@ -208,8 +276,12 @@ mod tests {
 
     #[test]
     fn renders_counters_and_cumulative_buckets() {
-        let m = Metrics::default();
-        Metrics::inc(&m.submissions_accepted);
+        let m = Metrics::for_mappings(["phq9-typeform", "refill-request-portal"]);
+        m.submission(Some("phq9-typeform"), Outcome::Accepted);
+        m.submission(Some("phq9-typeform"), Outcome::Accepted);
+        m.submission(Some("refill-request-portal"), Outcome::Failed);
+        m.submission(None, Outcome::Rejected);
+        m.submission(Some("not-loaded"), Outcome::Rejected);
         m.observe_delivery(Duration::from_millis(30));
         let text = m.render(
             3,
@@ -220,7 +292,16 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert!(text.contains("chartbridge_submissions_total{outcome=\"accepted\"} 1"));
+        for line in [
+            "chartbridge_submissions_total{mapping=\"phq9-typeform\",outcome=\"accepted\"} 2",
+            "chartbridge_submissions_total{mapping=\"phq9-typeform\",outcome=\"failed\"} 0",
+            "chartbridge_submissions_total{mapping=\"refill-request-portal\",outcome=\"failed\"} 1",
+            "chartbridge_submissions_total{outcome=\"rejected\"} 2",
+            "chartbridge_submissions_total{outcome=\"accepted\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in {text}");
+        }
+        assert!(!text.contains("not-loaded"));
         assert!(text.contains("chartbridge_outbox_depth 3"));
         assert!(text.contains("chartbridge_dead_lettered 1"));
         assert!(text.contains("chartbridge_store_commit_rounds_total 2"));

@@ -42,7 +42,9 @@ pub enum ServeError {
 pub async fn serve(config: Config) -> Result<(), ServeError> {
     let mappings = mapping::load_dir(&config.mappings_dir)?;
     let store = Arc::new(Store::open(&config.data_dir)?);
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::for_mappings(
+        mappings.iter().map(|m| m.id.as_str()),
+    ));
     let wake = Arc::new(Notify::new());
     let (stop, stopped) = watch::channel(false);
 

@@ -687,10 +687,17 @@ fn bad_input_gets_a_4xx_operation_outcome() {
     // Nothing of that reached the store.
     let metrics = app.get_text("/metrics");
     assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
-    assert!(
-        metrics.contains("chartbridge_submissions_total{outcome=\"unauthorized\"} 3"),
-        "{metrics}"
-    );
+    // Counted by mapping and outcome; an unknown mapping's id is not a label.
+    for line in [
+        "chartbridge_submissions_total{mapping=\"glp1-intake-typeform\",outcome=\"unauthorized\"} 2",
+        "chartbridge_submissions_total{mapping=\"refill-request-portal\",outcome=\"unauthorized\"} 1",
+        "chartbridge_submissions_total{mapping=\"refill-request-portal\",outcome=\"rejected\"} 5",
+        "chartbridge_submissions_total{mapping=\"refill-request-portal\",outcome=\"accepted\"} 0",
+        "chartbridge_submissions_total{outcome=\"rejected\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    assert!(!metrics.contains("no-such-form"));
 }
 
 #[test]
@@ -1097,7 +1104,9 @@ fn a_healthie_notification_is_exchanged_for_its_form_and_reaches_the_ehr() {
     assert_eq!(outcome["issue"][0]["code"], "transient");
     assert!(headers.contains_key("retry-after"));
     assert_eq!(app.get(&format!("/submissions/{key}")).0, 404);
-    app.wait_for_metrics(&["chartbridge_submissions_total{outcome=\"unfetched\"} 1"]);
+    app.wait_for_metrics(&[
+        "chartbridge_submissions_total{mapping=\"glp1-intake-healthie\",outcome=\"unfetched\"} 1",
+    ]);
 
     // Up: the form is fetched, mapped, stored and delivered.
     healthie.down.store(false, Ordering::SeqCst);
@@ -1945,4 +1954,15 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
         .as_str()
         .unwrap()
         .contains("submission id"));
+    // Counted under the mapping whose Questionnaire it answers, once that is known.
+    let metrics = app.get_text("/metrics");
+    for line in [
+        "chartbridge_submissions_total{mapping=\"consult-intake-portal\",outcome=\"unauthorized\"} 1",
+        "chartbridge_submissions_total{mapping=\"consult-intake-portal\",outcome=\"accepted\"} 1",
+        "chartbridge_submissions_total{mapping=\"consult-intake-portal\",outcome=\"duplicate\"} 1",
+        "chartbridge_submissions_total{mapping=\"consult-intake-portal\",outcome=\"rejected\"} 1",
+        "chartbridge_submissions_total{outcome=\"rejected\"} 2",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 }

@@ -64,6 +64,18 @@ impl From<PayloadError> for ApiError {
 pub const OVERLOADED_RETRY_AFTER: &str = "30";
 
 impl ApiError {
+    /// What the error makes of a submission, for the metrics.
+    pub fn submission_outcome(&self) -> crate::metrics::Outcome {
+        use crate::metrics::Outcome;
+        match self {
+            ApiError::Unauthorized(_) => Outcome::Unauthorized,
+            ApiError::Fetch(_) => Outcome::Unfetched,
+            ApiError::Overloaded(_) => Outcome::Rejected,
+            e if e.status().is_server_error() => Outcome::Failed,
+            _ => Outcome::Rejected,
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,

@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::fetch::Fetch;
 use crate::intake::{Intake, IntakeError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::store::{self, Requeued, SubmissionRecord};
 pub use error::ApiError;
 
@@ -284,14 +284,45 @@ async fn submit(
     req: Request,
 ) -> Result<Response, ApiError> {
     let Some(mapping) = state.intake.mapping(&mapping_id).cloned() else {
-        return Err(IntakeError::UnknownMapping(mapping_id).into());
+        return counted(
+            &state,
+            None,
+            Err(IntakeError::UnknownMapping(mapping_id).into()),
+        );
     };
+    let result = take_submission(&state, &mapping, req).await;
+    counted(&state, Some(&mapping.id), result)
+}
+
+/// Counts a submission by its mapping (`None`: none loaded is named) and outcome, and answers.
+fn counted(
+    state: &AppState,
+    mapping: Option<&str>,
+    result: Result<crate::intake::Receipt, ApiError>,
+) -> Result<Response, ApiError> {
+    let outcome = match &result {
+        Ok(receipt) if receipt.new => Outcome::Accepted,
+        Ok(_) => Outcome::Duplicate,
+        Err(e) => e.submission_outcome(),
+    };
+    state.metrics.submission(mapping, outcome);
+    result.map(|receipt| accepted(state, &receipt))
+}
+
+/// `POST /submissions/{mapping_id}` once its mapping is known: authenticated, read, (fetched,)
+/// mapped and on disk.
+async fn take_submission(
+    state: &AppState,
+    mapping: &Arc<crate::mapping::Mapping>,
+    req: Request,
+) -> Result<crate::intake::Receipt, ApiError> {
+    let mapping_id = &mapping.id;
     let (parts, body) = req.into_parts();
     let limit = state.config.limits.max_body_bytes;
     let raw = to_bytes(body, limit)
         .await
         .map_err(|_| ApiError::TooLarge(limit))?;
-    authenticate(&state, &mapping_id, &parts, &raw)?;
+    authenticate(state, mapping_id, &parts, &raw)?;
     // A form body (Jotform's webhooks, urlencoded posts) is read as the JSON object of its
     // fields.
     let raw = match body_kind(&parts.headers)? {
@@ -301,18 +332,11 @@ async fn submit(
     };
     let waiting = state.intake.store().outbox_depth();
     if waiting >= state.config.limits.max_outbox {
-        Metrics::inc(&state.metrics.submissions_rejected);
         return Err(ApiError::Overloaded(waiting));
     }
     // A notification (Healthie's) is exchanged for the submission it announces.
-    let raw = match state.fetch.source(&mapping_id) {
-        Some(source) => match state.fetch.submission(source, &raw, limit).await {
-            Ok(fetched) => Bytes::from(fetched),
-            Err(e) => {
-                Metrics::inc(&state.metrics.submissions_unfetched);
-                return Err(e.into());
-            }
-        },
+    let raw = match state.fetch.source(mapping_id) {
+        Some(source) => Bytes::from(state.fetch.submission(source, &raw, limit).await?),
         None => raw,
     };
     // One pass: parse (what the mapping reads) and the depth limit (everything).
@@ -322,18 +346,10 @@ async fn submit(
     // Everything the request brought is dropped before the wait for the disk, on the thread
     // that allocated it (freeing across threads measurably slowed the allocator).
     drop(parts);
-    let receipt = match state
+    Ok(state
         .intake
-        .accept(&mapping, raw, payload, &received_at)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            Metrics::inc(&state.metrics.submissions_rejected);
-            return Err(e.into());
-        }
-    };
-    Ok(accepted(&state, &receipt))
+        .accept(mapping, raw, payload, &received_at)
+        .await?)
 }
 
 /// Checks a submission's request as its source's configuration says (signature, key).
@@ -359,20 +375,14 @@ fn authenticate(
         raw,
         unix_now,
     )
-    .map_err(|why| {
-        Metrics::inc(&state.metrics.submissions_unauthorized);
-        ApiError::Unauthorized(why)
-    })
+    .map_err(ApiError::Unauthorized)
 }
 
-/// `202 Accepted` for a submission on disk (counted, the outbox woken if it is new): its key,
-/// status URL, event, flags and missing answers.
+/// `202 Accepted` for a submission on disk (the outbox woken if it is new): its key, status
+/// URL, event, flags and missing answers.
 fn accepted(state: &AppState, receipt: &crate::intake::Receipt) -> Response {
     if receipt.new {
-        Metrics::inc(&state.metrics.submissions_accepted);
         state.outbox.notify_one();
-    } else {
-        Metrics::inc(&state.metrics.submissions_duplicate);
     }
     tracing::info!(key = %receipt.key, new = receipt.new, flags = receipt.flags.len(), "submission accepted");
     let status_url = format!("/submissions/{}", receipt.key);
@@ -407,6 +417,17 @@ async fn submit_response(
     State(state): State<Arc<AppState>>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    let mut mapping = None;
+    let result = take_response(&state, req, &mut mapping).await;
+    counted(&state, mapping.as_ref().map(|m| m.id.as_str()), result)
+}
+
+/// `POST /QuestionnaireResponse`: `mapping` is the one it answers, once known.
+async fn take_response(
+    state: &AppState,
+    req: Request,
+    mapping: &mut Option<Arc<crate::mapping::Mapping>>,
+) -> Result<crate::intake::Receipt, ApiError> {
     let (parts, body) = req.into_parts();
     let limits = &state.config.limits;
     let raw = to_bytes(body, limits.max_body_bytes)
@@ -418,25 +439,16 @@ async fn submit_response(
             "expected a QuestionnaireResponse (its resourceType)".into(),
         ));
     }
-    let mapping = defining(&state, &response, "see GET /Questionnaire")?;
-    authenticate(&state, &mapping.id, &parts, &raw)?;
+    let answered = mapping.insert(defining(state, &response, "see GET /Questionnaire")?);
+    authenticate(state, &answered.id, &parts, &raw)?;
     let waiting = state.intake.store().outbox_depth();
     if waiting >= limits.max_outbox {
-        Metrics::inc(&state.metrics.submissions_rejected);
         return Err(ApiError::Overloaded(waiting));
     }
-    let receipt = match state
+    Ok(state
         .intake
-        .accept_response(&mapping, &raw, &response, &now())
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            Metrics::inc(&state.metrics.submissions_rejected);
-            return Err(e.into());
-        }
-    };
-    Ok(accepted(&state, &receipt))
+        .accept_response(answered, &raw, &response, &now())
+        .await?)
 }
 
 /// How a submission's body is written.
