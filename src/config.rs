@@ -31,6 +31,10 @@ pub struct Config {
     /// look up provenance or a patient's submissions, and replay. Unset, those endpoints are
     /// open (said at start-up). `CHARTBRIDGE_ADMIN_KEY`.
     pub admin_key: Option<String>,
+    /// Operators by name, each with a key of their own (`Authorization: Bearer <key>`), beside
+    /// or instead of `admin_key`: the audit trail then says which person it was, and one of
+    /// them leaving means removing one key, not rotating everyone's.
+    pub operators: std::collections::BTreeMap<String, String>,
     /// Serves `POST /echo`, the bare baseline the load benchmark measures beside submissions;
     /// off unless asked for (`CHARTBRIDGE_ECHO_ROUTE=1`).
     pub echo_route: bool,
@@ -49,6 +53,7 @@ impl Default for Config {
             bundle_retention_days: 30,
             audit_retention_days: 0,
             admin_key: None,
+            operators: std::collections::BTreeMap::new(),
             echo_route: false,
         }
     }
@@ -247,6 +252,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("environment variable {name}: {message}")]
     Env { name: &'static str, message: String },
+    #[error("[operators] {0}")]
+    Operators(String),
 }
 
 impl Config {
@@ -266,7 +273,32 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(|name| std::env::var(name).ok())?;
+        config.operator_keys()?;
         Ok(config)
+    }
+
+    /// Who may use the operators' endpoints, as (who the audit trail names, key): the admin
+    /// key (by its fingerprint) and each named operator. Every key must be set and be one
+    /// person's: an empty key, or one two entries share, is an error (the trail could not tell
+    /// who it was).
+    pub fn operator_keys(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut keys: Vec<(String, String)> = self
+            .admin_key
+            .iter()
+            .map(|k| (format!("admin key {}", fingerprint(k)), k.clone()))
+            .collect();
+        for (name, key) in &self.operators {
+            if key.trim().is_empty() {
+                return Err(ConfigError::Operators(format!("{name}: the key is empty")));
+            }
+            if let Some((other, _)) = keys.iter().find(|(_, k)| k == key) {
+                return Err(ConfigError::Operators(format!(
+                    "{name}: the same key as {other}: give each operator a key of their own"
+                )));
+            }
+            keys.push((format!("operator {name}"), key.clone()));
+        }
+        Ok(keys)
     }
 
     /// Overrides from the environment: `CHARTBRIDGE_LISTEN`, `CHARTBRIDGE_DATA_DIR`,
@@ -354,6 +386,14 @@ impl Config {
     }
 }
 
+/// What the audit trail says of a key: the first 8 bytes of its SHA-256, in hex — it tells
+/// keys apart (a rotation) without keeping the key.
+pub fn fingerprint(key: &str) -> String {
+    let mut hex = crate::fhir::sha256_hex(key.as_bytes());
+    hex.truncate(16);
+    hex
+}
+
 /// `n` days; `None` for 0 (kept for good).
 fn days(n: u64) -> Option<std::time::Duration> {
     (n > 0).then(|| std::time::Duration::from_secs(n.saturating_mul(86_400)))
@@ -370,6 +410,7 @@ mod tests {
         let start = readme.find("```toml\n").unwrap() + "```toml\n".len();
         let end = start + readme[start..].find("```").unwrap();
         let c: Config = toml::from_str(&readme[start..end]).unwrap();
+        assert_eq!(c.operator_keys().unwrap().len(), 3, "admin key, alice, bob");
         assert!(matches!(
             c.fetch.get("glp1-intake-healthie"),
             Some(FetchSource::HealthieGraphql { url, timeout_ms: 10_000, .. })
@@ -441,6 +482,43 @@ mod tests {
             toml::from_str::<Config>("lisen = 1").is_err(),
             "typos are errors"
         );
+    }
+
+    /// Each operator a key of their own, named in the audit trail; a key shared or empty is
+    /// refused (the trail could not tell who it was).
+    #[test]
+    fn operators_have_keys_of_their_own() {
+        let c: Config = toml::from_str(
+            "admin_key = \"root-key\"\n[operators]\nalice = \"alice-key\"\nbob = \"bob-key\"\n",
+        )
+        .unwrap();
+        let keys = c.operator_keys().unwrap();
+        let who: Vec<&str> = keys.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(
+            who,
+            [
+                format!("admin key {}", fingerprint("root-key")).as_str(),
+                "operator alice",
+                "operator bob"
+            ]
+        );
+        for (bad, why) in [
+            (
+                "admin_key = \"k\"\n[operators]\nbob = \"k\"\n",
+                "the same key as admin key",
+            ),
+            (
+                "[operators]\nal = \"k\"\nbob = \"k\"\n",
+                "bob: the same key as operator al",
+            ),
+            ("[operators]\nbob = \" \"\n", "bob: the key is empty"),
+        ] {
+            let c: Config = toml::from_str(bad).unwrap();
+            let e = c.operator_keys().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+            assert!(!e.contains("\"k\""), "the key is not in the message: {e}");
+        }
+        assert!(Config::default().operator_keys().unwrap().is_empty());
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub enum ServeError {
     Fetch(reqwest::Error),
     #[error("starting the outbox: {0}")]
     Outbox(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -107,9 +109,10 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             tracing::warn!(source, "source authentication is off");
         }
     }
-    if config.admin_key.is_none() {
+    let operators = config.operator_keys()?;
+    if operators.is_empty() {
         tracing::warn!(
-            "no admin_key: status, provenance, patient lookups and replays are open to whoever reaches the gateway"
+            "no admin_key nor [operators]: status, provenance, patient lookups and replays are open to whoever reaches the gateway"
         );
     }
     for source in config.fetch.keys() {
@@ -136,6 +139,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         fetch,
         started: crate::delivery::outbox::now(),
         refusals: crate::http::refusal_budget(),
+        operators,
     });
     let (http_stop, http_stopped) = watch::channel(false);
     let app = router(Arc::clone(&state));

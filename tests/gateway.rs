@@ -1787,6 +1787,74 @@ fn the_audit_trail_pages_by_time_and_forgets_past_its_retention() {
     assert_eq!(paths, ["/recent"]);
 }
 
+/// Operators with keys of their own: each is let through and named in the audit trail (the
+/// admin key still works); a key two of them would share keeps the gateway from starting.
+#[test]
+fn named_operators_are_told_apart_in_the_audit_trail() {
+    let app = App::start_with_tables(
+        None,
+        "\n[operators]\nalice = \"alice-key-7f3e\"\nbob = \"bob-key-91c2\"\n",
+    );
+    let as_operator = |key: &str| {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/provenance?target=Observation/9", app.url))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(as_operator("alice-key-7f3e"), 404);
+    assert_eq!(as_operator("bob-key-91c2"), 404);
+    assert_eq!(as_operator("carol-key"), 401);
+    let (status, trail) = app.get("/audit?limit=4");
+    assert_eq!(status, 200);
+    let who: Vec<&str> = trail["accesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["who"].as_str().unwrap())
+        .collect();
+    let admin = format!(
+        "admin key {}",
+        &chartbridge::fhir::sha256_hex(common::ADMIN_KEY.as_bytes())[..16]
+    );
+    assert_eq!(
+        who,
+        [
+            admin.as_str(),
+            "refused: wrong admin key",
+            "operator bob",
+            "operator alice"
+        ]
+    );
+    assert!(!trail.to_string().contains("-key-"), "no key in the trail");
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shared.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n\
+             [operators]\nalice = \"same\"\nbob = \"same\"\n",
+            dir.path().join("data"),
+            common::root().join("mappings"),
+        ),
+    )
+    .unwrap();
+    let refused = common::chartbridge()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("bob: the same key as operator alice"),
+        "{stderr}"
+    );
+}
+
 /// A script hammering the operators' endpoints without the key is refused every time, but
 /// fills no disk: past a burst, its refusals are counted (into the next entry recorded and a
 /// metric), not recorded one by one.

@@ -60,6 +60,9 @@ pub struct AppState {
     pub started: String,
     /// How many refused operators' attempts the audit trail records one by one.
     pub refusals: auth::RefusalBudget,
+    /// Who may use the operators' endpoints, and with which key (`Config::operator_keys`);
+    /// none: they are open.
+    pub operators: Vec<(String, String)>,
 }
 
 /// Refused operators' attempts recorded one by one: 10 a second, bursts of 100.
@@ -130,12 +133,13 @@ async fn within_time(State(state): State<Arc<AppState>>, req: Request, next: Nex
 /// every attempt, let through or not, in the store's audit trail first: an access that cannot
 /// be recorded is not served (503).
 async fn operators_only(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let (who, refused) = match &state.config.admin_key {
-        Some(key) => match auth::operator(key, req.headers()) {
-            Ok(()) => (format!("admin key {}", auth::fingerprint(key)), None),
+    let (who, refused) = if state.operators.is_empty() {
+        ("anyone: no admin key is configured".to_string(), None)
+    } else {
+        match auth::operator(&state.operators, req.headers()) {
+            Ok(who) => (who.to_string(), None),
             Err(why) => (format!("refused: {why}"), Some(why)),
-        },
-        None => ("anyone: no admin key is configured".to_string(), None),
+        }
     };
     if let Some(why) = &refused {
         if !state.refusals.record(Instant::now()) {

@@ -86,7 +86,8 @@ impl SubmissionRecord {
 pub struct Access {
     /// RFC 3339.
     pub at: String,
-    /// Who asked: which admin key (its fingerprint), or why none was accepted.
+    /// Who asked: which operator (by name), which admin key (its fingerprint), or why none was
+    /// accepted.
     pub who: String,
     /// From where: the peer address of the connection (`None` in entries of earlier versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
