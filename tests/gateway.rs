@@ -304,16 +304,24 @@ fn ehr_down_then_up_delivers_and_a_restart_resumes_the_outbox() {
     assert!(metrics.contains("chartbridge_outbox_depth 0"), "{metrics}");
 }
 
-#[test]
-fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
-    // Hosted Medplum refuses transactions of more than 8 entries that hold conditional ones.
+/// The intake the strict EHR below refuses (its transaction is too long).
+const LONG_INTAKE: &str = "fixtures/glp1-intake-typeform/contraindications.input.json";
+
+/// An EHR that refuses `LONG_INTAKE`'s transaction — as hosted Medplum refuses transactions
+/// of more than 8 entries that hold conditional ones — on a port a fixed EHR can take over,
+/// and the gateway delivering to it.
+fn strict_ehr() -> (u16, FhirServer, App) {
     let port = free_port();
     let strict =
         FhirServer::start_with(&[("PORT", &port.to_string()), ("MAX_STRICT_TX_ENTRIES", "8")]);
     let app = App::start(Some(&strict.url));
-    let (status, _, _) = app.post_typeform(&fixture(
-        "fixtures/glp1-intake-typeform/contraindications.input.json",
-    ));
+    (port, strict, app)
+}
+
+#[test]
+fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
+    let (port, strict, app) = strict_ehr();
+    let (status, _, _) = app.post_typeform(&fixture(LONG_INTAKE));
     assert_eq!(status, 202);
     let key = "glp1-intake-typeform/e4a91f0c7b2d5836a1c9e07f4b2d8a15";
     let view = app.wait_for_state(key, "dead-lettered", 30);
@@ -381,14 +389,8 @@ fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
 #[test]
 fn dead_letters_are_replayed_in_bulk_after_the_fix() {
     use serde_json::json;
-    let port = free_port();
-    let strict =
-        FhirServer::start_with(&[("PORT", &port.to_string()), ("MAX_STRICT_TX_ENTRIES", "8")]);
-    let app = App::start(Some(&strict.url));
-    let body = String::from_utf8(fixture(
-        "fixtures/glp1-intake-typeform/contraindications.input.json",
-    ))
-    .unwrap();
+    let (port, strict, app) = strict_ehr();
+    let body = String::from_utf8(fixture(LONG_INTAKE)).unwrap();
     let id = "e4a91f0c7b2d5836a1c9e07f4b2d8a15";
     assert!(body.contains(id));
     let ids: Vec<String> = (0..3).map(|n| format!("bulk-{n}")).collect();

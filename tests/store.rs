@@ -644,6 +644,18 @@ fn waiting_deliveries_come_out_oldest_first() {
     assert_eq!(store.pending_where(1, |k| k == key("c"))[0].failures, 1);
 }
 
+/// Now (Unix µs), a moment after what came before and before what comes after: audit keys
+/// are the clock's microseconds.
+fn a_moment_between() -> u64 {
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    now
+}
+
 /// The audit trail: every access recorded is on disk when `record_access` returns, read back
 /// newest first, and still there after a reopen.
 #[test]
@@ -665,21 +677,12 @@ fn operator_accesses_are_kept_newest_first_across_reopen() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let micros = || {
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_micros() as u64;
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        t
-    };
     let mut between = Vec::new();
     {
         let store = Store::open(dir.path()).unwrap();
         for n in 0..3 {
             runtime.block_on(store.record_access(&access(n))).unwrap();
-            between.push(micros());
+            between.push(a_moment_between());
         }
         let page = store.accesses(AuditWindow::default(), 2).unwrap();
         assert_eq!(page.accesses, vec![access(2), access(1)]);
@@ -752,12 +755,7 @@ fn an_audit_trail_longer_than_a_round_is_forgotten_whole() {
             done.unwrap().unwrap();
         }
     });
-    std::thread::sleep(std::time::Duration::from_millis(2));
-    let cutoff = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64;
-    std::thread::sleep(std::time::Duration::from_millis(2));
+    let cutoff = a_moment_between();
     runtime
         .block_on(store.record_access(&access(5000)))
         .unwrap();
