@@ -69,6 +69,9 @@ pub struct Limits {
     /// Deliveries the outbox may hold: beyond it new submissions get `503` with `Retry-After`
     /// (sources retry; nothing is stored, so nothing is lost) until the EHR catches up.
     pub max_outbox: usize,
+    /// Deliveries of one mapping the outbox may hold (unset: only `max_outbox` applies): beyond
+    /// it that mapping's new submissions get `503` while the others' are still taken.
+    pub max_outbox_per_mapping: Option<usize>,
     /// How long a client may take to send a request's headers (the connection is closed
     /// after), and its body and have it answered (`408` after), milliseconds.
     pub request_timeout_ms: u64,
@@ -80,6 +83,7 @@ impl Default for Limits {
             max_body_bytes: 1024 * 1024,
             max_json_depth: 32,
             max_outbox: 100_000,
+            max_outbox_per_mapping: None,
             request_timeout_ms: 30_000,
         }
     }

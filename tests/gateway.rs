@@ -830,6 +830,40 @@ fn a_full_outbox_refuses_new_submissions_with_retry_after_and_stores_nothing() {
     assert_eq!(ready["outbox_depth"], 1);
 }
 
+/// One form's flood takes only its own room: past `max_outbox_per_mapping` its new
+/// submissions are refused (nothing stored) while another form's are still taken.
+#[test]
+fn one_mappings_backlog_does_not_take_the_others_room() {
+    let app = App::start_configured(None, "", "max_outbox_per_mapping = 1");
+    let first = fixture("fixtures/refill-request-portal/missing-inputs.input.json");
+    let key = [("x-api-key", "test-key".to_string())];
+    let (status, body, _) = app.post("/submissions/refill-request-portal", &first, &key);
+    assert_eq!(status, 202, "{body}");
+    let second = String::from_utf8(first)
+        .unwrap()
+        .replace("rf_2025_11_28_0007", "rf_2025_11_28_0008");
+    let (status, outcome, headers) = app.post(
+        "/submissions/refill-request-portal",
+        second.as_bytes(),
+        &key,
+    );
+    assert_eq!(status, 503, "{outcome}");
+    assert_eq!(headers["retry-after"], "30");
+    assert_eq!(outcome["issue"][0]["code"], "throttled");
+    let why = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(why.contains("`refill-request-portal`"), "{why}");
+    assert_eq!(
+        app.get("/submissions/refill-request-portal/rf_2025_11_28_0008")
+            .0,
+        404
+    );
+    // Another form is still taken.
+    let (status, receipt, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202, "{receipt}");
+    let (_, ready) = app.get("/ready");
+    assert_eq!(ready["outbox_depth"], 2);
+}
+
 #[test]
 fn a_submission_whose_bundle_is_lost_is_dead_lettered_not_retried_forever() {
     // The record no longer says where its Bundle is.

@@ -40,6 +40,8 @@ pub enum ApiError {
     Extract(#[from] crate::mapping::extract::ExtractError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
+    #[error("the gateway holds {waiting} deliveries of `{mapping}` for the EHR, one mapping's limit (max_outbox_per_mapping): retry later")]
+    MappingOverloaded { mapping: String, waiting: usize },
     #[error("the request was not received and answered within {0} ms")]
     TimedOut(u128),
     #[error("internal error")]
@@ -70,7 +72,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => Outcome::Unauthorized,
             ApiError::Fetch(_) => Outcome::Unfetched,
-            ApiError::Overloaded(_) => Outcome::Rejected,
+            ApiError::Overloaded(_) | ApiError::MappingOverloaded { .. } => Outcome::Rejected,
             e if e.status().is_server_error() => Outcome::Failed,
             _ => Outcome::Rejected,
         }
@@ -93,7 +95,9 @@ impl ApiError {
             | ApiError::Unprocessable(_)
             | ApiError::Extract(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Intake(IntakeError::Revision { .. }) => StatusCode::CONFLICT,
-            ApiError::Overloaded(_) | ApiError::Unaudited(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_)
+            | ApiError::MappingOverloaded { .. }
+            | ApiError::Unaudited(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Fetch(FetchError::Notification(_) | FetchError::NotFound(_)) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -118,7 +122,9 @@ impl ApiError {
             | ApiError::Extract(_)
             | ApiError::Intake(IntakeError::Response(_)) => issue("invalid", self.to_string()),
             ApiError::Unauthorized(_) => issue("security", self.to_string()),
-            ApiError::Overloaded(_) => issue("throttled", self.to_string()),
+            ApiError::Overloaded(_) | ApiError::MappingOverloaded { .. } => {
+                issue("throttled", self.to_string())
+            }
             ApiError::Unaudited(_) => issue("transient", self.to_string()),
             ApiError::TimedOut(_) => issue("timeout", self.to_string()),
             ApiError::Fetch(FetchError::Notification(_)) => issue("structure", self.to_string()),
@@ -163,7 +169,9 @@ impl IntoResponse for ApiError {
             .into_response();
         if matches!(
             self,
-            ApiError::Overloaded(_) | ApiError::Fetch(FetchError::Unavailable(_))
+            ApiError::Overloaded(_)
+                | ApiError::MappingOverloaded { .. }
+                | ApiError::Fetch(FetchError::Unavailable(_))
         ) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -334,10 +334,7 @@ async fn take_submission(
         BodyKind::Multipart(boundary) => Bytes::from(form::multipart_to_json(&raw, &boundary)?),
         BodyKind::UrlEncoded => Bytes::from(form::urlencoded_to_json(&raw)?),
     };
-    let waiting = state.intake.store().outbox_depth();
-    if waiting >= state.config.limits.max_outbox {
-        return Err(ApiError::Overloaded(waiting));
-    }
+    room_in_outbox(state, mapping_id)?;
     // A notification (Healthie's) is exchanged for the submission it announces.
     let raw = match state.fetch.source(mapping_id) {
         Some(source) => Bytes::from(state.fetch.submission(source, &raw, limit).await?),
@@ -354,6 +351,28 @@ async fn take_submission(
         .intake
         .accept(mapping, raw, payload, &received_at)
         .await?)
+}
+
+/// Refuses a submission (nothing stored: the source retries) while the outbox holds
+/// `max_outbox` deliveries, or `max_outbox_per_mapping` of its mapping's — one form's flood (a
+/// retry storm, a test form pointed at production) must not take every other form's room.
+fn room_in_outbox(state: &AppState, mapping_id: &str) -> Result<(), ApiError> {
+    let limits = &state.config.limits;
+    let store = state.intake.store();
+    let waiting = store.outbox_depth();
+    if waiting >= limits.max_outbox {
+        return Err(ApiError::Overloaded(waiting));
+    }
+    if let Some(most) = limits.max_outbox_per_mapping {
+        let waiting = store.outbox_depth_of(mapping_id);
+        if waiting >= most {
+            return Err(ApiError::MappingOverloaded {
+                mapping: mapping_id.to_string(),
+                waiting,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Checks a submission's request as its source's configuration says (signature, key).
@@ -445,10 +464,7 @@ async fn take_response(
     }
     let answered = mapping.insert(defining(state, &response, "see GET /Questionnaire")?);
     authenticate(state, &answered.id, &parts, &raw)?;
-    let waiting = state.intake.store().outbox_depth();
-    if waiting >= limits.max_outbox {
-        return Err(ApiError::Overloaded(waiting));
-    }
+    room_in_outbox(state, &answered.id)?;
     Ok(state
         .intake
         .accept_response(answered, &raw, &response, &now())

@@ -639,6 +639,11 @@ impl Store {
         self.trees.queue.len()
     }
 
+    /// How many deliveries of `mapping_id`'s submissions wait in the outbox.
+    pub fn outbox_depth_of(&self, mapping_id: &str) -> usize {
+        self.trees.queue.len_of(mapping_id)
+    }
+
     /// Keys of the submissions waiting in the outbox, oldest first.
     pub fn pending(&self) -> Vec<String> {
         self.pending_where(usize::MAX, |_| true)

@@ -26,6 +26,9 @@ pub(crate) struct Queue {
     order: Mutex<Order>,
     /// Entries waiting, readable without the lock.
     len: AtomicUsize,
+    /// Entries waiting by mapping (a key's part before its `/`), under a lock of their own:
+    /// read on the request threads, never behind the outbox's walks of `order`.
+    by_mapping: Mutex<HashMap<String, usize>>,
 }
 
 #[derive(Default)]
@@ -56,12 +59,25 @@ impl Queue {
             return;
         };
         let order = &mut *order;
+        // Taken after `order`, as everywhere (`len_of` takes it alone).
+        let Ok(mut by_mapping) = self.by_mapping.lock() else {
+            return;
+        };
+        let mut count = |key: &str, entered: bool| match by_mapping.get_mut(mapping_of(key)) {
+            Some(n) if entered => *n += 1,
+            Some(n) => *n = n.saturating_sub(1),
+            None if entered => {
+                by_mapping.insert(mapping_of(key).to_string(), 1);
+            }
+            None => {}
+        };
         for change in changes {
             match change {
                 Change::Enter(key) => {
                     if !order.entries.contains_key(&key) {
                         let at = order.next;
                         order.next += 1;
+                        count(&key, true);
                         order.by_arrival.insert(at, key.clone());
                         order.entries.insert(key, (at, 0));
                     }
@@ -69,6 +85,7 @@ impl Queue {
                 Change::Leave(key) => {
                     if let Some((at, _)) = order.entries.remove(&key) {
                         order.by_arrival.remove(&at);
+                        count(&key, false);
                     }
                 }
                 Change::Failed(key, failures) => {
@@ -83,6 +100,13 @@ impl Queue {
 
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
+    }
+
+    /// Entries of `mapping` waiting.
+    pub(crate) fn len_of(&self, mapping: &str) -> usize {
+        self.by_mapping
+            .lock()
+            .map_or(0, |m| m.get(mapping).copied().unwrap_or(0))
     }
 
     /// Up to `limit` entries that `want` accepts, oldest first.
@@ -101,6 +125,11 @@ impl Queue {
             })
             .collect()
     }
+}
+
+/// The mapping of a submission key (`<mapping id>/<submission id>`).
+fn mapping_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(m, _)| m)
 }
 
 #[cfg(test)]
@@ -127,6 +156,7 @@ mod tests {
         ]);
         assert_eq!(keys(&q), ["a", "0", "b"]);
         assert_eq!(q.len(), 3);
+        assert_eq!((q.len_of("a"), q.len_of("b"), q.len_of("gone")), (1, 1, 0));
         let first = q.first(2, |k| k != "a");
         assert_eq!(
             first,
@@ -141,5 +171,23 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn entries_are_counted_by_mapping() {
+        let q = Queue::load([("m/1".to_string(), 0), ("m/2".to_string(), 1)].into_iter());
+        q.apply(vec![
+            Change::Enter("n/1".into()),
+            Change::Enter("m/1".into()), // already counted
+            Change::Leave("m/2".into()),
+            Change::Leave("m/2".into()), // already gone
+            Change::Leave("n/9".into()), // never there
+        ]);
+        assert_eq!((q.len_of("m"), q.len_of("n"), q.len()), (1, 1, 2));
+        q.apply(vec![
+            Change::Leave("m/1".into()),
+            Change::Leave("n/1".into()),
+        ]);
+        assert_eq!((q.len_of("m"), q.len_of("n"), q.len()), (0, 0, 0));
     }
 }
