@@ -171,6 +171,27 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// The receipt of this very submission (`submission_id` of `mapping`, the same bytes) if it
+    /// was accepted before — what a re-send is still answered while new submissions are
+    /// refused for want of room in the outbox.
+    pub fn accepted_before(
+        &self,
+        mapping: &Mapping,
+        submission_id: Option<&str>,
+        raw: &[u8],
+    ) -> Result<Option<Receipt>, IntakeError> {
+        let Some(id) = submission_id else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.get(&store::key(&mapping.id, id))? else {
+            return Ok(None);
+        };
+        Ok((record.payload_sha256 == crate::fhir::sha256_hex(raw))
+            .then(|| receipt_of(&record, false)))
+    }
+}
+
 /// What a submission's record says of it beyond its mapping and times.
 struct Recorded {
     submission_id: String,
@@ -204,9 +225,9 @@ fn record(mapping: &Mapping, r: Recorded, received_at: &str) -> SubmissionRecord
     }
 }
 
-/// What the source is told of what the store did with `record`.
-fn receipt(record: SubmissionRecord, accepted: Accepted) -> Result<Receipt, IntakeError> {
-    let receipt = |r: &SubmissionRecord, new| Receipt {
+/// The receipt of a recorded submission; `new` if this request recorded it.
+fn receipt_of(r: &SubmissionRecord, new: bool) -> Receipt {
+    Receipt {
         key: store::key(&r.mapping_id, &r.submission_id),
         mapping_id: r.mapping_id.clone(),
         submission_id: r.submission_id.clone(),
@@ -214,10 +235,14 @@ fn receipt(record: SubmissionRecord, accepted: Accepted) -> Result<Receipt, Inta
         event: INTAKE_SUBMITTED,
         flags: r.flags.clone(),
         missing: r.missing.clone(),
-    };
+    }
+}
+
+/// What the source is told of what the store did with `record`.
+fn receipt(record: SubmissionRecord, accepted: Accepted) -> Result<Receipt, IntakeError> {
     match accepted {
-        Accepted::New => Ok(receipt(&record, true)),
-        Accepted::Duplicate(existing) => Ok(receipt(&existing, false)),
+        Accepted::New => Ok(receipt_of(&record, true)),
+        Accepted::Duplicate(existing) => Ok(receipt_of(&existing, false)),
         Accepted::Conflict(_) => Err(IntakeError::Revision { key: record.key() }),
     }
 }

@@ -839,6 +839,11 @@ fn one_mappings_backlog_does_not_take_the_others_room() {
     let key = [("x-api-key", "test-key".to_string())];
     let (status, body, _) = app.post("/submissions/refill-request-portal", &first, &key);
     assert_eq!(status, 202, "{body}");
+    // A re-send of what was accepted is answered as ever (it takes no room).
+    let (status, again, headers) = app.post("/submissions/refill-request-portal", &first, &key);
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    assert_eq!(again["key"], body["key"]);
     let second = String::from_utf8(first)
         .unwrap()
         .replace("rf_2025_11_28_0007", "rf_2025_11_28_0008");
@@ -862,6 +867,26 @@ fn one_mappings_backlog_does_not_take_the_others_room() {
     assert_eq!(status, 202, "{receipt}");
     let (_, ready) = app.get("/ready");
     assert_eq!(ready["outbox_depth"], 2);
+}
+
+/// The same for a FHIR-native form's response: while the outbox is full, a re-send is
+/// answered as before and a new response is refused.
+#[test]
+fn a_full_outbox_still_answers_a_resent_questionnaire_response() {
+    let app = App::start_configured(None, "", "max_outbox = 1");
+    let (_, q) = app.get("/Questionnaire/consult-intake-portal");
+    let post = |id: &str| {
+        let body = portal_response(&q, id).to_string().into_bytes();
+        app.post("/QuestionnaireResponse", &body, &portal_signed(&body))
+    };
+    let (status, receipt, _) = post("resp-full-1");
+    assert_eq!(status, 202, "{receipt}");
+    let (status, again, headers) = post("resp-full-1");
+    assert_eq!((status, &again["key"]), (202, &receipt["key"]));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    let (status, outcome, _) = post("resp-full-2");
+    assert_eq!(status, 503, "{outcome}");
+    assert_eq!(outcome["issue"][0]["code"], "throttled");
 }
 
 #[test]
@@ -1947,40 +1972,50 @@ fn a_questionnaire_response_submission_is_delivered_resource_by_resource_too() {
     a_questionnaire_response_delivered_in_mode("mode = \"per_resource\"");
 }
 
-fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
-    use chartbridge::http::auth::sign_standard_webhooks;
-    use serde_json::json;
-    let ehr = FhirServer::start();
-    let app = App::start_with(Some(&ehr.url), ehr_extra);
-    let (_, q) = app.get("/Questionnaire/consult-intake-portal");
-    let response = json!({
+/// The clinic portal's QuestionnaireResponse `id` to the consult intake's Questionnaire `q`:
+/// every question answered but the reason for the visit (required).
+fn portal_response(q: &Value, id: &str) -> Value {
+    serde_json::json!({
         "resourceType": "QuestionnaireResponse",
-        "identifier": {"system": "https://portal.example-clinic.com/responses", "value": "resp-42"},
+        "identifier": {"system": "https://portal.example-clinic.com/responses", "value": id},
         "questionnaire": format!("{}|{}", q["url"].as_str().unwrap(), q["version"].as_str().unwrap()),
         "status": "completed",
         "subject": {"identifier": {"system": "https://crm.example-clinic.com/patient", "value": "pt_fhir_native"}},
         "authored": "2026-11-26T09:30:00Z",
-        // Every question answered but the reason for the visit (required).
         "item": answering(&q["item"])
             .into_iter()
             .filter(|i| i["linkId"] != "reason")
             .collect::<Vec<_>>(),
-    });
-    let body = response.to_string().into_bytes();
+    })
+}
+
+/// The Standard Webhooks headers the portal signs `body` with.
+fn portal_signed(body: &[u8]) -> Vec<(&'static str, String)> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let signed = |body: &[u8]| {
-        vec![
-            ("webhook-id", "msg_fhir_1".to_string()),
-            ("webhook-timestamp", now.to_string()),
-            (
-                "webhook-signature",
-                sign_standard_webhooks(common::PORTAL_SECRET, "msg_fhir_1", now, body),
-            ),
-        ]
-    };
+    let signature = chartbridge::http::auth::sign_standard_webhooks(
+        common::PORTAL_SECRET,
+        "msg_fhir_1",
+        now,
+        body,
+    );
+    vec![
+        ("webhook-id", "msg_fhir_1".to_string()),
+        ("webhook-timestamp", now.to_string()),
+        ("webhook-signature", signature),
+    ]
+}
+
+fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
+    use serde_json::json;
+    let ehr = FhirServer::start();
+    let app = App::start_with(Some(&ehr.url), ehr_extra);
+    let (_, q) = app.get("/Questionnaire/consult-intake-portal");
+    let response = portal_response(&q, "resp-42");
+    let body = response.to_string().into_bytes();
+    let signed = portal_signed;
     let (status, outcome, _) = app.post("/QuestionnaireResponse", &body, &[]);
     assert_eq!(status, 401, "{outcome}");
     let (status, receipt, _) = app.post("/QuestionnaireResponse", &body, &signed(&body));

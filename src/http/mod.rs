@@ -334,15 +334,28 @@ async fn take_submission(
         BodyKind::Multipart(boundary) => Bytes::from(form::multipart_to_json(&raw, &boundary)?),
         BodyKind::UrlEncoded => Bytes::from(form::urlencoded_to_json(&raw)?),
     };
-    room_in_outbox(state, mapping_id)?;
-    // A notification (Healthie's) is exchanged for the submission it announces.
-    let raw = match state.fetch.source(mapping_id) {
-        Some(source) => Bytes::from(state.fetch.submission(source, &raw, limit).await?),
-        None => raw,
+    let room = room_in_outbox(state, mapping_id);
+    // A notification (Healthie's) is exchanged for the submission it announces — not while
+    // there is no room for it.
+    let (raw, room) = match state.fetch.source(mapping_id) {
+        Some(source) => {
+            room?;
+            let fetched = state.fetch.submission(source, &raw, limit).await?;
+            (Bytes::from(fetched), Ok(()))
+        }
+        None => (raw, room),
     };
     // One pass: parse (what the mapping reads) and the depth limit (everything).
     let depth = state.config.limits.max_json_depth;
     let payload = mapping.parse_payload_within(&raw, depth)?;
+    if let Err(full) = room {
+        // No room for a new submission; a re-send of one accepted before is answered as ever.
+        let id = mapping.submission_id(&payload);
+        return state
+            .intake
+            .accepted_before(mapping, id.as_deref(), &raw)?
+            .ok_or(full);
+    }
     let received_at = now();
     // Everything the request brought is dropped before the wait for the disk, on the thread
     // that allocated it (freeing across threads measurably slowed the allocator).
@@ -464,7 +477,16 @@ async fn take_response(
     }
     let answered = mapping.insert(defining(state, &response, "see GET /Questionnaire")?);
     authenticate(state, &answered.id, &parts, &raw)?;
-    room_in_outbox(state, &answered.id)?;
+    if let Err(full) = room_in_outbox(state, &answered.id) {
+        let id = response
+            .get("identifier")
+            .and_then(|i| i.get("value"))
+            .and_then(Value::as_str);
+        return state
+            .intake
+            .accepted_before(answered, id, &raw)?
+            .ok_or(full);
+    }
     Ok(state
         .intake
         .accept_response(answered, &raw, &response, &now())

@@ -117,6 +117,15 @@ struct Run<'m, 'p> {
 }
 
 impl Mapping {
+    /// The submission id (idempotency key) a payload carries, if it carries one.
+    pub fn submission_id(&self, payload: &Value) -> Option<String> {
+        match self.source.submission_id.first(payload) {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
     /// Maps one payload. Pure: same input, same Bundle, byte for byte.
     pub fn map_submission(
         &self,
@@ -143,10 +152,9 @@ impl Mapping {
             missing: Vec::new(),
         };
 
-        let submission_id = match self.source.submission_id.first(input.payload) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => {
+        let submission_id = match self.submission_id(input.payload) {
+            Some(id) => Some(id),
+            None => {
                 run.issues.push(
                     Issue::error(
                         "required",
