@@ -799,47 +799,23 @@ fn a_replayed_standard_webhooks_request_is_refused() {
 #[test]
 fn a_full_outbox_refuses_new_submissions_with_retry_after_and_stores_nothing() {
     let app = App::start_configured(None, "", "max_outbox = 1");
-    let first = fixture("fixtures/refill-request-portal/missing-inputs.input.json");
-    let key = [("x-api-key", "test-key".to_string())];
-    let (status, body, _) = app.post("/submissions/refill-request-portal", &first, &key);
-    assert_eq!(status, 202, "{body}");
-
-    let second = String::from_utf8(first)
-        .unwrap()
-        .replace("rf_2025_11_28_0007", "rf_2025_11_28_0008");
-    let (status, outcome, headers) = app.post(
-        "/submissions/refill-request-portal",
-        second.as_bytes(),
-        &key,
-    );
-    assert_eq!(status, 503, "{outcome}");
-    assert_eq!(headers["retry-after"], "30");
-    assert_eq!(outcome["resourceType"], "OperationOutcome");
-    assert_eq!(outcome["issue"][0]["code"], "throttled");
+    let outcome = refill_refused_while_full(&app);
     assert!(outcome["issue"][0]["diagnostics"]
         .as_str()
         .unwrap()
         .contains("1 deliveries"));
-    assert_eq!(
-        app.get("/submissions/refill-request-portal/rf_2025_11_28_0008")
-            .0,
-        404,
-        "nothing of a refused submission is stored"
-    );
     let (_, ready) = app.get("/ready");
     assert_eq!(ready["outbox_depth"], 1);
 }
 
-/// One form's flood takes only its own room: past `max_outbox_per_mapping` its new
-/// submissions are refused (nothing stored) while another form's are still taken.
-#[test]
-fn one_mappings_backlog_does_not_take_the_others_room() {
-    let app = App::start_configured(None, "", "max_outbox_per_mapping = 1");
+/// With room for one refill request in the outbox: the first is taken, its re-send answered
+/// as ever (a duplicate takes no room), a second refused with `503`, `Retry-After` and a
+/// `throttled` OperationOutcome (returned), and nothing of it stored.
+fn refill_refused_while_full(app: &App) -> Value {
     let first = fixture("fixtures/refill-request-portal/missing-inputs.input.json");
     let key = [("x-api-key", "test-key".to_string())];
     let (status, body, _) = app.post("/submissions/refill-request-portal", &first, &key);
     assert_eq!(status, 202, "{body}");
-    // A re-send of what was accepted is answered as ever (it takes no room).
     let (status, again, headers) = app.post("/submissions/refill-request-portal", &first, &key);
     assert_eq!(status, 202, "{again}");
     assert_eq!(headers["x-chartbridge-duplicate"], "true");
@@ -854,14 +830,25 @@ fn one_mappings_backlog_does_not_take_the_others_room() {
     );
     assert_eq!(status, 503, "{outcome}");
     assert_eq!(headers["retry-after"], "30");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
     assert_eq!(outcome["issue"][0]["code"], "throttled");
-    let why = outcome["issue"][0]["diagnostics"].as_str().unwrap();
-    assert!(why.contains("`refill-request-portal`"), "{why}");
     assert_eq!(
         app.get("/submissions/refill-request-portal/rf_2025_11_28_0008")
             .0,
-        404
+        404,
+        "nothing of a refused submission is stored"
     );
+    outcome
+}
+
+/// One form's flood takes only its own room: past `max_outbox_per_mapping` its new
+/// submissions are refused (nothing stored) while another form's are still taken.
+#[test]
+fn one_mappings_backlog_does_not_take_the_others_room() {
+    let app = App::start_configured(None, "", "max_outbox_per_mapping = 1");
+    let outcome = refill_refused_while_full(&app);
+    let why = outcome["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(why.contains("`refill-request-portal`"), "{why}");
     // Another form is still taken.
     let (status, receipt, _) = app.post_typeform(&fixture(MAYA));
     assert_eq!(status, 202, "{receipt}");
