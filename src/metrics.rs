@@ -17,7 +17,8 @@ pub struct StoreFigures {
     pub sync_seconds: f64,
 }
 
-/// What became of a submission (`chartbridge_submissions_total`'s `outcome`).
+/// What became of a submission (`chartbridge_submissions_total`'s `outcome`); in the order of
+/// `Outcome::ALL`, which its discriminant indexes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Accepted,
@@ -99,9 +100,7 @@ impl Metrics {
         let of = mapping
             .and_then(|m| self.submissions.get(m))
             .unwrap_or(&self.unattributed);
-        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
-            Metrics::inc(&of.0[i]);
-        }
+        Metrics::inc(&of.0[outcome as usize]);
     }
 
     pub fn inc(counter: &AtomicU64) {
@@ -133,24 +132,19 @@ impl Metrics {
             "# HELP chartbridge_submissions_total Submissions received, by mapping and outcome."
         );
         let _ = writeln!(s, "# TYPE chartbridge_submissions_total counter");
-        for (mapping, counts) in self.submissions.iter().map(|(m, c)| (Some(m), c)) {
+        let by_mapping = self
+            .submissions
+            .iter()
+            .map(|(m, counts)| (format!("mapping=\"{m}\","), counts));
+        for (mapping, counts) in by_mapping.chain([(String::new(), &self.unattributed)]) {
             for (outcome, c) in Outcome::ALL.iter().zip(&counts.0) {
                 let _ = writeln!(
                     s,
-                    "chartbridge_submissions_total{{mapping=\"{}\",outcome=\"{}\"}} {}",
-                    mapping.map_or("", String::as_str),
+                    "chartbridge_submissions_total{{{mapping}outcome=\"{}\"}} {}",
                     outcome.label(),
                     get(c)
                 );
             }
-        }
-        for (outcome, c) in Outcome::ALL.iter().zip(&self.unattributed.0) {
-            let _ = writeln!(
-                s,
-                "chartbridge_submissions_total{{outcome=\"{}\"}} {}",
-                outcome.label(),
-                get(c)
-            );
         }
         for (name, help, c) in [
             (
@@ -302,6 +296,13 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} not in {text}");
         }
         assert!(!text.contains("not-loaded"));
+        assert!(
+            Outcome::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, o)| *o as usize == i),
+            "ALL in declaration order: the discriminant indexes the counters"
+        );
         assert!(text.contains("chartbridge_outbox_depth 3"));
         assert!(text.contains("chartbridge_dead_lettered 1"));
         assert!(text.contains("chartbridge_store_commit_rounds_total 2"));

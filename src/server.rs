@@ -368,12 +368,8 @@ async fn sweep(
             }
         }
         if let Some(retention) = retention.audit {
-            let cutoff = std::time::SystemTime::now()
-                .checked_sub(retention)
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-            let store = Arc::clone(&store);
-            match tokio::task::spawn_blocking(move || store.forget_accesses(cutoff)).await {
+            let (store, now) = (Arc::clone(&store), std::time::SystemTime::now());
+            match tokio::task::spawn_blocking(move || store.forget_accesses(retention, now)).await {
                 Ok(Ok(forgotten)) => {
                     Metrics::add(&metrics.audit_entries_forgotten, forgotten as u64);
                     if forgotten > 0 {

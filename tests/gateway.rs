@@ -417,6 +417,22 @@ fn dead_letters_are_replayed_in_bulk_after_the_fix() {
 
     drop(strict);
     let ehr = FhirServer::start_with(&[("PORT", &port.to_string())]);
+    // The earliest one first (a limit), then the rest from the command line.
+    let (status, first, _) = app.post(
+        "/dead-letters/replay?mapping=glp1-intake-typeform&limit=1",
+        b"",
+        &[],
+    );
+    assert_eq!(status, 202, "{first}");
+    assert_eq!((&first["expired"], &first["left"]), (&json!([]), &json!(2)));
+    assert_eq!(
+        first["replayed"].as_array().map(Vec::len),
+        Some(1),
+        "{first}"
+    );
+    let earliest = first["replayed"][0].as_str().unwrap();
+    assert!(keys.iter().any(|k| k == earliest), "{first}");
+    let rest: Vec<&String> = keys.iter().filter(|k| *k != earliest).collect();
     let out = common::succeeds(
         common::chartbridge()
             .args([
@@ -431,7 +447,7 @@ fn dead_letters_are_replayed_in_bulk_after_the_fix() {
     let replayed: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         replayed,
-        json!({"replayed": keys, "expired": [], "left": 0})
+        json!({"replayed": rest, "expired": [], "left": 0})
     );
     for key in &keys {
         let view = app.wait_for_state(key, "delivered", 30);
@@ -763,23 +779,10 @@ fn per_resource_mode_creates_each_resource_conditionally_with_rewritten_referenc
 
 #[test]
 fn a_replayed_standard_webhooks_request_is_refused() {
-    use chartbridge::http::auth::sign_standard_webhooks;
     let app = App::start(None);
     let body = fixture("fixtures/consult-intake-portal/complex-intake.input.json");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signed = |ts: u64| {
-        vec![
-            ("webhook-id", "msg_2Yk4".to_string()),
-            ("webhook-timestamp", ts.to_string()),
-            (
-                "webhook-signature",
-                sign_standard_webhooks(common::PORTAL_SECRET, "msg_2Yk4", ts, &body),
-            ),
-        ]
-    };
+    let now = unix_now();
+    let signed = |ts: u64| portal_signed_at(&body, ts);
     let (status, receipt, _) = app.post("/submissions/consult-intake-portal", &body, &signed(now));
     assert_eq!(status, 202, "{receipt}");
     assert_eq!(receipt["flags"][0], "medication_reconciliation_needed");
@@ -1976,23 +1979,28 @@ fn portal_response(q: &Value, id: &str) -> Value {
     })
 }
 
-/// The Standard Webhooks headers the portal signs `body` with.
+/// The Standard Webhooks headers the portal signs `body` with, now.
 fn portal_signed(body: &[u8]) -> Vec<(&'static str, String)> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let signature = chartbridge::http::auth::sign_standard_webhooks(
-        common::PORTAL_SECRET,
-        "msg_fhir_1",
-        now,
-        body,
-    );
+    portal_signed_at(body, unix_now())
+}
+
+/// The same, signed at `ts` (Unix seconds).
+fn portal_signed_at(body: &[u8], ts: u64) -> Vec<(&'static str, String)> {
+    let signature =
+        chartbridge::http::auth::sign_standard_webhooks(common::PORTAL_SECRET, "msg_1", ts, body);
     vec![
-        ("webhook-id", "msg_fhir_1".to_string()),
-        ("webhook-timestamp", now.to_string()),
+        ("webhook-id", "msg_1".to_string()),
+        ("webhook-timestamp", ts.to_string()),
         ("webhook-signature", signature),
     ]
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {

@@ -349,12 +349,13 @@ async fn take_submission(
     let depth = state.config.limits.max_json_depth;
     let payload = mapping.parse_payload_within(&raw, depth)?;
     if let Err(full) = room {
-        // No room for a new submission; a re-send of one accepted before is answered as ever.
-        let id = mapping.submission_id(&payload);
-        return state
-            .intake
-            .accepted_before(mapping, id.as_deref(), &raw)?
-            .ok_or(full);
+        return resent_or(
+            state,
+            mapping,
+            mapping.submission_id(&payload).as_deref(),
+            &raw,
+            full,
+        );
     }
     let received_at = now();
     // Everything the request brought is dropped before the wait for the disk, on the thread
@@ -386,6 +387,21 @@ fn room_in_outbox(state: &AppState, mapping_id: &str) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// While there is no room for a new submission (`full`): the receipt of a re-send of one
+/// accepted before (`submission_id`, the same bytes), answered as ever; else `full`.
+fn resent_or(
+    state: &AppState,
+    mapping: &crate::mapping::Mapping,
+    submission_id: Option<&str>,
+    raw: &[u8],
+    full: ApiError,
+) -> Result<crate::intake::Receipt, ApiError> {
+    state
+        .intake
+        .accepted_before(mapping, submission_id, raw)?
+        .ok_or(full)
 }
 
 /// Checks a submission's request as its source's configuration says (signature, key).
@@ -478,14 +494,8 @@ async fn take_response(
     let answered = mapping.insert(defining(state, &response, "see GET /Questionnaire")?);
     authenticate(state, &answered.id, &parts, &raw)?;
     if let Err(full) = room_in_outbox(state, &answered.id) {
-        let id = response
-            .get("identifier")
-            .and_then(|i| i.get("value"))
-            .and_then(Value::as_str);
-        return state
-            .intake
-            .accepted_before(answered, id, &raw)?
-            .ok_or(full);
+        let id = crate::mapping::extract::submission_id(&response);
+        return resent_or(state, answered, id, &raw, full);
     }
     Ok(state
         .intake
@@ -609,9 +619,10 @@ async fn replay_dead_letters(
         }
     }
     let limit = q.limit.unwrap_or(BULK_REPLAY_MAX).min(BULK_REPLAY_MAX);
-    let keys = store
-        .dead_letter_keys(q.mapping.as_deref(), limit)
+    let mut keys = store
+        .dead_letter_keys(q.mapping.as_deref())
         .map_err(IntakeError::Store)?;
+    keys.truncate(limit);
     // All at once: the writer takes them in a few rounds.
     let at = now();
     let mut requeues = tokio::task::JoinSet::new();
@@ -648,13 +659,10 @@ async fn replay_dead_letters(
         expired = expired.len(),
         "dead letters replayed"
     );
-    let left = match &q.mapping {
-        Some(m) => store
-            .dead_letter_keys(Some(m), usize::MAX)
-            .map_err(IntakeError::Store)?
-            .len(),
-        None => store.dead_letter_count(),
-    };
+    let left = store
+        .dead_letter_keys(q.mapping.as_deref())
+        .map_err(IntakeError::Store)?
+        .len();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"replayed": replayed, "expired": expired, "left": left})),

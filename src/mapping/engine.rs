@@ -354,6 +354,18 @@ fn response_answers<'m>(node: &Value, items: &HashMap<&str, &'m Item>, flat: &mu
     }
 }
 
+/// `n` `from` one UCUM unit in `to`, rounded to `item`'s precision (2 places by default);
+/// `None` if the units do not convert.
+fn in_unit(
+    item: &Item,
+    n: &serde_json::Number,
+    from: &str,
+    to: &str,
+) -> Option<serde_json::Number> {
+    let x = super::units::convert(n.as_f64()?, from, to).ok()?;
+    value::rounded(x, item.precision.unwrap_or(2))
+}
+
 /// One QuestionnaireResponse answer (`value[x]`) as `item`'s answer: a Coding as the item's
 /// mapped option of that code (and system, if given) or else its bare code; a quantity in the
 /// item's unit (converted from another UCUM unit if it can be) or else a bare number.
@@ -389,15 +401,10 @@ fn response_answer<'m>(item: &'m Item, answer: &Value) -> Option<Answer<'m>> {
             let code = q.get("code").and_then(Value::as_str);
             match (item.unit.as_deref(), code) {
                 (Some(unit), Some(c)) if c == unit => Answer::Quantity(n.clone(), unit),
-                (Some(unit), Some(c)) => {
-                    match super::units::convert(n.as_f64()?, c, unit)
-                        .ok()
-                        .and_then(|x| value::rounded(x, item.precision.unwrap_or(2)))
-                    {
-                        Some(x) => Answer::Quantity(x, unit),
-                        None => Answer::Dec(n.clone()),
-                    }
-                }
+                (Some(unit), Some(c)) => match in_unit(item, n, c, unit) {
+                    Some(x) => Answer::Quantity(x, unit),
+                    None => Answer::Dec(n.clone()),
+                },
                 _ => Answer::Dec(n.clone()),
             }
         }
@@ -490,10 +497,7 @@ impl<'m, 'p> Run<'m, 'p> {
                     };
                     match item.rule.from_unit.as_deref() {
                         Some(from) if from != unit => {
-                            let x = n
-                                .as_f64()
-                                .and_then(|x| super::units::convert(x, from, unit).ok());
-                            let n = x.and_then(|x| value::rounded(x, item.precision.unwrap_or(2)));
+                            let n = in_unit(item, &n, from, unit);
                             if n.is_none() {
                                 self.issues.push(
                                     Issue::error("value", "the number could not be converted")

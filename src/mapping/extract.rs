@@ -418,6 +418,12 @@ struct Run<'a> {
     issues: Vec<Issue>,
 }
 
+/// The submission id of a QuestionnaireResponse posted as a submission: its identifier's
+/// value (`submission`).
+pub fn submission_id(response: &Value) -> Option<&str> {
+    identity(response).map(|(_, value)| value)
+}
+
 fn identity(response: &Value) -> Option<(&str, &str)> {
     let id = response.get("identifier")?;
     // R4: 0..1 Identifier; tolerate the array form of later versions.

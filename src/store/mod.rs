@@ -114,10 +114,14 @@ static AUDIT_SEQ: AtomicU64 = AtomicU64::new(0);
 /// An audit key: Unix µs, then a sequence number (big-endian), so that the tree is in
 /// the order of the accesses even within one microsecond.
 fn audit_key() -> [u8; 16] {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let micros = unix_micros(std::time::SystemTime::now());
     audit_key_at(micros, AUDIT_SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `t` in Unix µs (0 before 1970).
+fn unix_micros(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// The audit key of `micros` (Unix µs) and sequence number `seq`.
@@ -381,10 +385,17 @@ impl Store {
         Ok(AuditPage { accesses, next })
     }
 
-    /// Removes the audit entries recorded before `cutoff` (Unix µs), through the writer, some
+    /// Removes the audit entries older than `retention` at `now`, through the writer, some
     /// thousands at a time; how many went. Durable when it returns.
-    pub fn forget_accesses(&self, cutoff: u64) -> Result<usize, StoreError> {
-        let below = audit_key_at(cutoff, 0);
+    pub fn forget_accesses(
+        &self,
+        retention: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<usize, StoreError> {
+        let Some(cutoff) = now.checked_sub(retention) else {
+            return Ok(0);
+        };
+        let below = audit_key_at(unix_micros(cutoff), 0);
         let mut forgotten = 0;
         loop {
             let keys = self
@@ -668,17 +679,9 @@ impl Store {
     /// The dead-lettered submissions (waiting for a fix and a replay), latest dead letter
     /// first, at most `limit`.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<SubmissionRecord>, StoreError> {
-        let mut entries = Vec::new();
-        for entry in self.trees.dead_letters.iter() {
-            let (key, when) = entry?;
-            let when = <[u8; 8]>::try_from(when.as_ref()).map_or(0, i64::from_le_bytes);
-            entries.push((std::cmp::Reverse(when), key));
-        }
-        entries.sort();
         let mut records = Vec::new();
-        for (_, key) in entries.into_iter().take(limit) {
-            let key = String::from_utf8_lossy(&key).into_owned();
-            if let Some(record) = self.get(&key)? {
+        for key in self.dead_letter_keys(None)?.iter().rev().take(limit) {
+            if let Some(record) = self.get(key)? {
                 records.push(record);
             }
         }
@@ -686,25 +689,17 @@ impl Store {
     }
 
     /// The keys of the dead-lettered submissions — of one mapping, or all — earliest dead
-    /// letter first, at most `limit`.
-    pub fn dead_letter_keys(
-        &self,
-        mapping_id: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, StoreError> {
+    /// letter first.
+    pub fn dead_letter_keys(&self, mapping_id: Option<&str>) -> Result<Vec<String>, StoreError> {
         let prefix = mapping_id.map_or_else(Vec::new, |m| key(m, "").into_bytes());
         let mut entries = Vec::new();
         for entry in self.trees.dead_letters.scan_prefix(prefix) {
             let (key, when) = entry?;
             let when = <[u8; 8]>::try_from(when.as_ref()).map_or(0, i64::from_le_bytes);
-            entries.push((when, key));
+            entries.push((when, String::from_utf8_lossy(&key).into_owned()));
         }
         entries.sort();
-        Ok(entries
-            .into_iter()
-            .take(limit)
-            .map(|(_, key)| String::from_utf8_lossy(&key).into_owned())
-            .collect())
+        Ok(entries.into_iter().map(|(_, key)| key).collect())
     }
 
     /// How many submissions are dead-lettered now.
