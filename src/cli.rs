@@ -86,8 +86,14 @@ enum Command {
         /// The deliveries waiting in the outbox instead.
         #[arg(long)]
         waiting: bool,
+        /// Only this mapping's.
+        #[arg(long)]
+        mapping: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Go on from a page's `next`.
+        #[arg(long)]
+        after: Option<String>,
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
@@ -183,16 +189,19 @@ pub fn run() -> ExitCode {
         ),
         Command::DeadLetters {
             waiting,
+            mapping,
             limit,
+            after,
             url,
-        } => remote(
-            reqwest::Method::GET,
-            &format!("{url}/submissions"),
-            &[
-                ("state", if waiting { "waiting" } else { "dead-lettered" }),
-                ("limit", &limit.to_string()),
-            ],
-        ),
+        } => {
+            let limit = limit.to_string();
+            let state = if waiting { "waiting" } else { "dead-lettered" };
+            let query = with_given(
+                &[("state", state), ("limit", &limit)],
+                &[("mapping", &mapping), ("after", &after)],
+            );
+            remote(reqwest::Method::GET, &format!("{url}/submissions"), &query)
+        }
         Command::Audit {
             limit,
             since,
@@ -201,14 +210,10 @@ pub fn run() -> ExitCode {
             url,
         } => {
             let limit = limit.to_string();
-            let window = [("since", since), ("until", until), ("before", before)];
-            let query: Vec<(&str, &str)> = std::iter::once(("limit", limit.as_str()))
-                .chain(
-                    window
-                        .iter()
-                        .filter_map(|(name, v)| Some((*name, v.as_deref()?))),
-                )
-                .collect();
+            let query = with_given(
+                &[("limit", &limit)],
+                &[("since", &since), ("until", &until), ("before", &before)],
+            );
             remote(reqwest::Method::GET, &format!("{url}/audit"), &query)
         }
         Command::Replay {
@@ -225,15 +230,11 @@ pub fn run() -> ExitCode {
             mapping,
             url,
             ..
-        } => {
-            let query: Vec<(&str, &str)> =
-                mapping.iter().map(|m| ("mapping", m.as_str())).collect();
-            remote(
-                reqwest::Method::POST,
-                &format!("{url}/dead-letters/replay"),
-                &query,
-            )
-        }
+        } => remote(
+            reqwest::Method::POST,
+            &format!("{url}/dead-letters/replay"),
+            &with_given(&[], &[("mapping", &mapping)]),
+        ),
         Command::Extract {
             questionnaire,
             mappings,
@@ -247,6 +248,17 @@ pub fn run() -> ExitCode {
             Err(code) => code,
         },
     }
+}
+
+/// A query of the parameters always sent and of the optional ones given.
+fn with_given<'a>(
+    always: &[(&'a str, &'a str)],
+    optional: &[(&'a str, &'a Option<String>)],
+) -> Vec<(&'a str, &'a str)> {
+    let given = optional
+        .iter()
+        .filter_map(|(name, v)| Some((*name, v.as_deref()?)));
+    always.iter().copied().chain(given).collect()
 }
 
 fn print_json(v: &Value) {

@@ -288,6 +288,7 @@ fn ehr_down_then_up_delivers_and_a_restart_resumes_the_outbox() {
     assert_eq!(status, 200, "{waiting}");
     assert_eq!(waiting["submissions"][0]["key"], KEY);
     assert_eq!(waiting["submissions"].as_array().unwrap().len(), 1);
+    assert_eq!(waiting["total"], 1);
     let (_, dead) = app.get("/submissions?state=dead-lettered");
     assert_eq!(dead["submissions"], serde_json::json!([]));
     // Stop the gateway while the delivery is pending; bring the EHR up; restart.
@@ -405,6 +406,41 @@ fn dead_letters_are_replayed_in_bulk_after_the_fix() {
     for key in &keys {
         app.wait_for_state(key, "dead-lettered", 30);
     }
+    // Operators page through them (latest first), from the command line: two, then the rest
+    // after the first page's `next`; each page says how many there are in all.
+    let list = |extra: &[&str]| -> Value {
+        let out = common::succeeds(
+            common::chartbridge()
+                .args(["dead-letters", "--mapping", "glp1-intake-typeform"])
+                .args(["--limit", "2", "--url", &app.url])
+                .args(extra)
+                .env("CHARTBRIDGE_ADMIN_KEY", common::ADMIN_KEY),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let listed_keys = |page: &Value| -> Vec<String> {
+        page["submissions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = list(&[]);
+    assert_eq!(first["total"], 3, "{first}");
+    let next = first["next"].as_str().unwrap();
+    let rest = list(&["--after", next]);
+    assert_eq!((&rest["total"], rest.get("next")), (&json!(3), None));
+    let mut paged = listed_keys(&first);
+    paged.extend(listed_keys(&rest));
+    paged.sort();
+    assert_eq!(paged, keys);
+    let (_, other) = app.get("/submissions?state=dead-lettered&mapping=phq9-typeform");
+    assert_eq!(other, json!({"submissions": [], "total": 0}));
+    let (status, _) = app.get("/submissions?state=dead-lettered&mapping=nope");
+    assert_eq!(status, 404);
+    let (status, bad) = app.get("/submissions?state=dead-lettered&after=zz");
+    assert_eq!(status, 400, "{bad}");
     // Another mapping's dead letters: none; an unknown mapping: 404.
     let (status, none, _) = app.post("/dead-letters/replay?mapping=phq9-typeform", b"", &[]);
     assert_eq!(status, 202, "{none}");
@@ -1692,14 +1728,14 @@ fn every_operator_access_is_recorded_in_the_audit_trail() {
             ("/audit", key.as_str(), true),
             (
                 "/audit",
-                "refused: this endpoint is for operators: send `Authorization: Bearer <admin key>`",
+                "refused: this endpoint is for operators: send `Authorization: Bearer <the admin key>`",
                 false
             ),
             (status_path.as_str(), key.as_str(), true),
             ("/submissions", key.as_str(), true),
             (
                 "/submissions",
-                "refused: this endpoint is for operators: send `Authorization: Bearer <admin key>`",
+                "refused: this endpoint is for operators: send `Authorization: Bearer <the admin key>`",
                 false
             ),
         ]
@@ -1874,7 +1910,7 @@ fn named_operators_are_told_apart_in_the_audit_trail() {
         who,
         [
             admin.as_str(),
-            "refused: wrong admin key",
+            "refused: the key given is not your operator key or the admin key",
             "operator bob",
             "operator alice"
         ]

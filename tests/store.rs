@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use chartbridge::store::{
-    Accepted, AuditWindow, EhrResource, Requeued, State, Store, StoreOptions, SubmissionRecord,
-    Swept, Transition,
+    Accepted, AuditWindow, Cursor, EhrResource, Requeued, State, Store, StoreOptions,
+    SubmissionRecord, Swept, Transition,
 };
 
 const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
@@ -113,6 +113,46 @@ fn a_fresh_bundle_is_handed_over_from_memory_once_then_read_from_the_log() {
         store.bundle(&r.key()),
         Err(chartbridge::store::StoreError::Corrupt { .. })
     ));
+}
+
+/// The outbox's listing comes in pages, oldest first, of one mapping or all, each saying how
+/// many wait in all and where the next begins.
+#[test]
+fn waiting_deliveries_are_listed_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for id in ["w1", "w2", "w3"] {
+        store.accept(&record(id, "aaaa"), BUNDLE).unwrap();
+    }
+    let mut other = record("p1", "aaaa");
+    other.mapping_id = "phq9-typeform".into();
+    store.accept(&other, BUNDLE).unwrap();
+    let keys = |page: &chartbridge::store::RecordPage| -> Vec<String> {
+        page.records.iter().map(SubmissionRecord::key).collect()
+    };
+
+    let first = store.waiting_page(None, None, 2).unwrap();
+    assert_eq!((keys(&first), first.total), (vec![key("w1"), key("w2")], 4));
+    let after = Cursor::parse(first.next.as_deref().unwrap()).unwrap();
+    // What left meanwhile does not move the next page.
+    store
+        .transition(&key("w1"), to(State::Delivered), vec![])
+        .unwrap();
+    let rest = store.waiting_page(None, Some(&after), 2).unwrap();
+    assert_eq!(
+        (keys(&rest), rest.total, rest.next),
+        (vec![key("w3"), other.key()], 3, None)
+    );
+    let typeform = store
+        .waiting_page(Some("glp1-intake-typeform"), None, 10)
+        .unwrap();
+    assert_eq!(
+        (keys(&typeform), typeform.total, typeform.next),
+        (vec![key("w2"), key("w3")], 2, None)
+    );
+    for not_a_cursor in ["", "zz", "00000000000000000", "0000000000000001zz"] {
+        assert_eq!(Cursor::parse(not_a_cursor), None, "{not_a_cursor:?}");
+    }
 }
 
 #[test]
@@ -778,8 +818,9 @@ fn dead_letters_are_listed_until_replayed_and_indexed_for_earlier_stores() {
     let dir = tempfile::tempdir().unwrap();
     let dead = |store: &Store| -> Vec<String> {
         store
-            .dead_letters(10)
+            .dead_letter_page(None, None, 10)
             .unwrap()
+            .records
             .iter()
             .map(SubmissionRecord::key)
             .collect()
@@ -800,7 +841,17 @@ fn dead_letters_are_listed_until_replayed_and_indexed_for_earlier_stores() {
             .unwrap();
         assert_eq!(dead(&store), [key("c"), key("a")], "latest first");
         assert_eq!(store.dead_letter_count(), 2);
-        assert_eq!(store.dead_letters(1).unwrap().len(), 1);
+        // Page by page: the first, then the rest after its `next`.
+        let first = store.dead_letter_page(None, None, 1).unwrap();
+        assert_eq!((first.records.len(), first.total), (1, 2));
+        let after = Cursor::parse(first.next.as_deref().unwrap()).unwrap();
+        let rest = store.dead_letter_page(None, Some(&after), 1).unwrap();
+        assert_eq!(rest.records[0].key(), key("a"));
+        assert_eq!((rest.total, rest.next), (2, None));
+        let other = store
+            .dead_letter_page(Some("phq9-typeform"), None, 10)
+            .unwrap();
+        assert_eq!((other.records.len(), other.total), (0, 0));
         // What a bulk replay takes: earliest first, of one mapping or all.
         assert_eq!(store.dead_letter_keys(None).unwrap(), [key("a"), key("c")]);
         assert_eq!(

@@ -126,13 +126,23 @@ pub fn verify(
 
 /// Who an operator's request (`Authorization: Bearer <key>`) is from: the one of `keys`
 /// (who, key; `Config::operator_keys`) whose key it presents — compared with every one in
-/// constant time, so the time taken says nothing of which came close.
+/// constant time, so the time taken says nothing of which came close. A refusal says which
+/// kind of key is wanted: the admin key, an operator's own, or either, as configured.
 pub fn operator<'k>(keys: &'k [(String, String)], headers: &HeaderMap) -> Result<&'k str, String> {
+    let admin = keys.iter().any(|(who, _)| who.starts_with("admin key"));
+    let named = keys.iter().any(|(who, _)| who.starts_with("operator "));
+    let wanted = match (admin, named) {
+        (true, true) => "your operator key or the admin key",
+        (false, true) => "your operator key",
+        _ => "the admin key",
+    };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or("this endpoint is for operators: send `Authorization: Bearer <admin key>`")?;
+        .ok_or_else(|| {
+            format!("this endpoint is for operators: send `Authorization: Bearer <{wanted}>`")
+        })?;
     let given = given.trim().as_bytes();
     let mut found = None;
     for (who, key) in keys {
@@ -140,7 +150,7 @@ pub fn operator<'k>(keys: &'k [(String, String)], headers: &HeaderMap) -> Result
             found = Some(who.as_str());
         }
     }
-    found.ok_or_else(|| "wrong admin key".into())
+    found.ok_or_else(|| format!("the key given is not {wanted}"))
 }
 
 /// How many refused operator attempts the audit trail records one by one: `per_second` on
@@ -347,6 +357,44 @@ mod tests {
             prefix: "sha256=".into(),
             encoding: SignatureEncoding::Base64,
         }
+    }
+
+    #[test]
+    fn an_operators_refusal_names_the_key_wanted() {
+        let admin = || ("admin key 0123".to_string(), "admin-secret".to_string());
+        let alice = || ("operator alice".to_string(), "alice-secret".to_string());
+        let bearer = |key: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                format!("Bearer {key}").parse().unwrap(),
+            );
+            h
+        };
+        let both = [admin(), alice()];
+        assert_eq!(
+            operator(&both, &bearer("alice-secret")),
+            Ok("operator alice")
+        );
+        assert_eq!(
+            operator(&both, &bearer("admin-secret")),
+            Ok("admin key 0123")
+        );
+        assert_eq!(
+            operator(&both, &bearer("guess")),
+            Err("the key given is not your operator key or the admin key".into())
+        );
+        assert_eq!(
+            operator(&[alice()], &HeaderMap::new()),
+            Err(
+                "this endpoint is for operators: send `Authorization: Bearer <your operator key>`"
+                    .into()
+            )
+        );
+        assert_eq!(
+            operator(&[admin()], &bearer("alice-secret")),
+            Err("the key given is not the admin key".into())
+        );
     }
 
     #[test]

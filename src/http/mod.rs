@@ -830,20 +830,35 @@ fn parameter<'v>(parameters: &'v Value, name: &str) -> Option<&'v Value> {
 struct SubmissionsQuery {
     patient: Option<String>,
     state: Option<String>,
+    mapping: Option<String>,
     limit: Option<usize>,
+    after: Option<String>,
 }
 
 /// `GET /submissions?patient=<system>|<value>`: a patient's submissions, by the identifier the
 /// mapping recorded; `?state=dead-lettered` the dead letters (latest first), `?state=waiting`
-/// what the outbox holds (oldest first), `limit` of them (100 by default, 1,000 at most). Each
-/// as its status view (no PHI values).
+/// what the outbox holds (oldest first) — of one `mapping` or all, `limit` a page (100 by
+/// default, 1,000 at most), with how many there are in all (`total`) and where the next page
+/// begins (`next`, given back as `after`). Each as its status view (no PHI values).
 async fn submissions(
     State(state): State<Arc<AppState>>,
     Query(q): Query<SubmissionsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let store = state.intake.store();
     let limit = listed(q.limit);
-    let records = match (q.patient.as_deref(), q.state.as_deref()) {
+    let mapping = q.mapping.as_deref();
+    if let Some(m) = mapping {
+        if state.intake.mapping(m).is_none() {
+            return Err(IntakeError::UnknownMapping(m.to_string()).into());
+        }
+    }
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(after) => Some(store::Cursor::parse(after).ok_or_else(|| {
+            ApiError::BadQuery("`after` is not a page's `next`: give it back as it came".into())
+        })?),
+    };
+    let page = match (q.patient.as_deref(), q.state.as_deref()) {
         (Some(patient), None) => {
             let Some((system, value)) = patient.split_once('|') else {
                 return Err(ApiError::BadQuery(
@@ -857,26 +872,31 @@ async fn submissions(
             {
                 records.extend(store.get(&key).map_err(IntakeError::Store)?);
             }
-            records
+            records.retain(|r| mapping.is_none_or(|m| r.mapping_id == m));
+            Ok(store::RecordPage {
+                total: records.len(),
+                records,
+                next: None,
+            })
         }
-        (None, Some("dead-lettered")) => store.dead_letters(limit).map_err(IntakeError::Store)?,
-        (None, Some("waiting")) => {
-            let mut records = Vec::new();
-            for waiting in store.pending_where(limit, |_| true) {
-                records.extend(store.get(&waiting.key).map_err(IntakeError::Store)?);
-            }
-            records
-        }
+        (None, Some("dead-lettered")) => store.dead_letter_page(mapping, after.as_ref(), limit),
+        (None, Some("waiting")) => store.waiting_page(mapping, after.as_ref(), limit),
         _ => {
             return Err(ApiError::BadQuery(
                 "give `patient=<system>|<value>` (a patient's submissions), or \
-                 `state=dead-lettered` or `state=waiting` (with `limit`, 100 by default)"
+                 `state=dead-lettered` or `state=waiting` (with `mapping`, `limit` — 100 by \
+                 default — and `after`)"
                     .into(),
             ))
         }
-    };
-    let submissions: Vec<Value> = records.iter().map(public_view).collect();
-    Ok(Json(json!({ "submissions": submissions })))
+    }
+    .map_err(IntakeError::Store)?;
+    let submissions: Vec<Value> = page.records.iter().map(public_view).collect();
+    let mut listing = json!({ "submissions": submissions, "total": page.total });
+    if let Some(next) = page.next {
+        listing["next"] = json!(next);
+    }
+    Ok(Json(listing))
 }
 
 #[derive(Deserialize)]

@@ -181,6 +181,47 @@ pub fn key(mapping_id: &str, submission_id: &str) -> String {
     format!("{mapping_id}/{submission_id}")
 }
 
+/// A page of a listing of submissions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecordPage {
+    pub records: Vec<SubmissionRecord>,
+    /// How many the listing holds in all (every page).
+    pub total: usize,
+    /// Where the next page begins (`Cursor::parse` reads it); `None` on the last.
+    pub next: Option<String>,
+}
+
+/// Where a page of a listing resumes: the last entry of the page before — its place in the
+/// listing's order and its key —, as opaque hex to clients (URL-safe, no encoding needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    at: u64,
+    key: String,
+}
+
+impl Cursor {
+    fn render(&self) -> String {
+        format!("{:016x}{}", self.at, hex_key(self.key.as_bytes()))
+    }
+
+    /// A page's `next`; `None` if it is not one.
+    pub fn parse(next: &str) -> Option<Cursor> {
+        let (at, key) = (next.get(..16)?, next.get(16..)?);
+        let at = u64::from_str_radix(at, 16).ok()?;
+        if key.len() % 2 != 0 {
+            return None;
+        }
+        let bytes = (0..key.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?;
+        Some(Cursor {
+            at,
+            key: String::from_utf8(bytes).ok()?,
+        })
+    }
+}
+
 /// A delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
@@ -676,30 +717,98 @@ impl Store {
         }
     }
 
-    /// The dead-lettered submissions (waiting for a fix and a replay), latest dead letter
-    /// first, at most `limit`.
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<SubmissionRecord>, StoreError> {
-        let mut records = Vec::new();
-        for key in self.dead_letter_keys(None)?.iter().rev().take(limit) {
-            if let Some(record) = self.get(key)? {
-                records.push(record);
+    /// A page of the dead-lettered submissions (waiting for a fix and a replay) — of one
+    /// mapping, or all —, latest dead letter first: up to `limit` after `after` (a page's
+    /// `next`), and how many there are in all.
+    pub fn dead_letter_page(
+        &self,
+        mapping_id: Option<&str>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<RecordPage, StoreError> {
+        let entries = self.dead_letter_entries(mapping_id)?;
+        let total = entries.len();
+        let later = entries
+            .into_iter()
+            .rev()
+            .filter(|(when, key)| after.is_none_or(|c| (*when, key) < (c.at, &c.key)));
+        let mut page = RecordPage {
+            total,
+            ..RecordPage::default()
+        };
+        let mut last = None;
+        for (at, key) in later {
+            if page.records.len() == limit {
+                page.next = last.as_ref().map(Cursor::render);
+                break;
             }
+            page.records.extend(self.get(&key)?);
+            last = Some(Cursor { at, key });
         }
-        Ok(records)
+        Ok(page)
     }
 
     /// The keys of the dead-lettered submissions — of one mapping, or all — earliest dead
     /// letter first.
     pub fn dead_letter_keys(&self, mapping_id: Option<&str>) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .dead_letter_entries(mapping_id)?
+            .into_iter()
+            .map(|(_, key)| key)
+            .collect())
+    }
+
+    /// The dead letters (when, Unix µs; key) of one mapping or all, earliest first.
+    fn dead_letter_entries(
+        &self,
+        mapping_id: Option<&str>,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
         let prefix = mapping_id.map_or_else(Vec::new, |m| key(m, "").into_bytes());
         let mut entries = Vec::new();
         for entry in self.trees.dead_letters.scan_prefix(prefix) {
             let (key, when) = entry?;
             let when = <[u8; 8]>::try_from(when.as_ref()).map_or(0, i64::from_le_bytes);
-            entries.push((when, String::from_utf8_lossy(&key).into_owned()));
+            entries.push((
+                u64::try_from(when).unwrap_or(0),
+                String::from_utf8_lossy(&key).into_owned(),
+            ));
         }
         entries.sort();
-        Ok(entries.into_iter().map(|(_, key)| key).collect())
+        Ok(entries)
+    }
+
+    /// A page of the submissions waiting in the outbox — of one mapping, or all —, oldest
+    /// first: up to `limit` after `after` (a page's `next`, good while this process runs),
+    /// and how many wait in all.
+    pub fn waiting_page(
+        &self,
+        mapping_id: Option<&str>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<RecordPage, StoreError> {
+        let queue = &self.trees.queue;
+        let prefix = mapping_id.map(|m| key(m, ""));
+        let mut waiting = queue.after(after.map(|c| c.at), limit.saturating_add(1), |k| {
+            prefix.as_ref().is_none_or(|p| k.starts_with(p.as_str()))
+        });
+        let more = waiting.len() > limit;
+        waiting.truncate(limit);
+        let last = waiting.last().filter(|_| more);
+        let mut page = RecordPage {
+            total: mapping_id.map_or_else(|| queue.len(), |m| queue.len_of(m)),
+            next: last.map(|(at, p)| {
+                Cursor {
+                    at: *at,
+                    key: p.key.clone(),
+                }
+                .render()
+            }),
+            ..RecordPage::default()
+        };
+        for (_, pending) in waiting {
+            page.records.extend(self.get(&pending.key)?);
+        }
+        Ok(page)
     }
 
     /// How many submissions are dead-lettered now.

@@ -110,18 +110,36 @@ impl Queue {
     }
 
     /// Up to `limit` entries that `want` accepts, oldest first.
-    pub(crate) fn first(&self, limit: usize, mut want: impl FnMut(&str) -> bool) -> Vec<Pending> {
+    pub(crate) fn first(&self, limit: usize, want: impl FnMut(&str) -> bool) -> Vec<Pending> {
+        self.after(None, limit, want)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    /// `first`, of the entries that came after the one at `place` (a place this returned: an
+    /// entry's place in the order, kept while the process runs), each with its place.
+    pub(crate) fn after(
+        &self,
+        place: Option<u64>,
+        limit: usize,
+        mut want: impl FnMut(&str) -> bool,
+    ) -> Vec<(u64, Pending)> {
         let Ok(order) = self.order.lock() else {
             return Vec::new();
         };
+        let from = place.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         order
             .by_arrival
-            .values()
-            .filter(|key| want(key))
+            .range((from, std::ops::Bound::Unbounded))
+            .filter(|(_, key)| want(key))
             .take(limit)
-            .map(|key| Pending {
-                key: key.clone(),
-                failures: order.entries.get(key).map_or(0, |e| e.1),
+            .map(|(at, key)| {
+                let pending = Pending {
+                    key: key.clone(),
+                    failures: order.entries.get(key).map_or(0, |e| e.1),
+                };
+                (*at, pending)
             })
             .collect()
     }
@@ -171,6 +189,16 @@ mod tests {
                 }
             ]
         );
+        // Pages: each resumes after the last place of the one before, whatever left meanwhile.
+        let page = q.after(None, 1, |_| true);
+        assert_eq!(page[0].1.key, "a");
+        q.apply(vec![Change::Leave("a".into()), Change::Enter("c".into())]);
+        let rest: Vec<String> = q
+            .after(Some(page[0].0), 10, |_| true)
+            .into_iter()
+            .map(|(_, p)| p.key)
+            .collect();
+        assert_eq!(rest, ["0", "b", "c"]);
     }
 
     #[test]
