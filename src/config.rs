@@ -281,26 +281,26 @@ impl Config {
         Ok(config)
     }
 
-    /// Who may use the operators' endpoints, as (who the audit trail names, key): the admin
-    /// key (by its fingerprint) and each named operator. Every key must be set and be one
-    /// person's: an empty key, or one two entries share, is an error (the trail could not tell
-    /// who it was).
-    pub fn operator_keys(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let mut keys: Vec<(String, String)> = self
-            .admin_key
-            .iter()
-            .map(|k| (format!("admin key {}", fingerprint(k)), k.clone()))
-            .collect();
+    /// Who may use the operators' endpoints, as (who the audit trail names, the SHA-256 of
+    /// their key): the admin key (by its fingerprint) and each named operator. A key is given
+    /// as itself or as `sha256:<its SHA-256 in hex>` (a configuration file that leaks then
+    /// leaks no key). Every key must be set and be one person's: an empty key, a digest that
+    /// is not one, or a key two entries share, is an error (the trail could not tell who it
+    /// was).
+    pub fn operator_keys(&self) -> Result<Vec<(String, [u8; 32])>, ConfigError> {
+        let mut keys: Vec<(String, [u8; 32])> = Vec::new();
+        if let Some(key) = &self.admin_key {
+            let digest = key_digest("admin_key", key)?;
+            keys.push((format!("admin key {}", fingerprint(&digest)), digest));
+        }
         for (name, key) in &self.operators {
-            if key.trim().is_empty() {
-                return Err(ConfigError::Operators(format!("{name}: the key is empty")));
-            }
-            if let Some((other, _)) = keys.iter().find(|(_, k)| k == key) {
+            let digest = key_digest(name, key)?;
+            if let Some((other, _)) = keys.iter().find(|(_, d)| *d == digest) {
                 return Err(ConfigError::Operators(format!(
                     "{name}: the same key as {other}: give each operator a key of their own"
                 )));
             }
-            keys.push((format!("operator {name}"), key.clone()));
+            keys.push((format!("operator {name}"), digest));
         }
         Ok(keys)
     }
@@ -390,12 +390,35 @@ impl Config {
     }
 }
 
+/// The SHA-256 of `name`'s operator key, given as itself or as `sha256:<64 hex digits>`.
+fn key_digest(name: &str, key: &str) -> Result<[u8; 32], ConfigError> {
+    use sha2::Digest;
+    if key.trim().is_empty() {
+        return Err(ConfigError::Operators(format!("{name}: the key is empty")));
+    }
+    let Some(hex) = key.strip_prefix("sha256:") else {
+        return Ok(sha2::Sha256::digest(key.as_bytes()).into());
+    };
+    let not_a_digest = || {
+        ConfigError::Operators(format!(
+            "{name}: `sha256:` must be followed by the key's SHA-256, 64 hex digits \
+             (`printf %s \"$KEY\" | sha256sum`)"
+        ))
+    };
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(not_a_digest());
+    }
+    let mut digest = [0u8; 32];
+    for (i, b) in digest.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| not_a_digest())?;
+    }
+    Ok(digest)
+}
+
 /// What the audit trail says of a key: the first 8 bytes of its SHA-256, in hex — it tells
 /// keys apart (a rotation) without keeping the key.
-pub fn fingerprint(key: &str) -> String {
-    let mut hex = crate::fhir::sha256_hex(key.as_bytes());
-    hex.truncate(16);
-    hex
+pub fn fingerprint(digest: &[u8; 32]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `n` days; `None` for 0 (kept for good).
@@ -498,14 +521,21 @@ mod tests {
         .unwrap();
         let keys = c.operator_keys().unwrap();
         let who: Vec<&str> = keys.iter().map(|(w, _)| w.as_str()).collect();
+        let root = crate::fhir::sha256_hex(b"root-key");
         assert_eq!(
             who,
             [
-                format!("admin key {}", fingerprint("root-key")).as_str(),
+                format!("admin key {}", &root[..16]).as_str(),
                 "operator alice",
                 "operator bob"
             ]
         );
+        // A key given by its digest is the same key (and the same fingerprint).
+        let hashed: Config =
+            toml::from_str(&format!("admin_key = \"sha256:{}\"\n", root.to_uppercase())).unwrap();
+        assert_eq!(hashed.operator_keys().unwrap(), keys[..1]);
+        let hashed_and_plain =
+            format!("admin_key = \"sha256:{root}\"\n[operators]\nbob = \"root-key\"\n");
         for (bad, why) in [
             (
                 "admin_key = \"k\"\n[operators]\nbob = \"k\"\n",
@@ -516,6 +546,11 @@ mod tests {
                 "bob: the same key as operator al",
             ),
             ("[operators]\nbob = \" \"\n", "bob: the key is empty"),
+            (
+                "[operators]\nbob = \"sha256:k\"\n",
+                "bob: `sha256:` must be followed by the key's SHA-256",
+            ),
+            (hashed_and_plain.as_str(), "bob: the same key as admin key"),
         ] {
             let c: Config = toml::from_str(bad).unwrap();
             let e = c.operator_keys().unwrap_err().to_string();

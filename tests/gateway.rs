@@ -1878,9 +1878,13 @@ fn the_audit_trail_pages_by_time_and_forgets_past_its_retention() {
 /// admin key still works); a key two of them would share keeps the gateway from starting.
 #[test]
 fn named_operators_are_told_apart_in_the_audit_trail() {
+    // Bob's key is configured by its SHA-256 alone: the file does not hold it.
     let app = App::start_with_tables(
         None,
-        "\n[operators]\nalice = \"alice-key-7f3e\"\nbob = \"bob-key-91c2\"\n",
+        &format!(
+            "\n[operators]\nalice = \"alice-key-7f3e\"\nbob = \"sha256:{}\"\n",
+            chartbridge::fhir::sha256_hex(b"bob-key-91c2")
+        ),
     );
     let as_operator = |key: &str| {
         reqwest::blocking::Client::new()

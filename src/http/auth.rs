@@ -125,10 +125,14 @@ pub fn verify(
 }
 
 /// Who an operator's request (`Authorization: Bearer <key>`) is from: the one of `keys`
-/// (who, key; `Config::operator_keys`) whose key it presents — compared with every one in
-/// constant time, so the time taken says nothing of which came close. A refusal says which
+/// (who, the SHA-256 of their key; `Config::operator_keys`) whose key it presents — its
+/// digest compared with every one in constant time, so the time taken says nothing of which
+/// came close, nor of a key's length. A refusal says which
 /// kind of key is wanted: the admin key, an operator's own, or either, as configured.
-pub fn operator<'k>(keys: &'k [(String, String)], headers: &HeaderMap) -> Result<&'k str, String> {
+pub fn operator<'k>(
+    keys: &'k [(String, [u8; 32])],
+    headers: &HeaderMap,
+) -> Result<&'k str, String> {
     let admin = keys.iter().any(|(who, _)| who.starts_with("admin key"));
     let named = keys.iter().any(|(who, _)| who.starts_with("operator "));
     let wanted = match (admin, named) {
@@ -143,10 +147,10 @@ pub fn operator<'k>(keys: &'k [(String, String)], headers: &HeaderMap) -> Result
         .ok_or_else(|| {
             format!("this endpoint is for operators: send `Authorization: Bearer <{wanted}>`")
         })?;
-    let given = given.trim().as_bytes();
+    let given: [u8; 32] = <Sha256 as sha2::Digest>::digest(given.trim().as_bytes()).into();
     let mut found = None;
-    for (who, key) in keys {
-        if bool::from(given.ct_eq(key.as_bytes())) {
+    for (who, digest) in keys {
+        if bool::from(given.ct_eq(digest)) {
             found = Some(who.as_str());
         }
     }
@@ -361,8 +365,10 @@ mod tests {
 
     #[test]
     fn an_operators_refusal_names_the_key_wanted() {
-        let admin = || ("admin key 0123".to_string(), "admin-secret".to_string());
-        let alice = || ("operator alice".to_string(), "alice-secret".to_string());
+        let digest =
+            |key: &str| -> [u8; 32] { <Sha256 as sha2::Digest>::digest(key.as_bytes()).into() };
+        let admin = || ("admin key 0123".to_string(), digest("admin-secret"));
+        let alice = || ("operator alice".to_string(), digest("alice-secret"));
         let bearer = |key: &str| {
             let mut h = HeaderMap::new();
             h.insert(

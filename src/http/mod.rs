@@ -60,9 +60,9 @@ pub struct AppState {
     pub started: String,
     /// How many refused operators' attempts the audit trail records one by one.
     pub refusals: auth::RefusalBudget,
-    /// Who may use the operators' endpoints, and with which key (`Config::operator_keys`);
-    /// none: they are open.
-    pub operators: Vec<(String, String)>,
+    /// Who may use the operators' endpoints, and the SHA-256 of their key
+    /// (`Config::operator_keys`); none: they are open.
+    pub operators: Vec<(String, [u8; 32])>,
 }
 
 /// Refused operators' attempts recorded one by one: 10 a second, bursts of 100.
