@@ -11,6 +11,7 @@ pub mod capability;
 pub mod json;
 pub mod outcome;
 pub mod provenance;
+pub mod revision;
 pub mod validate;
 
 pub use bundle::{Conditional, TransactionBuilder};
