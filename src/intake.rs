@@ -13,6 +13,12 @@ use crate::store::{self, Accepted, State, Store, StoreError, SubmissionRecord, T
 
 /// The event an accepted submission raises for the CRM.
 pub const INTAKE_SUBMITTED: &str = "intake.submitted";
+/// The event a revision of an accepted submission raises (more information arrived).
+pub const INTAKE_UPDATED: &str = "intake.updated";
+
+/// How many times a revision is amended again because another revision of the same
+/// submission was stored first, before the source is asked to send it again.
+const REVISION_RACES: usize = 3;
 
 /// The loaded mappings, by id, and the store they write to.
 pub struct Intake {
@@ -29,6 +35,9 @@ pub struct Receipt {
     pub submission_id: String,
     /// `false` when the same submission had already been accepted.
     pub new: bool,
+    /// Which revision of the submission is the current one: 1 until a payload that differs
+    /// comes with the same submission id.
+    pub revision: u32,
     pub event: &'static str,
     pub flags: Vec<String>,
     pub missing: Vec<String>,
@@ -44,8 +53,12 @@ pub enum IntakeError {
     /// A QuestionnaireResponse that cannot be a submission.
     #[error(transparent)]
     Response(#[from] crate::mapping::extract::ExtractError),
-    #[error("submission {key} was already accepted with a different payload (a revision)")]
+    #[error("submission {key} was revised by another request at the same moment; send it again")]
     Revision { key: String },
+    /// A revision's Bundle could not be built from the earlier one (the store's or the
+    /// gateway's fault).
+    #[error(transparent)]
+    Amend(#[from] crate::fhir::revision::RevisionError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -119,7 +132,7 @@ impl Intake {
             .store
             .accept_async(&record, std::mem::take(&mut mapped.bundle));
         drop((mapped, payload, raw));
-        receipt(record, written.await?)
+        self.answer(record, written.await?).await
     }
 
     /// Records a QuestionnaireResponse to one of the mappings' Questionnaires as a submission
@@ -167,7 +180,79 @@ impl Intake {
         let written = self
             .store
             .accept_async(&record, submitted.bundle.to_string().into_bytes());
-        receipt(record, written.await?)
+        self.answer(record, written.await?).await
+    }
+
+    /// What the source is told of what the store did with `record`: a new submission, a
+    /// re-send of one (of any of its revisions), or a revision — stored here.
+    async fn answer(
+        &self,
+        record: SubmissionRecord,
+        accepted: Accepted,
+    ) -> Result<Receipt, IntakeError> {
+        match accepted {
+            Accepted::New => Ok(receipt_of(&record, true)),
+            Accepted::Duplicate(existing) => Ok(receipt_of(&existing, false)),
+            Accepted::Conflict(existing, bundle) => self.revise(record, *existing, bundle).await,
+        }
+    }
+
+    /// Stores `record` (its Bundle `bundle`, as mapped) as the next revision of `existing`:
+    /// the Bundle amends what the current revision's did (`fhir::revision`), the record
+    /// keeps the submission's history and EHR resources, the outbox sends the revision.
+    async fn revise(
+        &self,
+        record: SubmissionRecord,
+        mut existing: SubmissionRecord,
+        bundle: Vec<u8>,
+    ) -> Result<Receipt, IntakeError> {
+        let key = record.key();
+        for _ in 0..REVISION_RACES {
+            let number = existing.revision().saturating_add(1);
+            let earlier = self.store.current_bundle(&key)?;
+            let revision = crate::fhir::revision::amend(earlier.as_deref(), &bundle, number)?;
+            let past_retention = if earlier.is_none() {
+                " (the earlier Bundle is past its retention)"
+            } else {
+                ""
+            };
+            let mut next = record.clone();
+            next.earlier_payloads = existing.earlier_payloads.clone();
+            next.earlier_payloads.push(existing.payload_sha256.clone());
+            next.ehr = existing.ehr.clone();
+            let details = [
+                format!("revision {number}"),
+                format!(
+                    "revision {number}: {} amended, {} retracted{past_retention}",
+                    revision.amended, revision.retracted
+                ),
+            ];
+            for (t, detail) in next.transitions.iter_mut().zip(details) {
+                t.detail = Some(detail);
+            }
+            let mut transitions = existing.transitions.clone();
+            transitions.append(&mut next.transitions);
+            next.transitions = transitions;
+            match self
+                .store
+                .revise(&next, revision.bundle, &existing.payload_sha256)
+                .await?
+            {
+                Accepted::New => {
+                    tracing::info!(
+                        key,
+                        revision = number,
+                        amended = revision.amended,
+                        retracted = revision.retracted,
+                        "submission revised"
+                    );
+                    return Ok(receipt_of(&next, true));
+                }
+                Accepted::Duplicate(r) => return Ok(receipt_of(&r, false)),
+                Accepted::Conflict(r, _) => existing = *r,
+            }
+        }
+        Err(IntakeError::Revision { key })
     }
 }
 
@@ -187,7 +272,8 @@ impl Intake {
         let Some(record) = self.store.get(&store::key(&mapping.id, id))? else {
             return Ok(None);
         };
-        Ok((record.payload_sha256 == crate::fhir::sha256_hex(raw))
+        Ok(record
+            .has_payload(&crate::fhir::sha256_hex(raw))
             .then(|| receipt_of(&record, false)))
     }
 }
@@ -222,6 +308,7 @@ fn record(mapping: &Mapping, r: Recorded, received_at: &str) -> SubmissionRecord
             })
             .collect(),
         ehr: Vec::new(),
+        earlier_payloads: Vec::new(),
     }
 }
 
@@ -232,17 +319,13 @@ fn receipt_of(r: &SubmissionRecord, new: bool) -> Receipt {
         mapping_id: r.mapping_id.clone(),
         submission_id: r.submission_id.clone(),
         new,
-        event: INTAKE_SUBMITTED,
+        revision: r.revision(),
+        event: if r.revision() > 1 {
+            INTAKE_UPDATED
+        } else {
+            INTAKE_SUBMITTED
+        },
         flags: r.flags.clone(),
         missing: r.missing.clone(),
-    }
-}
-
-/// What the source is told of what the store did with `record`.
-fn receipt(record: SubmissionRecord, accepted: Accepted) -> Result<Receipt, IntakeError> {
-    match accepted {
-        Accepted::New => Ok(receipt_of(&record, true)),
-        Accepted::Duplicate(existing) => Ok(receipt_of(&existing, false)),
-        Accepted::Conflict(_) => Err(IntakeError::Revision { key: record.key() }),
     }
 }

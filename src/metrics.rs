@@ -22,6 +22,8 @@ pub struct StoreFigures {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Accepted,
+    /// A new revision of a submission accepted before (its payload changed).
+    Revised,
     /// The same submission again: answered as before, nothing new.
     Duplicate,
     /// Refused for what was sent (a 4xx), or while the outbox is full.
@@ -35,8 +37,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [
+    const ALL: [Outcome; 7] = [
         Outcome::Accepted,
+        Outcome::Revised,
         Outcome::Duplicate,
         Outcome::Rejected,
         Outcome::Unauthorized,
@@ -47,6 +50,7 @@ impl Outcome {
     fn label(self) -> &'static str {
         match self {
             Outcome::Accepted => "accepted",
+            Outcome::Revised => "revised",
             Outcome::Duplicate => "duplicate",
             Outcome::Rejected => "rejected",
             Outcome::Unauthorized => "unauthorized",

@@ -246,14 +246,131 @@ fn a_duplicate_post_gets_the_same_answer_and_creates_nothing() {
         3,
         "delivered once"
     );
+}
 
-    // The same id with another payload is a revision: refused until revisions are supported.
-    let changed = String::from_utf8(fixture(MAYA))
+/// The field note's "intake updated": the same submission id with another payload amends what
+/// the first one put in the chart — new versions of the same resources (`amended`), an answer
+/// taken back retracted (`entered-in-error`), a Provenance of its own — and creates nothing
+/// twice; a late re-send of the first payload changes nothing.
+fn a_revision_amends_the_chart(mode: &str) {
+    let ehr = FhirServer::start();
+    let app = App::start_with(Some(&ehr.url), mode);
+    let original = fixture(MAYA);
+    let (status, _, _) = app.post_typeform(&original);
+    assert_eq!(status, 202);
+    app.wait_for_state(KEY, "delivered", 30);
+    let before = ehr.counts();
+
+    // More information arrived: the weight was 210 lb, and the blood pressure is taken back.
+    let mut payload: Value = serde_json::from_slice(&original).unwrap();
+    let answers = payload["form_response"]["answers"].as_array_mut().unwrap();
+    answers.retain(|a| !a["field"]["ref"].as_str().unwrap().starts_with("bp_"));
+    for a in answers.iter_mut() {
+        if a["field"]["ref"] == "weight_lb" {
+            a["number"] = 210.into();
+        }
+    }
+    let revised = serde_json::to_vec(&payload).unwrap();
+    let (status, receipt, _) = app.post_typeform(&revised);
+    assert_eq!(status, 202, "{receipt}");
+    assert_eq!(
+        (&receipt["event"], &receipt["revision"], &receipt["key"]),
+        (&"intake.updated".into(), &2.into(), &KEY.into())
+    );
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(
+        states(&view),
+        [
+            "received",
+            "mapped",
+            "delivered",
+            "received",
+            "mapped",
+            "delivered"
+        ]
+    );
+    assert_eq!(view["revision"], 2);
+    assert_eq!(
+        view["transitions"][4]["detail"],
+        "revision 2: 5 amended, 1 retracted"
+    );
+
+    // Nothing created twice: the same QuestionnaireResponse and Observations, a second
+    // Provenance (the revision's).
+    let after = ehr.counts();
+    for kind in ["Patient", "QuestionnaireResponse", "Observation"] {
+        assert_eq!(after[kind], before[kind], "{kind}: {after}");
+    }
+    assert_eq!(
+        after["Provenance"].as_u64(),
+        before["Provenance"].as_u64().map(|n| n + 1)
+    );
+    let system = "https://forms.example-clinic.com/Questionnaire/glp1-intake/submission";
+    let id = "b7e1c9d24f6a38e0c5b1d7f29a4e6c83";
+    let only = |query: &str| -> Value {
+        let found = ehr.search(query);
+        assert_eq!(
+            found["entry"].as_array().map(Vec::len),
+            Some(1),
+            "{query}: {found}"
+        );
+        found["entry"][0]["resource"].clone()
+    };
+    // Versions of the same resource (the server's history says how many).
+    let versions = |r: &Value| -> usize {
+        let kind = r["resourceType"].as_str().unwrap();
+        let history = ehr.search(&format!("{kind}/{}/_history", r["id"].as_str().unwrap()));
+        history["entry"].as_array().map_or(0, Vec::len)
+    };
+    let qr = only(&format!("QuestionnaireResponse?identifier={system}|{id}"));
+    assert_eq!((&qr["status"], versions(&qr)), (&"amended".into(), 2));
+    let weight = only(&format!("Observation?identifier={system}|{id}/weight"));
+    assert_eq!(
+        (&weight["status"], versions(&weight)),
+        (&"amended".into(), 2)
+    );
+    assert!(
+        weight["valueQuantity"]["value"].as_f64().unwrap() < 95.3,
+        "{weight}"
+    );
+    let bp = only(&format!("Observation?identifier={system}|{id}/bp"));
+    assert_eq!(bp["status"], "entered-in-error");
+    let sex = only(&format!(
+        "Observation?identifier={system}|{id}/sex-at-birth"
+    ));
+    assert_eq!(sex["status"], "amended");
+    let provenance = only(&format!("Provenance?_tag={system}|{id}/revision-2"));
+    assert_eq!(provenance["activity"]["coding"][0]["code"], "UPDATE");
+    assert!(provenance["entity"]
+        .as_array()
         .unwrap()
-        .replace("\"number\": 212", "\"number\": 210");
-    let (status, oo, _) = app.post_typeform(changed.as_bytes());
-    assert_eq!(status, 409, "{oo}");
-    assert_eq!(oo["issue"][0]["code"], "conflict");
+        .iter()
+        .any(|e| e["role"] == "revision"));
+
+    // The first payload again (a vendor's late retry): the same answer as now, nothing sent.
+    let (status, again, headers) = app.post_typeform(&original);
+    assert_eq!((status, &again["revision"]), (202, &2.into()));
+    assert_eq!(headers["x-chartbridge-duplicate"], "true");
+    let (_, view) = app.get(&format!("/submissions/{KEY}"));
+    assert_eq!(view["transitions"].as_array().unwrap().len(), 6);
+    assert_eq!(ehr.counts(), after);
+    let metrics = app.get_text("/metrics");
+    for outcome in ["accepted", "revised", "duplicate"] {
+        let line = format!(
+            "chartbridge_submissions_total{{mapping=\"glp1-intake-typeform\",outcome=\"{outcome}\"}} 1"
+        );
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+}
+
+#[test]
+fn a_revision_amends_the_chart_in_one_transaction() {
+    a_revision_amends_the_chart("");
+}
+
+#[test]
+fn a_revision_amends_the_chart_resource_by_resource() {
+    a_revision_amends_the_chart("mode = \"per_resource\"\n");
 }
 
 #[test]

@@ -34,6 +34,7 @@ fn record(submission_id: &str, payload_sha256: &str) -> SubmissionRecord {
             },
         ],
         ehr: vec![],
+        earlier_payloads: vec![],
     }
 }
 
@@ -50,7 +51,7 @@ fn accept_is_idempotent_and_conflicts_are_told_apart() {
     ));
     assert!(matches!(
         store.accept(&record("tok-1", "bbbb"), BUNDLE).unwrap(),
-        Accepted::Conflict(_)
+        Accepted::Conflict(..)
     ));
     assert_eq!(
         store.pending(),
@@ -90,7 +91,7 @@ fn a_resent_submission_adds_nothing_to_the_bundle_log() {
     ));
     assert!(matches!(
         store.accept(&record("tok-5", "bbbb"), BUNDLE).unwrap(),
-        Accepted::Conflict(_)
+        Accepted::Conflict(..)
     ));
     assert_eq!(log_len(dir.path()), one_frame(), "re-sends keep no Bundle");
     store.accept(&record("tok-6", "aaaa"), BUNDLE).unwrap();
@@ -883,4 +884,92 @@ fn dead_letters_are_listed_until_replayed_and_indexed_for_earlier_stores() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(dead(&store), [key("a")], "indexed from the records");
     assert_eq!(store.dead_letter_count(), 1);
+}
+
+/// A revision takes its submission's place in the outbox, dead-lettered or not; the outcome of
+/// an attempt that sent the earlier Bundle does not take the revision out; a re-send of any
+/// revision's payload is a duplicate, and a revision of a payload no longer current is refused
+/// (another revision came first).
+#[test]
+fn a_revision_replaces_the_bundle_to_deliver_and_outlives_an_earlier_attempt() {
+    const REVISED: &[u8] = br#"{"resourceType":"Bundle","type":"transaction","entry":[]}"#;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let first = record("tok-r", "aaaa");
+    let key = first.key();
+    store.accept(&first, BUNDLE).unwrap();
+    // An attempt takes the first Bundle; a revision comes in meanwhile.
+    let (sent, sent_ref) = store.bundle_to_deliver(&key).unwrap().unwrap();
+    assert_eq!(sent, BUNDLE);
+    let mut second = record("tok-r", "bbbb");
+    match store.accept(&second, REVISED).unwrap() {
+        Accepted::Conflict(existing, given) => {
+            assert_eq!(
+                (existing.payload_sha256.as_str(), given.as_slice()),
+                ("aaaa", REVISED)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.current_bundle(&key).unwrap().as_deref(), Some(BUNDLE));
+    second.earlier_payloads = vec!["aaaa".into()];
+    let revise = |r: &SubmissionRecord, revises: &str| {
+        runtime
+            .block_on(store.revise(r, REVISED.to_vec(), revises))
+            .unwrap()
+    };
+    assert_eq!(revise(&second, "aaaa"), Accepted::New);
+    assert_eq!(second.revision(), 2);
+    // Stale: the current payload is no longer "aaaa".
+    assert!(matches!(
+        revise(&record("tok-r", "cccc"), "aaaa"),
+        Accepted::Conflict(..)
+    ));
+    // Any revision's payload again: a duplicate, answered with the current record.
+    for payload in ["aaaa", "bbbb"] {
+        match store.accept(&record("tok-r", payload), BUNDLE).unwrap() {
+            Accepted::Duplicate(current) => assert_eq!(current.revision(), 2),
+            other => panic!("{payload}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.current_bundle(&key).unwrap().as_deref(),
+        Some(REVISED)
+    );
+
+    // The earlier attempt's outcome is recorded; the revision still waits.
+    let delivered = |sent| {
+        runtime
+            .block_on(store.transition_of(&key, to(State::Delivered), vec![], Some(sent)))
+            .unwrap()
+            .unwrap()
+    };
+    let after_first = delivered(sent_ref);
+    assert_eq!(after_first.state(), Some(State::Mapped));
+    assert_eq!(store.pending(), vec![key.clone()]);
+    let (again, again_ref) = store.bundle_to_deliver(&key).unwrap().unwrap();
+    assert_eq!(again, REVISED);
+    assert_eq!(delivered(again_ref).state(), Some(State::Delivered));
+    assert!(store.pending().is_empty());
+
+    // A dead-lettered submission revised: out of the dead letters, back in the outbox.
+    store.accept(&record("tok-d", "aaaa"), BUNDLE).unwrap();
+    let dead_key = record("tok-d", "aaaa").key();
+    store
+        .transition(&dead_key, to(State::DeadLettered), vec![])
+        .unwrap();
+    assert_eq!(store.dead_letter_count(), 1);
+    let mut revised = record("tok-d", "bbbb");
+    revised.earlier_payloads = vec!["aaaa".into()];
+    assert_eq!(revise(&revised, "aaaa"), Accepted::New);
+    assert_eq!(store.dead_letter_count(), 0);
+    assert_eq!(store.pending(), vec![dead_key.clone()]);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let kept = store.get(&dead_key).unwrap().unwrap();
+    assert_eq!((kept.revision(), kept.payload_sha256.as_str()), (2, "bbbb"));
+    assert_eq!(store.bundle(&dead_key).unwrap().as_deref(), Some(REVISED));
 }

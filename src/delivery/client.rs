@@ -104,7 +104,12 @@ impl EhrClient {
         match self.mode {
             DeliveryMode::Transaction => {
                 let (status, retry_after, body) = match self
-                    .post(self.transaction_url.clone(), bundle.clone(), None)
+                    .send(
+                        reqwest::Method::POST,
+                        self.transaction_url.clone(),
+                        bundle.clone(),
+                        None,
+                    )
                     .await
                 {
                     Ok(answer) => answer,
@@ -122,9 +127,10 @@ impl EhrClient {
     }
 
     /// Conditional create (`If-None-Exist`) of each entry in Bundle order — which is dependency
-    /// order: Patient, QuestionnaireResponse, Observations, Provenance — with `urn:uuid`
-    /// references rewritten to the ids the EHR assigned. A failure stops the walk; what was
-    /// created already is matched, not duplicated, when the delivery is retried.
+    /// order: Patient, QuestionnaireResponse, Observations, Provenance — or conditional update
+    /// (`PUT Type?identifier=…`, a revision's), with `urn:uuid` references rewritten to the
+    /// ids the EHR assigned. A failure stops the walk; what was written already is matched,
+    /// not duplicated, when the delivery is retried.
     async fn per_resource(&self, bundle: &Value) -> Attempt {
         let mut assigned: Vec<(String, String)> = Vec::new();
         let mut stored = Vec::new();
@@ -136,10 +142,25 @@ impl EhrClient {
                 .as_str()
                 .unwrap_or("Resource")
                 .to_string();
-            let condition = entry["request"]["ifNoneExist"].as_str();
-            let url = format!("{}/{kind}", self.base_url);
+            let request = &entry["request"];
+            let (method, url, condition) = match request["method"].as_str() {
+                Some("PUT") => (
+                    reqwest::Method::PUT,
+                    format!(
+                        "{}/{}",
+                        self.base_url,
+                        request["url"].as_str().unwrap_or(&kind)
+                    ),
+                    None,
+                ),
+                _ => (
+                    reqwest::Method::POST,
+                    format!("{}/{kind}", self.base_url),
+                    request["ifNoneExist"].as_str(),
+                ),
+            };
             let (status, retry_after, body) = match self
-                .post(url.as_str(), resource.to_string().into(), condition)
+                .send(method, url.as_str(), resource.to_string().into(), condition)
                 .await
             {
                 Ok(answer) => answer,
@@ -172,16 +193,18 @@ impl EhrClient {
         Attempt::Delivered(stored)
     }
 
-    /// One authorized POST; the status, `Retry-After` and JSON body, or the attempt it came to.
-    async fn post(
+    /// One authorized request; the status, `Retry-After` and JSON body, or the attempt it came
+    /// to.
+    async fn send(
         &self,
+        method: reqwest::Method,
         url: impl reqwest::IntoUrl,
         body: bytes::Bytes,
         if_none_exist: Option<&str>,
     ) -> Result<(u16, Option<String>, Value), Attempt> {
         let mut req = self
             .http
-            .post(url)
+            .request(method, url)
             .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
             .header(reqwest::header::ACCEPT, "application/fhir+json")
             .body(body);

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use super::client::EhrClient;
 use super::{backoff, Attempt};
 use crate::metrics::Metrics;
-use crate::store::{EhrResource, Pending, State, Store, StoreError, Transition};
+use crate::store::{BundleRef, EhrResource, Pending, State, Store, StoreError, Transition};
 
 pub struct Outbox {
     pub store: Arc<Store>,
@@ -83,9 +83,7 @@ impl Outbox {
                     let outcome = this.attempt(&key, failures).await;
                     drop(permit);
                     let next = match outcome {
-                        Ok((transition, resources, next)) => {
-                            this.record(&key, transition, resources, next).await
-                        }
+                        Ok((outcome, sent)) => this.record(&key, outcome, sent).await,
                         Err(delay) => Some(delay),
                     };
                     // Out of flight only once the outcome is recorded: until then the entry is
@@ -110,19 +108,25 @@ impl Outbox {
     }
 
     /// One attempt, after `failures` failed ones: what to record, and the delay before the
-    /// next attempt when it should be retried. `Err(delay)` when the store could not be read (an
-    /// I/O error: nothing to record; try again after `delay`).
-    async fn attempt(&self, key: &str, failures: u32) -> Result<Outcome, Duration> {
-        let bundle = match self.store.bundle(key) {
-            Ok(Some(bundle)) => bundle,
+    /// next attempt when it should be retried, with which Bundle it sent (if it had one).
+    /// `Err(delay)` when the store could not be read (an I/O error: nothing to record; try
+    /// again after `delay`).
+    async fn attempt(
+        &self,
+        key: &str,
+        failures: u32,
+    ) -> Result<(Outcome, Option<BundleRef>), Duration> {
+        let (bundle, sent) = match self.store.bundle_to_deliver(key) {
+            Ok(Some(to_deliver)) => to_deliver,
             // Nothing to deliver, ever (a damaged store): a dead letter that says so, rather
             // than an entry picked again and again. Without a record the store drops the entry.
             Ok(None) => {
                 let why = "the submission's Bundle is not in the store";
-                return Ok(self.dead_letter(key, why.into()));
+                return Ok((self.dead_letter(key, why.into()), None));
             }
             Err(e @ StoreError::Corrupt { .. }) => {
-                return Ok(self.dead_letter(key, format!("the submission's Bundle: {e}")));
+                let why = format!("the submission's Bundle: {e}");
+                return Ok((self.dead_letter(key, why), None));
             }
             Err(e) => {
                 tracing::error!(key, error = %e, "outbox: cannot read the submission");
@@ -170,9 +174,9 @@ impl Outbox {
                     Some(delay),
                 )
             }
-            Attempt::Reject { reason } => return Ok(self.dead_letter(key, reason)),
+            Attempt::Reject { reason } => return Ok((self.dead_letter(key, reason), Some(sent))),
         };
-        Ok((transition, resources, next))
+        Ok(((transition, resources, next), Some(sent)))
     }
 
     /// What to record when the submission cannot be delivered as it is, and why: the EHR
@@ -189,20 +193,22 @@ impl Outbox {
 
     /// Records an attempt's outcome (durably); returns when to try again, if ever. A dead
     /// letter is counted once it is recorded: an outbox entry without its submission (a damaged
-    /// store) is dropped by the store, and no submission became a dead letter.
+    /// store) is dropped by the store, and no submission became a dead letter; nor did one
+    /// whose revision came in while the attempt sent the earlier Bundle (the revision is
+    /// tried next, at once).
     async fn record(
         &self,
         key: &str,
-        transition: Transition,
-        resources: Vec<EhrResource>,
-        next: Option<Duration>,
+        (transition, resources, next): Outcome,
+        sent: Option<BundleRef>,
     ) -> Option<Duration> {
         let dead = transition.state == State::DeadLettered;
         match self
             .store
-            .transition_async(key, transition, resources)
+            .transition_of(key, transition, resources, sent)
             .await
         {
+            Ok(Some(record)) if record.state() == Some(State::Mapped) => None,
             Ok(Some(_)) => {
                 if dead {
                     Metrics::inc(&self.metrics.dead_letters);

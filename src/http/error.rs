@@ -103,9 +103,8 @@ impl ApiError {
             }
             // The source's retry is what fetches it again later: nothing was stored.
             ApiError::Fetch(FetchError::Unavailable(_)) => StatusCode::BAD_GATEWAY,
-            ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::Intake(IntakeError::Store(_) | IntakeError::Amend(_))
+            | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -135,11 +134,9 @@ impl ApiError {
             | ApiError::NotJson(_)
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Form(_) => issue("structure", self.to_string()),
-            ApiError::Intake(IntakeError::Revision { .. }) => issue(
-                "conflict",
-                format!("{self}; revisions are not supported yet: send a new submission id"),
-            ),
-            ApiError::Intake(IntakeError::Store(_)) | ApiError::Internal(_) => issue(
+            ApiError::Intake(IntakeError::Revision { .. }) => issue("conflict", self.to_string()),
+            ApiError::Intake(IntakeError::Store(_) | IntakeError::Amend(_))
+            | ApiError::Internal(_) => issue(
                 "exception",
                 "the gateway could not store the submission; retry later".into(),
             ),

@@ -305,6 +305,7 @@ fn counted(
     result: Result<crate::intake::Receipt, ApiError>,
 ) -> Result<Response, ApiError> {
     let outcome = match &result {
+        Ok(receipt) if receipt.new && receipt.revision > 1 => Outcome::Revised,
         Ok(receipt) if receipt.new => Outcome::Accepted,
         Ok(_) => Outcome::Duplicate,
         Err(e) => e.submission_outcome(),
@@ -430,8 +431,8 @@ fn authenticate(
     .map_err(ApiError::Unauthorized)
 }
 
-/// `202 Accepted` for a submission on disk (the outbox woken if it is new): its key, status
-/// URL, event, flags and missing answers.
+/// `202 Accepted` for a submission on disk (the outbox woken if it is new, or a new
+/// revision): its key, status URL, event, revision, flags and missing answers.
 fn accepted(state: &AppState, receipt: &crate::intake::Receipt) -> Response {
     if receipt.new {
         state.outbox.notify_one();
@@ -444,6 +445,7 @@ fn accepted(state: &AppState, receipt: &crate::intake::Receipt) -> Response {
         "submission_id": receipt.submission_id,
         "status_url": status_url,
         "event": receipt.event,
+        "revision": receipt.revision,
         "flags": receipt.flags,
         "missing": receipt.missing,
     });
@@ -548,6 +550,8 @@ fn public_view(r: &SubmissionRecord) -> Value {
         "mapping": mapping_view(r),
         "submission_id": r.submission_id,
         "payload_sha256": r.payload_sha256,
+        "revision": r.revision(),
+        "earlier_payloads": r.earlier_payloads,
         "state": r.state(),
         "transitions": r.transitions,
         "ehr": r.ehr.iter().map(|e| json!({

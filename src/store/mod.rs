@@ -67,6 +67,10 @@ pub struct SubmissionRecord {
     pub transitions: Vec<Transition>,
     #[serde(default)]
     pub ehr: Vec<EhrResource>,
+    /// The payload hashes of the revisions before this one, earliest first (empty: this is
+    /// the first). A re-send of any of them is a duplicate, never a revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier_payloads: Vec<String>,
 }
 
 impl SubmissionRecord {
@@ -77,6 +81,17 @@ impl SubmissionRecord {
 
     pub fn state(&self) -> Option<State> {
         self.transitions.last().map(|t| t.state)
+    }
+
+    /// Which revision of the submission this is: 1 for the first payload.
+    pub fn revision(&self) -> u32 {
+        u32::try_from(self.earlier_payloads.len()).map_or(u32::MAX, |n| n.saturating_add(1))
+    }
+
+    /// Whether `payload_sha256` is this revision's payload or an earlier one's.
+    pub fn has_payload(&self, payload_sha256: &str) -> bool {
+        self.payload_sha256 == payload_sha256
+            || self.earlier_payloads.iter().any(|p| p == payload_sha256)
     }
 }
 
@@ -238,9 +253,17 @@ pub enum Accepted {
     New,
     /// The same submission with the same payload was already stored: nothing written.
     Duplicate(Box<SubmissionRecord>),
-    /// The same submission id with a different payload: a revision, not handled here.
-    Conflict(Box<SubmissionRecord>),
+    /// The same submission id with a payload none of its revisions had: a revision
+    /// (`Store::revise`). The Bundle given is handed back (empty when a revision was refused
+    /// because another came first).
+    Conflict(Box<SubmissionRecord>, Vec<u8>),
 }
+
+/// Which of a submission's Bundles a delivery attempt sends (its place in the Bundle log;
+/// none for Bundles of the earliest versions): the outcome of an attempt that sent an earlier
+/// revision's does not take the revision out of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BundleRef(Option<bundles::BundleAt>);
 
 /// What `requeue` did.
 #[derive(Debug, Clone, PartialEq)]
@@ -363,7 +386,10 @@ impl Store {
         record: &SubmissionRecord,
         bundle: impl Into<Vec<u8>>,
     ) -> Result<Accepted, StoreError> {
-        accepted(self.writer.write(accept_write(record, bundle.into())?)?)
+        accepted(
+            self.writer
+                .write(accept_write(record, bundle.into(), None)?)?,
+        )
     }
 
     /// `accept` for async callers: the task waits, no thread is parked. The values are
@@ -374,7 +400,7 @@ impl Store {
         record: &SubmissionRecord,
         bundle: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<Accepted, StoreError>> + Send + '_ {
-        let write = accept_write(record, bundle);
+        let write = accept_write(record, bundle, None);
         async move { accepted(self.writer.write_async(write?).await?) }
     }
 
@@ -475,20 +501,40 @@ impl Store {
     /// moments ago is handed over from memory, once (its first delivery attempt); any later
     /// read, and any after a restart, reads it back from the Bundle log.
     pub fn bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(bundle) = self.trees.fresh.take(key) {
+        Ok(self.bundle_to_deliver(key)?.map(|(bundle, _)| bundle))
+    }
+
+    /// `bundle`, and which it is: what a delivery attempt sends, and says it sent when it
+    /// records its outcome (`transition_of`).
+    pub fn bundle_to_deliver(&self, key: &str) -> Result<Option<(Vec<u8>, BundleRef)>, StoreError> {
+        if let Some((at, bundle)) = self.trees.fresh.take(key) {
+            return Ok(Some((bundle, BundleRef(Some(at)))));
+        }
+        self.kept_json(key)
+    }
+
+    /// A submission's current Bundle, read without taking it from memory: what its next
+    /// revision amends.
+    pub fn current_bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(bundle) = self.trees.fresh.peek(key) {
             return Ok(Some(bundle));
         }
+        Ok(self.kept_json(key)?.map(|(bundle, _)| bundle))
+    }
+
+    /// The Bundle kept for `key` (in the log, or in sled for the earliest versions), as JSON.
+    fn kept_json(&self, key: &str) -> Result<Option<(Vec<u8>, BundleRef)>, StoreError> {
         // A sweep may move a waiting Bundle and drop its old segment between the read of the
         // record and the read of the log: read again, the record has the new place.
-        let lz4 = match self.kept_bundle(key)? {
-            Some(lz4) => lz4,
+        let (lz4, at) = match self.kept_bundle(key)? {
+            Some(kept) => kept,
             None => match self.kept_bundle(key)? {
-                Some(lz4) => lz4,
+                Some(kept) => kept,
                 None => return Ok(None),
             },
         };
         lz4_flex::decompress_size_prepended(&lz4)
-            .map(Some)
+            .map(|json| Some((json, BundleRef(at))))
             .map_err(|e| corrupt(key, format!("bundle is not LZ4: {e}")))
     }
 
@@ -499,20 +545,26 @@ impl Store {
         let Some(record) = self.trees.submissions.get(key.as_bytes())? else {
             return Ok(false);
         };
-        replay_expired(&self.trees, key, &record)
+        let at = bundle_place(&self.trees, key.as_bytes(), Some(&record))?;
+        Ok(replay_expired(&self.trees, at, key, &record))
     }
 
-    /// A submission's Bundle as kept (LZ4); `None` when there is none, or no longer.
-    fn kept_bundle(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// A submission's Bundle as kept (LZ4) and its place; `None` when there is none, or no
+    /// longer.
+    #[allow(clippy::type_complexity)]
+    fn kept_bundle(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<bundles::BundleAt>)>, StoreError> {
         let record = self.trees.submissions.get(key.as_bytes())?;
         match bundle_place(&self.trees, key.as_bytes(), record.as_deref())? {
-            Some(at) => self.trees.bundles.read(key, at),
+            Some(at) => Ok(self.trees.bundles.read(key, at)?.map(|lz4| (lz4, Some(at)))),
             // Accepted before the Bundle log existed: the Bundle is in sled itself.
             None => Ok(self
                 .trees
                 .legacy_bundles
                 .get(key.as_bytes())?
-                .map(|lz4| lz4.to_vec())),
+                .map(|lz4| (lz4.to_vec(), None))),
         }
     }
 
@@ -659,18 +711,38 @@ impl Store {
         record(self.writer.write(transition_write(key, transition, ehr))?)
     }
 
-    /// `transition` for async callers.
-    pub async fn transition_async(
+    /// `transition` for async callers, of a delivery attempt that sent `sent`: if a revision
+    /// came in meanwhile, the attempt's outcome is recorded but the revision stays in the
+    /// outbox (with a transition saying it waits).
+    pub async fn transition_of(
         &self,
         key: &str,
         transition: Transition,
         ehr: Vec<EhrResource>,
+        sent: Option<BundleRef>,
     ) -> Result<Option<SubmissionRecord>, StoreError> {
-        record(
-            self.writer
-                .write_async(transition_write(key, transition, ehr))
-                .await?,
-        )
+        let write = Write::Transition {
+            key: key.to_string(),
+            transition,
+            ehr,
+            sent,
+        };
+        record(self.writer.write_async(write).await?)
+    }
+
+    /// Stores `record` as the next revision of its submission — its Bundle (`bundle`, as
+    /// `fhir::revision` amends) in the outbox in place of the earlier one's, waiting or not —
+    /// if the submission's current payload is still `revises`: `New` once on disk; a
+    /// `Duplicate` if some revision already had this payload; a `Conflict` if another
+    /// revision came first (amend that one instead).
+    pub async fn revise(
+        &self,
+        record: &SubmissionRecord,
+        bundle: Vec<u8>,
+        revises: &str,
+    ) -> Result<Accepted, StoreError> {
+        let write = accept_write(record, bundle, Some(revises))?;
+        accepted(self.writer.write_async(write).await?)
     }
 
     /// Puts a submission back in the outbox (a replay), with a transition saying so; a
@@ -924,7 +996,12 @@ fn corrupt(key: &str, why: String) -> StoreError {
     }
 }
 
-fn accept_write(record: &SubmissionRecord, bundle: Vec<u8>) -> Result<Write, StoreError> {
+/// A new submission (`revises: None`), or a revision of the one whose payload is `revises`.
+fn accept_write(
+    record: &SubmissionRecord,
+    bundle: Vec<u8>,
+    revises: Option<&str>,
+) -> Result<Write, StoreError> {
     let key = record.key();
     Ok(Write::Accept {
         record: encode(record)?,
@@ -933,6 +1010,7 @@ fn accept_write(record: &SubmissionRecord, bundle: Vec<u8>) -> Result<Write, Sto
         bundle,
         patient_key: format!("{}|{}\0{key}", record.patient_system, record.patient_value),
         key,
+        revises: revises.map(str::to_string),
     })
 }
 
@@ -941,6 +1019,7 @@ fn transition_write(key: &str, transition: Transition, ehr: Vec<EhrResource>) ->
         key: key.to_string(),
         transition,
         ehr,
+        sent: None,
     }
 }
 
@@ -992,13 +1071,11 @@ fn delivered(key: &str, stored: &[u8]) -> bool {
         .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)))
 }
 
-/// Whether a submission (its stored record) can no longer be replayed: it was delivered and its
+/// Whether a submission (its stored record; its Bundle at `at`) can no longer be replayed: it was delivered and its
 /// Bundle in the log is gone or expiring. A sweep moves the Bundles of the others before it
 /// drops their segment; a Bundle still in sled's `bundles` tree moves into the log first.
-fn replay_expired(trees: &Trees, key: &str, stored: &[u8]) -> Result<bool, StoreError> {
-    Ok(bundle_place(trees, key.as_bytes(), Some(stored))?
-        .is_some_and(|at| !trees.bundles.keeps(at))
-        && delivered(key, stored))
+fn replay_expired(trees: &Trees, at: Option<bundles::BundleAt>, key: &str, stored: &[u8]) -> bool {
+    at.is_some_and(|at| !trees.bundles.keeps(at)) && delivered(key, stored)
 }
 
 fn requeued(w: Written) -> Result<Requeued, StoreError> {
@@ -1091,6 +1168,7 @@ mod tests {
                 detail: None,
             }],
             ehr: vec![],
+            earlier_payloads: vec![],
         }
     }
 
@@ -1152,6 +1230,12 @@ mod tests {
             assert_eq!(after.state(), Some(State::Delivered));
             assert_eq!(store.get(&key).unwrap(), Some(after));
             assert_eq!(store.bundle(&key).unwrap().as_deref(), Some(BUNDLE));
+            // A replay finds the Bundle kept (its place in the record, or in `bundle_at`).
+            assert!(matches!(
+                store.requeue(&key, "2026-01-02T00:00:00Z").unwrap(),
+                Requeued::Waiting(_)
+            ));
+            store.transition(&key, delivered(), vec![]).unwrap();
         }
         assert_eq!(store.outbox_depth(), 0);
         let kept = store.trees.submissions.get(old.key()).unwrap().unwrap();

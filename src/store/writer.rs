@@ -21,7 +21,7 @@ use sled::Transactional;
 use super::bundles::{BundleAppender, BundleAt, BundleLog};
 use super::queue::{Change, Queue};
 use super::{
-    decode, encode, split_stored, stored, Accepted, EhrResource, State, StoreError,
+    decode, encode, split_stored, stored, Accepted, BundleRef, EhrResource, State, StoreError,
     SubmissionRecord, Transition,
 };
 
@@ -44,11 +44,16 @@ pub(crate) enum Write {
         /// The Bundle as the log keeps it (LZ4).
         lz4: Vec<u8>,
         patient_key: String,
+        /// A revision: of the submission whose payload (hash) this is, else refused (a
+        /// `Conflict`: another revision came first). `None`: a new submission.
+        revises: Option<String>,
     },
     Transition {
         key: String,
         transition: Transition,
         ehr: Vec<EhrResource>,
+        /// Which Bundle the attempt whose outcome this is sent (`None`: not a delivery's).
+        sent: Option<BundleRef>,
     },
     Requeue {
         key: String,
@@ -150,7 +155,8 @@ impl Default for Fresh {
 
 #[derive(Default)]
 struct FreshBundles {
-    by_key: std::collections::HashMap<String, Vec<u8>>,
+    /// Each Bundle with its place in the log.
+    by_key: std::collections::HashMap<String, (BundleAt, Vec<u8>)>,
     /// Keys in the order they were put; a key taken since is skipped when its turn comes.
     order: std::collections::VecDeque<String>,
     bytes: usize,
@@ -164,18 +170,22 @@ impl Fresh {
         }
     }
 
-    fn put(&self, key: &str, bundle: Vec<u8>) {
+    fn put(&self, key: &str, at: BundleAt, bundle: Vec<u8>) {
         let Ok(mut f) = self.bundles.lock() else {
             return;
         };
         if bundle.len() > self.budget {
+            // Not kept; nor is an earlier revision's, which is no longer the one to send.
+            if let Some((_, gone)) = f.by_key.remove(key) {
+                f.bytes -= gone.len();
+            }
             return;
         }
         while f.bytes + bundle.len() > self.budget {
             let Some(oldest) = f.order.pop_front() else {
                 break;
             };
-            if let Some(gone) = f.by_key.remove(&oldest) {
+            if let Some((_, gone)) = f.by_key.remove(&oldest) {
                 f.bytes -= gone.len();
             }
         }
@@ -186,18 +196,24 @@ impl Fresh {
             order.retain(|k| by_key.contains_key(k));
         }
         f.bytes += bundle.len();
-        if let Some(old) = f.by_key.insert(key.to_string(), bundle) {
+        if let Some((_, old)) = f.by_key.insert(key.to_string(), (at, bundle)) {
             f.bytes -= old.len();
         } else {
             f.order.push_back(key.to_string());
         }
     }
 
-    pub(crate) fn take(&self, key: &str) -> Option<Vec<u8>> {
+    pub(crate) fn take(&self, key: &str) -> Option<(BundleAt, Vec<u8>)> {
         let mut f = self.bundles.lock().ok()?;
-        let bundle = f.by_key.remove(key)?;
+        let (at, bundle) = f.by_key.remove(key)?;
         f.bytes -= bundle.len();
-        Some(bundle)
+        Some((at, bundle))
+    }
+
+    /// A copy of `key`'s Bundle, left in place.
+    pub(crate) fn peek(&self, key: &str) -> Option<Vec<u8>> {
+        let f = self.bundles.lock().ok()?;
+        f.by_key.get(key).map(|(_, bundle)| bundle.clone())
     }
 }
 
@@ -314,11 +330,11 @@ fn write_loop(
         }
         let (writes, replies): (Vec<Write>, Vec<Reply>) = round.into_iter().unzip();
         // Bundles first, on disk before any sled write that points at them can be.
-        let applied =
-            bundle_places(trees, appender, &writes).and_then(|at| apply(trees, &writes, &at));
-        let (applied, changes) = match applied {
-            Ok((outcomes, changes)) => (Ok(outcomes), changes),
-            Err(e) => (Err(e), Vec::new()),
+        let applied = bundle_places(trees, appender, &writes)
+            .and_then(|at| Ok((apply(trees, &writes, &at)?, at)));
+        let (applied, changes, places) = match applied {
+            Ok(((outcomes, changes), places)) => (Ok(outcomes), changes, places),
+            Err(e) => (Err(e), Vec::new(), Vec::new()),
         };
         let started = Instant::now();
         let flushed = trees.db.flush().map_err(StoreError::from);
@@ -339,15 +355,21 @@ fn write_loop(
             s.sync_micros += sync_time.as_micros() as u64;
         }
         match (applied, durable) {
-            (Ok(results), Ok(())) => {
+            (Ok(mut results), Ok(())) => {
                 let mut writes = writes;
-                for (write, result) in writes.iter_mut().zip(&results) {
-                    if let (
-                        Write::Accept { key, bundle, .. },
-                        Ok(Written::Accepted(Accepted::New)),
-                    ) = (write, result)
-                    {
-                        trees.fresh.put(key, std::mem::take(bundle));
+                for ((write, result), at) in writes.iter_mut().zip(&mut results).zip(&places) {
+                    let Write::Accept { key, bundle, .. } = write else {
+                        continue;
+                    };
+                    match (result, at) {
+                        (Ok(Written::Accepted(Accepted::New)), Some(at)) => {
+                            trees.fresh.put(key, *at, std::mem::take(bundle));
+                        }
+                        // A revision: the caller amends what it mapped (it gave the Bundle away).
+                        (Ok(Written::Accepted(Accepted::Conflict(_, given))), _) => {
+                            *given = std::mem::take(bundle);
+                        }
+                        _ => {}
                     }
                 }
                 // Only now can the outbox see the round's entries: it delivers what is on disk,
@@ -379,7 +401,8 @@ type Outcomes = Vec<Result<Written, StoreError>>;
 
 /// Appends the round's new and moved Bundles to the log; one place per write (`None` for other
 /// writes, and for a submission already stored or earlier in the round: a re-send's Bundle is
-/// not kept twice). The transaction tells such duplicates apart again; only this thread writes,
+/// not kept twice; a revision's always gets one, whether it is taken is the transaction's to
+/// say). A replay's is where a record of the earliest versions has its Bundle (`bundle_at`). The transaction tells such duplicates apart again; only this thread writes,
 /// so what it reads here is what the transaction will see.
 fn bundle_places(
     trees: &Trees,
@@ -390,6 +413,11 @@ fn bundle_places(
     let mut appended = Vec::with_capacity(writes.len());
     for w in writes {
         appended.push(match w {
+            Write::Accept {
+                lz4,
+                revises: Some(_),
+                ..
+            } => Some(lz4.as_slice()),
             Write::Accept { key, lz4, .. }
                 if seen.insert(key.as_str())
                     && !trees.submissions.contains_key(key.as_bytes())? =>
@@ -402,10 +430,20 @@ fn bundle_places(
     }
     let bundles: Vec<&[u8]> = appended.iter().flatten().copied().collect();
     let mut places = appender.append(&bundles)?.into_iter();
-    Ok(appended
-        .iter()
-        .map(|b| b.and_then(|_| places.next()))
-        .collect())
+    let mut at = Vec::with_capacity(writes.len());
+    for (w, b) in writes.iter().zip(&appended) {
+        at.push(match w {
+            // A replay of a record of the earliest versions, whose place is in `bundle_at`:
+            // read here, outside the transaction (a plain read in one deadlocks sled; the tree
+            // is never written any more).
+            Write::Requeue { key, .. } => trees
+                .bundle_at
+                .get(key.as_bytes())?
+                .and_then(|at| BundleAt::from_bytes(&at)),
+            _ => b.and_then(|_| places.next()),
+        });
+    }
+    Ok(at)
 }
 
 /// Applies a round in one transaction; what it did to the outbox goes to the queue once the
@@ -539,30 +577,46 @@ impl Tx<'_> {
                 record,
                 payload_sha256,
                 patient_key,
+                revises,
                 ..
             } => {
-                // A place means new (`bundle_places` looked); none, a copy of one stored before
-                // or earlier in this round — transactions see their own writes.
-                let Some(at) = at else {
-                    let Some(existing) = self.subs.get(key.as_bytes())? else {
-                        return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
+                let existing = match revises {
+                    // A revision needs its submission; a new one a place (`bundle_places`
+                    // looked: none means stored before, or earlier in this round —
+                    // transactions see their own writes).
+                    Some(_) => self.subs.get(key.as_bytes())?,
+                    None if at.is_none() => self.subs.get(key.as_bytes())?,
+                    None => None,
+                };
+                if let Some(existing) = existing {
+                    let existing = match decode(key, &existing) {
+                        Ok(existing) => Box::new(existing),
+                        Err(e) => return Ok(Err(e)),
                     };
-                    return Ok(decode(key, &existing).map(|existing| {
-                        Written::Accepted(if &existing.payload_sha256 == payload_sha256 {
-                            Accepted::Duplicate(Box::new(existing))
-                        } else {
-                            Accepted::Conflict(Box::new(existing))
-                        })
-                    }));
+                    if existing.has_payload(payload_sha256) {
+                        return Ok(Ok(Written::Accepted(Accepted::Duplicate(existing))));
+                    }
+                    if revises.as_ref() != Some(&existing.payload_sha256) {
+                        return Ok(Ok(Written::Accepted(Accepted::Conflict(
+                            existing,
+                            Vec::new(),
+                        ))));
+                    }
+                    // The revision takes the submission's place, and its outbox entry: the
+                    // earlier one's delivery, waiting or dead-lettered, sends this one now.
+                    self.dead_letters.remove(key.as_bytes())?;
+                }
+                let Some(at) = at else {
+                    return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
                 };
                 self.subs.insert(key.as_bytes(), stored(Some(at), record))?;
-                if self
+                let entered = self
                     .outbox
-                    .insert(key.as_bytes(), &outbox_entry(0, self.now))?
-                    .is_none()
-                {
-                    self.change(Change::Enter(key.clone()));
-                }
+                    .insert(key.as_bytes(), &outbox_entry(0, self.now))?;
+                self.change(match entered {
+                    None => Change::Enter(key.clone()),
+                    Some(_) => Change::Failed(key.clone(), 0),
+                });
                 self.patients.insert(patient_key.as_bytes(), &[])?;
                 Ok(Written::Accepted(Accepted::New))
             }
@@ -570,30 +624,49 @@ impl Tx<'_> {
                 key,
                 transition,
                 ehr,
+                sent,
             } => {
-                let written = self.update(key, |record| {
+                let written = self.update(key, |record, current| {
                     record.transitions.push(transition.clone());
                     record.ehr.extend(ehr.iter().cloned());
+                    let done = matches!(
+                        transition.state,
+                        State::Delivered | State::DeadLettered | State::Acknowledged
+                    );
+                    // Only a revision moves a record's Bundle (and it always writes the place
+                    // into the record): with no place there, no revision came.
+                    let moved =
+                        |BundleRef(sent): BundleRef| current.is_some_and(|c| sent != Some(c));
+                    if done && sent.is_some_and(moved) {
+                        // The attempt sent an earlier revision's Bundle: this one still waits.
+                        record.transitions.push(Transition {
+                            state: State::Mapped,
+                            at: transition.at.clone(),
+                            detail: Some(format!(
+                                "revision {} waits: that attempt sent an earlier one",
+                                record.revision()
+                            )),
+                        });
+                        return Outbox::Stay;
+                    }
                     match transition.state {
-                        State::Delivered | State::DeadLettered | State::Acknowledged => {
-                            Outbox::Leave
-                        }
+                        _ if done => Outbox::Leave,
                         State::Failed => Outbox::Failed,
                         _ => Outbox::Stay,
                     }
                 })?;
-                if transition.state == State::DeadLettered
-                    && matches!(written, Ok(Written::Record(Some(_))))
-                {
-                    self.dead_letters
-                        .insert(key.as_bytes(), &self.now.to_le_bytes())?;
+                if let Ok(Written::Record(Some(record))) = &written {
+                    if record.state() == Some(State::DeadLettered) {
+                        self.dead_letters
+                            .insert(key.as_bytes(), &self.now.to_le_bytes())?;
+                    }
                 }
                 written
             }
-            Write::Requeue { key, .. } if self.expired(key)? => Ok(Written::Expired),
+            Write::Requeue { key, .. } if self.expired(key, at)? => Ok(Written::Expired),
             Write::Requeue { key, at } => {
                 self.dead_letters.remove(key.as_bytes())?;
-                self.update(key, |record| {
+                self.update(key, |record, _| {
                     record.transitions.push(Transition {
                         state: State::Mapped,
                         at: at.clone(),
@@ -620,26 +693,22 @@ impl Tx<'_> {
         })
     }
 
-    /// Whether `key`'s Bundle is no longer kept for a replay (`super::replay_expired`). An
-    /// unreadable place is not this round's failure: the replay goes ahead, and its delivery
-    /// dead-letters it saying why.
-    fn expired(&self, key: &str) -> TxResult<bool> {
+    /// Whether `key`'s Bundle is no longer kept for a replay (`super::replay_expired`): its
+    /// place is in the record, or (a record of the earliest versions) `legacy`.
+    fn expired(&self, key: &str, legacy: Option<BundleAt>) -> TxResult<bool> {
         let Some(stored) = self.subs.get(key.as_bytes())? else {
             return Ok(false);
         };
-        match super::replay_expired(self.trees, key, &stored) {
-            Ok(expired) => Ok(expired),
-            Err(StoreError::Corrupt { .. }) => Ok(false),
-            Err(e) => Err(ConflictableTransactionError::Abort(e)),
-        }
+        let at = split_stored(&stored).0.or(legacy);
+        Ok(super::replay_expired(self.trees, at, key, &stored))
     }
 
-    /// Read-modify-write of one record; `change` says what becomes of its outbox entry. New EHR
-    /// resources are indexed.
+    /// Read-modify-write of one record; `change` (given the place of the submission's
+    /// current Bundle) says what becomes of its outbox entry. New EHR resources are indexed.
     fn update(
         &self,
         key: &str,
-        change: impl FnOnce(&mut SubmissionRecord) -> Outbox,
+        change: impl FnOnce(&mut SubmissionRecord, Option<BundleAt>) -> Outbox,
     ) -> TxResult<Result<Written, StoreError>> {
         let Some(bytes) = self.subs.get(key.as_bytes())? else {
             // An outbox entry without its record (a damaged store) has nothing to deliver.
@@ -653,7 +722,9 @@ impl Tx<'_> {
             Err(e) => return Ok(Err(e)),
         };
         let known = record.ehr.len();
-        let outbox = change(&mut record);
+        // The place in the record itself (a plain read of another tree, as `bundle_at` would
+        // be for records of the earliest versions, deadlocks in a sled transaction).
+        let outbox = change(&mut record, split_stored(&bytes).0);
         let encoded = match encode(&record) {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
@@ -700,25 +771,31 @@ impl Tx<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::Fresh;
+    use super::{BundleAt, Fresh};
+
+    const AT: BundleAt = BundleAt { offset: 0, len: 0 };
+
+    fn take(fresh: &Fresh, key: &str) -> Option<Vec<u8>> {
+        fresh.take(key).map(|(_, bundle)| bundle)
+    }
 
     #[test]
     fn fresh_bundles_nobody_took_make_room_for_new_ones() {
         let fresh = Fresh::within(10);
-        fresh.put("never-taken", vec![0; 4]);
-        fresh.put("taken", vec![1; 4]);
-        assert_eq!(fresh.take("taken"), Some(vec![1; 4]));
-        fresh.put("a", vec![2; 4]);
+        fresh.put("never-taken", AT, vec![0; 4]);
+        fresh.put("taken", AT, vec![1; 4]);
+        assert_eq!(take(&fresh, "taken"), Some(vec![1; 4]));
+        fresh.put("a", AT, vec![2; 4]);
         // Full (8 of 10 bytes): the oldest goes, not the newest.
-        fresh.put("b", vec![3; 4]);
-        assert_eq!(fresh.take("never-taken"), None);
-        assert_eq!(fresh.take("b"), Some(vec![3; 4]));
-        assert_eq!(fresh.take("a"), Some(vec![2; 4]));
+        fresh.put("b", AT, vec![3; 4]);
+        assert_eq!(take(&fresh, "never-taken"), None);
+        assert_eq!(take(&fresh, "b"), Some(vec![3; 4]));
+        assert_eq!(take(&fresh, "a"), Some(vec![2; 4]));
         // Larger than the whole budget: not kept, and nothing else is dropped for it.
-        fresh.put("c", vec![4; 4]);
-        fresh.put("huge", vec![5; 11]);
-        assert_eq!(fresh.take("huge"), None);
-        assert_eq!(fresh.take("c"), Some(vec![4; 4]));
+        fresh.put("c", AT, vec![4; 4]);
+        fresh.put("huge", AT, vec![5; 11]);
+        assert_eq!(take(&fresh, "huge"), None);
+        assert_eq!(take(&fresh, "c"), Some(vec![4; 4]));
     }
 
     #[test]
@@ -726,8 +803,8 @@ mod tests {
         let fresh = Fresh::within(1 << 20);
         for i in 0..10_000 {
             let key = i.to_string();
-            fresh.put(&key, vec![0; 8]);
-            assert!(fresh.take(&key).is_some());
+            fresh.put(&key, AT, vec![0; 8]);
+            assert!(take(&fresh, &key).is_some());
         }
         let f = fresh.bundles.lock().unwrap();
         assert!(f.order.len() <= 2 * f.by_key.len() + 1024 + 1);
