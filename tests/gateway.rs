@@ -2220,6 +2220,35 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     assert_eq!(count(&ehr, "Observation"), observations);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
 
+    // The patient adds the reason asked for: a revision, amending the same response.
+    let mut amended = response.clone();
+    amended["status"] = json!("amended");
+    amended["item"] = json!(answering(&q["item"]));
+    let amended = amended.to_string().into_bytes();
+    let (status, revised, _) = app.post("/QuestionnaireResponse", &amended, &signed(&amended));
+    assert_eq!(status, 202, "{revised}");
+    assert_eq!(
+        (&revised["event"], &revised["revision"], &revised["missing"]),
+        (&json!("intake.updated"), &json!(2), &json!([]))
+    );
+    assert_eq!(
+        revised["flags"],
+        json!(["medication_reconciliation_needed"])
+    );
+    let view = app.wait_for_state(key, "delivered", 30);
+    assert_eq!(view["revision"], 2, "{view}");
+    for kind in ["Patient", "QuestionnaireResponse"] {
+        assert_eq!(count(&ehr, kind), 1, "{kind}: {}", ehr.counts());
+    }
+    assert_eq!(count(&ehr, "Provenance"), 2, "one per revision");
+    assert_eq!(count(&ehr, "Observation"), observations);
+    let found = ehr.search(
+        "QuestionnaireResponse?identifier=https://portal.example-clinic.com/responses|resp-42",
+    );
+    let stored = &found["entry"][0]["resource"];
+    assert_eq!(stored["status"], "amended");
+    assert!(stored.to_string().contains("\"reason\""), "{stored}");
+
     // What cannot be a submission: not a response; a Questionnaire not defined here; no
     // identifier.
     let patient = json!({"resourceType": "Patient"}).to_string().into_bytes();
