@@ -127,8 +127,8 @@ pub fn verify(
 /// Who an operator's request (`Authorization: Bearer <key>`) is from: the one of `keys`
 /// (who, the SHA-256 of their key; `Config::operator_keys`) whose key it presents — its
 /// digest compared with every one in constant time, so the time taken says nothing of which
-/// came close, nor of a key's length. A refusal says which
-/// kind of key is wanted: the admin key, an operator's own, or either, as configured.
+/// came close, nor of a key's length. A refusal says which kind of key is wanted: the admin
+/// key, an operator's own, or either, as configured.
 pub fn operator<'k>(
     keys: &'k [(String, [u8; 32])],
     headers: &HeaderMap,

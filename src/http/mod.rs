@@ -617,11 +617,7 @@ async fn replay_dead_letters(
     Query(q): Query<BulkReplayQuery>,
 ) -> Result<Response, ApiError> {
     let store = state.intake.store();
-    if let Some(m) = &q.mapping {
-        if state.intake.mapping(m).is_none() {
-            return Err(IntakeError::UnknownMapping(m.clone()).into());
-        }
-    }
+    known_mapping(&state, q.mapping.as_deref())?;
     let limit = q.limit.unwrap_or(BULK_REPLAY_MAX).min(BULK_REPLAY_MAX);
     let mut keys = store
         .dead_letter_keys(q.mapping.as_deref())
@@ -672,6 +668,16 @@ async fn replay_dead_letters(
         Json(json!({"replayed": replayed, "expired": expired, "left": left})),
     )
         .into_response())
+}
+
+/// A `mapping` filter of the operators' endpoints names a loaded mapping (`404` otherwise).
+fn known_mapping(state: &AppState, mapping: Option<&str>) -> Result<(), ApiError> {
+    match mapping {
+        Some(m) if state.intake.mapping(m).is_none() => {
+            Err(IntakeError::UnknownMapping(m.to_string()).into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A FHIR resource as the answer, with FHIR's media type.
@@ -851,11 +857,7 @@ async fn submissions(
     let store = state.intake.store();
     let limit = listed(q.limit);
     let mapping = q.mapping.as_deref();
-    if let Some(m) = mapping {
-        if state.intake.mapping(m).is_none() {
-            return Err(IntakeError::UnknownMapping(m.to_string()).into());
-        }
-    }
+    known_mapping(&state, mapping)?;
     let after = match q.after.as_deref() {
         None => None,
         Some(after) => Some(store::Cursor::parse(after).ok_or_else(|| {

@@ -168,14 +168,7 @@ impl AuditWindow {
 
     /// A page's `next` (32 hex digits) as a key; `None` if it is not one.
     pub fn cursor(next: &str) -> Option<[u8; 16]> {
-        if next.len() != 32 || !next.is_ascii() {
-            return None;
-        }
-        let mut key = [0u8; 16];
-        for (i, b) in key.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&next[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(key)
+        from_hex(next)?.try_into().ok()
     }
 }
 
@@ -190,6 +183,17 @@ pub struct AuditPage {
 
 fn hex_key(key: &[u8]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What `hex_key` wrote; `None` for anything else.
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect()
 }
 
 pub fn key(mapping_id: &str, submission_id: &str) -> String {
@@ -221,18 +225,10 @@ impl Cursor {
 
     /// A page's `next`; `None` if it is not one.
     pub fn parse(next: &str) -> Option<Cursor> {
-        let (at, key) = (next.get(..16)?, next.get(16..)?);
-        let at = u64::from_str_radix(at, 16).ok()?;
-        if key.len() % 2 != 0 {
-            return None;
-        }
-        let bytes = (0..key.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?;
+        let at: [u8; 8] = from_hex(next.get(..16)?)?.try_into().ok()?;
         Some(Cursor {
-            at,
-            key: String::from_utf8(bytes).ok()?,
+            at: u64::from_be_bytes(at),
+            key: String::from_utf8(from_hex(next.get(16..)?)?).ok()?,
         })
     }
 }
@@ -708,7 +704,10 @@ impl Store {
         transition: Transition,
         ehr: Vec<EhrResource>,
     ) -> Result<Option<SubmissionRecord>, StoreError> {
-        record(self.writer.write(transition_write(key, transition, ehr))?)
+        record(
+            self.writer
+                .write(transition_write(key, transition, ehr, None))?,
+        )
     }
 
     /// `transition` for async callers, of a delivery attempt that sent `sent`: if a revision
@@ -721,12 +720,7 @@ impl Store {
         ehr: Vec<EhrResource>,
         sent: Option<BundleRef>,
     ) -> Result<Option<SubmissionRecord>, StoreError> {
-        let write = Write::Transition {
-            key: key.to_string(),
-            transition,
-            ehr,
-            sent,
-        };
+        let write = transition_write(key, transition, ehr, sent);
         record(self.writer.write_async(write).await?)
     }
 
@@ -804,12 +798,23 @@ impl Store {
             .into_iter()
             .rev()
             .filter(|(when, key)| after.is_none_or(|c| (*when, key) < (c.at, &c.key)));
+        self.page(later, total, limit)
+    }
+
+    /// A page of `limit` records of the listing `entries` (place, key) goes on with, in its
+    /// order, `total` in all: `next` names the last one if more follow.
+    fn page(
+        &self,
+        entries: impl Iterator<Item = (u64, String)>,
+        total: usize,
+        limit: usize,
+    ) -> Result<RecordPage, StoreError> {
         let mut page = RecordPage {
             total,
             ..RecordPage::default()
         };
         let mut last = None;
-        for (at, key) in later {
+        for (at, key) in entries {
             if page.records.len() == limit {
                 page.next = last.as_ref().map(Cursor::render);
                 break;
@@ -860,27 +865,11 @@ impl Store {
     ) -> Result<RecordPage, StoreError> {
         let queue = &self.trees.queue;
         let prefix = mapping_id.map(|m| key(m, ""));
-        let mut waiting = queue.after(after.map(|c| c.at), limit.saturating_add(1), |k| {
+        let waiting = queue.after(after.map(|c| c.at), limit.saturating_add(1), |k| {
             prefix.as_ref().is_none_or(|p| k.starts_with(p.as_str()))
         });
-        let more = waiting.len() > limit;
-        waiting.truncate(limit);
-        let last = waiting.last().filter(|_| more);
-        let mut page = RecordPage {
-            total: mapping_id.map_or_else(|| queue.len(), |m| queue.len_of(m)),
-            next: last.map(|(at, p)| {
-                Cursor {
-                    at: *at,
-                    key: p.key.clone(),
-                }
-                .render()
-            }),
-            ..RecordPage::default()
-        };
-        for (_, pending) in waiting {
-            page.records.extend(self.get(&pending.key)?);
-        }
-        Ok(page)
+        let total = mapping_id.map_or_else(|| queue.len(), |m| queue.len_of(m));
+        self.page(waiting.into_iter().map(|(at, p)| (at, p.key)), total, limit)
     }
 
     /// How many submissions are dead-lettered now.
@@ -1014,12 +1003,17 @@ fn accept_write(
     })
 }
 
-fn transition_write(key: &str, transition: Transition, ehr: Vec<EhrResource>) -> Write {
+fn transition_write(
+    key: &str,
+    transition: Transition,
+    ehr: Vec<EhrResource>,
+    sent: Option<BundleRef>,
+) -> Write {
     Write::Transition {
         key: key.to_string(),
         transition,
         ehr,
-        sent: None,
+        sent,
     }
 }
 
@@ -1071,9 +1065,10 @@ fn delivered(key: &str, stored: &[u8]) -> bool {
         .is_ok_and(|r| matches!(r.state(), Some(State::Delivered | State::Acknowledged)))
 }
 
-/// Whether a submission (its stored record; its Bundle at `at`) can no longer be replayed: it was delivered and its
-/// Bundle in the log is gone or expiring. A sweep moves the Bundles of the others before it
-/// drops their segment; a Bundle still in sled's `bundles` tree moves into the log first.
+/// Whether a submission (its stored record; its Bundle at `at`) can no longer be replayed: it
+/// was delivered and its Bundle in the log is gone or expiring. A sweep moves the Bundles of
+/// the others before it drops their segment; a Bundle still in sled's `bundles` tree moves
+/// into the log first.
 fn replay_expired(trees: &Trees, at: Option<bundles::BundleAt>, key: &str, stored: &[u8]) -> bool {
     at.is_some_and(|at| !trees.bundles.keeps(at)) && delivered(key, stored)
 }

@@ -402,8 +402,9 @@ type Outcomes = Vec<Result<Written, StoreError>>;
 /// Appends the round's new and moved Bundles to the log; one place per write (`None` for other
 /// writes, and for a submission already stored or earlier in the round: a re-send's Bundle is
 /// not kept twice; a revision's always gets one, whether it is taken is the transaction's to
-/// say). A replay's is where a record of the earliest versions has its Bundle (`bundle_at`). The transaction tells such duplicates apart again; only this thread writes,
-/// so what it reads here is what the transaction will see.
+/// say). The transaction tells such duplicates apart again; only this thread writes, so what
+/// it reads here is what the transaction will see. A replay's place is where a record of the
+/// earliest versions has its Bundle (`bundle_at`; read here: not in the transaction).
 fn bundle_places(
     trees: &Trees,
     appender: &mut BundleAppender,
@@ -633,17 +634,18 @@ impl Tx<'_> {
                         transition.state,
                         State::Delivered | State::DeadLettered | State::Acknowledged
                     );
-                    // Only a revision moves a record's Bundle (and it always writes the place
-                    // into the record): with no place there, no revision came.
+                    // A revision (or the retention sweep, moving a waiting Bundle) writes the
+                    // Bundle's new place into the record: with no place there, none came.
                     let moved =
                         |BundleRef(sent): BundleRef| current.is_some_and(|c| sent != Some(c));
                     if done && sent.is_some_and(moved) {
-                        // The attempt sent an earlier revision's Bundle: this one still waits.
+                        // The attempt sent a Bundle no longer the submission's: this one waits.
                         record.transitions.push(Transition {
                             state: State::Mapped,
                             at: transition.at.clone(),
                             detail: Some(format!(
-                                "revision {} waits: that attempt sent an earlier one",
+                                "revision {} waits: that attempt sent a Bundle replaced \
+                                 meanwhile (by a revision, or moved by the retention sweep)",
                                 record.revision()
                             )),
                         });
