@@ -962,9 +962,18 @@ fn a_revision_replaces_the_bundle_to_deliver_and_outlives_an_earlier_attempt() {
         .transition(&dead_key, to(State::DeadLettered), vec![])
         .unwrap();
     assert_eq!(store.dead_letter_count(), 1);
+    // The revision names another patient (a typo corrected): the index follows.
     let mut revised = record("tok-d", "bbbb");
     revised.earlier_payloads = vec!["aaaa".into()];
+    revised.patient_value = "pt_corrected".into();
     assert_eq!(revise(&revised, "aaaa"), Accepted::New);
+    let patient = |value: &str| {
+        store
+            .by_patient("https://crm.example-clinic.com/patient", value)
+            .unwrap()
+    };
+    assert!(!patient("pt_8f3c2a91").contains(&dead_key));
+    assert_eq!(patient("pt_corrected"), vec![dead_key.clone()]);
     assert_eq!(store.dead_letter_count(), 0);
     assert_eq!(store.pending(), vec![dead_key.clone()]);
     drop(store);

@@ -997,10 +997,16 @@ fn accept_write(
         payload_sha256: record.payload_sha256.clone(),
         lz4: lz4_flex::compress_prepend_size(&bundle),
         bundle,
-        patient_key: format!("{}|{}\0{key}", record.patient_system, record.patient_value),
+        patient_key: patient_key(record),
         key,
         revises: revises.map(str::to_string),
     })
+}
+
+/// A submission's entry in the patient index: the patient's identifier, then its key.
+fn patient_key(record: &SubmissionRecord) -> String {
+    let key = record.key();
+    format!("{}|{}\0{key}", record.patient_system, record.patient_value)
 }
 
 fn transition_write(

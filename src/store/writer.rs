@@ -605,7 +605,12 @@ impl Tx<'_> {
                     }
                     // The revision takes the submission's place, and its outbox entry: the
                     // earlier one's delivery, waiting or dead-lettered, sends this one now.
+                    // Its patient too, if the revision names another.
                     self.dead_letters.remove(key.as_bytes())?;
+                    let before = super::patient_key(&existing);
+                    if before != *patient_key {
+                        self.patients.remove(before.as_bytes())?;
+                    }
                 }
                 let Some(at) = at else {
                     return Ok(Err(StoreError::Failed("no place for the Bundle".into())));
