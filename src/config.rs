@@ -100,6 +100,12 @@ pub struct EhrConfig {
     /// without transaction support).
     #[serde(default)]
     pub mode: DeliveryMode,
+    /// Transaction mode: the most entries one transaction may hold. Medplum (hosted and
+    /// self-hosted) refuses a transaction of more than 8 entries when any is conditional, as
+    /// every intake's are. A longer Bundle goes as consecutive transactions of at most this
+    /// many, later ones referring to what earlier ones stored. Unset: one transaction.
+    #[serde(default)]
+    pub max_transaction_entries: Option<std::num::NonZeroUsize>,
     /// Deliveries in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
@@ -258,6 +264,8 @@ pub enum ConfigError {
     Env { name: &'static str, message: String },
     #[error("[operators] {0}")]
     Operators(String),
+    #[error("[ehr] {0}")]
+    Ehr(String),
 }
 
 impl Config {
@@ -278,7 +286,25 @@ impl Config {
         };
         config.apply_env(|name| std::env::var(name).ok())?;
         config.operator_keys()?;
+        config.check_ehr()?;
         Ok(config)
+    }
+
+    /// What `[ehr]` asks for is something a delivery can do.
+    fn check_ehr(&self) -> Result<(), ConfigError> {
+        match &self.ehr {
+            Some(ehr)
+                if ehr.mode == DeliveryMode::PerResource
+                    && ehr.max_transaction_entries.is_some() =>
+            {
+                Err(ConfigError::Ehr(
+                    "max_transaction_entries is for mode = \"transaction\": per_resource \
+                     sends no transactions"
+                        .into(),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Who may use the operators' endpoints, as (who the audit trail names, the SHA-256 of
@@ -348,6 +374,7 @@ impl Config {
                         base_url: url,
                         auth: EhrAuth::None,
                         mode: DeliveryMode::Transaction,
+                        max_transaction_entries: None,
                         concurrency: default_concurrency(),
                         backoff_base_ms: default_backoff_base_ms(),
                         backoff_cap_ms: default_backoff_cap_ms(),
@@ -508,6 +535,33 @@ mod tests {
         assert!(
             toml::from_str::<Config>("lisen = 1").is_err(),
             "typos are errors"
+        );
+    }
+
+    #[test]
+    fn a_transaction_limit_is_a_positive_number_for_transaction_mode() {
+        let ehr = |extra: &str| {
+            toml::from_str::<Config>(&format!("[ehr]\nbase_url = \"http://ehr\"\n{extra}"))
+        };
+        let c = ehr("max_transaction_entries = 8").unwrap();
+        assert_eq!(
+            c.ehr.as_ref().and_then(|e| e.max_transaction_entries),
+            std::num::NonZeroUsize::new(8)
+        );
+        assert!(c.check_ehr().is_ok());
+        assert!(ehr("")
+            .unwrap()
+            .ehr
+            .unwrap()
+            .max_transaction_entries
+            .is_none());
+        let zero = ehr("max_transaction_entries = 0").unwrap_err().to_string();
+        assert!(zero.contains("max_transaction_entries"), "{zero}");
+        let per_resource = ehr("mode = \"per_resource\"\nmax_transaction_entries = 8").unwrap();
+        let refused = per_resource.check_ehr().unwrap_err().to_string();
+        assert!(
+            refused.starts_with("[ehr] max_transaction_entries"),
+            "{refused}"
         );
     }
 

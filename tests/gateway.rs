@@ -253,7 +253,12 @@ fn a_duplicate_post_gets_the_same_answer_and_creates_nothing() {
 /// taken back retracted (`entered-in-error`), a Provenance of its own — and creates nothing
 /// twice; a late re-send of the first payload changes nothing.
 fn a_revision_amends_the_chart(mode: &str) {
-    let ehr = FhirServer::start();
+    // In parts: an EHR that refuses transactions of more than 3 entries sees none.
+    let ehr = if mode.contains("max_transaction_entries") {
+        FhirServer::start_with(&[("PORT", "0"), ("MAX_STRICT_TX_ENTRIES", "3")])
+    } else {
+        FhirServer::start()
+    };
     let app = App::start_with(Some(&ehr.url), mode);
     let original = fixture(MAYA);
     let (status, _, _) = app.post_typeform(&original);
@@ -374,6 +379,11 @@ fn a_revision_amends_the_chart_resource_by_resource() {
 }
 
 #[test]
+fn a_revision_amends_the_chart_in_transactions_of_three() {
+    a_revision_amends_the_chart("max_transaction_entries = 3\n");
+}
+
+#[test]
 fn ehr_down_then_up_delivers_and_a_restart_resumes_the_outbox() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/fhir/R4");
@@ -436,15 +446,95 @@ fn strict_ehr() -> (u16, FhirServer, App) {
     (port, strict, app)
 }
 
+const LONG_KEY: &str = "glp1-intake-typeform/e4a91f0c7b2d5836a1c9e07f4b2d8a15";
+
+/// Medplum refuses a transaction of more than 8 entries when any is conditional (an intake's
+/// all are): with `max_transaction_entries = 8` the long intake goes to such an EHR as
+/// consecutive transactions, the later ones naming what the earlier ones stored; a replay
+/// matches every part and creates nothing.
+#[test]
+fn a_long_intake_reaches_a_strict_ehr_in_transactions_within_its_limit() {
+    let ehr = FhirServer::start_with(&[("PORT", "0"), ("MAX_STRICT_TX_ENTRIES", "8")]);
+    let app = App::start_with(Some(&ehr.url), "max_transaction_entries = 8");
+    let (status, _, _) = app.post_typeform(&fixture(LONG_INTAKE));
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(LONG_KEY, "delivered", 30);
+    let refs: Vec<String> = view["ehr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reference"].as_str().unwrap().to_string())
+        .collect();
+    assert!(refs.len() > 8, "one transaction would have done: {refs:?}");
+    let counts = ehr.counts();
+    let on_server: u64 = [
+        "Patient",
+        "QuestionnaireResponse",
+        "Observation",
+        "Provenance",
+    ]
+    .iter()
+    .map(|k| counts[k].as_u64().unwrap_or(0))
+    .sum();
+    assert_eq!(on_server, refs.len() as u64, "{counts}");
+    // Every reference of every resource names one of the delivery's resources by the id the
+    // server gave it (none is left a urn:uuid of another part).
+    let mut provenance_targets = 0;
+    for r in &refs {
+        let resource = ehr.search(r);
+        let mut named = Vec::new();
+        references(&resource, &mut named);
+        assert!(!named.is_empty() || r.starts_with("Patient/"), "{resource}");
+        for n in &named {
+            assert!(refs.contains(n), "{r} names {n}, not one of {refs:?}");
+        }
+        if r.starts_with("Provenance/") {
+            provenance_targets = resource["target"].as_array().map_or(0, Vec::len);
+        }
+    }
+    assert_eq!(
+        provenance_targets,
+        refs.len() - 2,
+        "all but the Patient and itself"
+    );
+
+    let (status, _, _) = app.post(&format!("/submissions/{LONG_KEY}/replay"), b"", &[]);
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(LONG_KEY, "delivered", 30);
+    assert_eq!(states(&view).len(), 5, "{view}");
+    assert_eq!(ehr.counts(), counts);
+}
+
+/// Every `reference` in `value`.
+fn references(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(s) if key == "reference" => found.push(s.clone()),
+                    other => references(other, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+        _ => {}
+    }
+}
+
 #[test]
 fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
     let (port, strict, app) = strict_ehr();
     let (status, _, _) = app.post_typeform(&fixture(LONG_INTAKE));
     assert_eq!(status, 202);
-    let key = "glp1-intake-typeform/e4a91f0c7b2d5836a1c9e07f4b2d8a15";
+    let key = LONG_KEY;
     let view = app.wait_for_state(key, "dead-lettered", 30);
     let reason = view["transitions"][2]["detail"].as_str().unwrap();
     assert!(reason.starts_with("HTTP 4"), "{reason}");
+    // Medplum's words for its limit get the gateway's hint of what to set.
+    assert!(
+        reason.contains("too many entries") && reason.contains("max_transaction_entries"),
+        "{reason}"
+    );
     assert_eq!(count(&strict, "QuestionnaireResponse"), 0);
     // Operators find it among the dead letters, with the reason (CLI and HTTP alike).
     let listed: Value = serde_json::from_slice(

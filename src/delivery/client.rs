@@ -16,6 +16,8 @@ pub struct EhrClient {
     transaction_url: reqwest::Url,
     auth: Auth,
     mode: DeliveryMode,
+    /// Transaction mode: the most entries one transaction may hold (`None`: any number).
+    max_entries: Option<usize>,
 }
 
 enum Auth {
@@ -66,6 +68,9 @@ impl EhrClient {
             transaction_url,
             auth,
             mode: config.mode,
+            max_entries: config
+                .max_transaction_entries
+                .map(std::num::NonZeroUsize::get),
         })
     }
 
@@ -101,29 +106,94 @@ impl EhrClient {
     }
 
     async fn deliver_once(&self, bundle: &bytes::Bytes) -> Attempt {
-        match self.mode {
-            DeliveryMode::Transaction => {
-                let (status, retry_after, body) = match self
-                    .send(
-                        reqwest::Method::POST,
-                        self.transaction_url.clone(),
-                        bundle.clone(),
-                        None,
-                    )
-                    .await
-                {
-                    Ok(answer) => answer,
-                    Err(attempt) => return attempt,
-                };
-                classify(status, retry_after.as_deref(), &body)
+        match (self.mode, self.max_entries) {
+            (DeliveryMode::Transaction, None) => {
+                let attempt = self.transaction(bundle.clone()).await;
+                match attempt {
+                    // Medplum's words for its limit (8 entries when any is conditional).
+                    Attempt::Reject { reason } if reason.contains("too many entries") => {
+                        Attempt::Reject {
+                            reason: format!(
+                                "{reason} — if the EHR limits how many entries a transaction \
+                                 holds, set `[ehr] max_transaction_entries` (hosted Medplum: 8) \
+                                 and replay"
+                            ),
+                        }
+                    }
+                    other => other,
+                }
             }
-            DeliveryMode::PerResource => match serde_json::from_slice::<Value>(bundle) {
+            (DeliveryMode::Transaction, Some(max)) => match serde_json::from_slice(bundle) {
+                Ok(parsed) => self.in_parts(&parsed, max).await,
+                Err(_) => not_json(),
+            },
+            (DeliveryMode::PerResource, _) => match serde_json::from_slice(bundle) {
                 Ok(parsed) => self.per_resource(&parsed).await,
-                Err(_) => Attempt::Reject {
-                    reason: "the stored Bundle is not JSON".into(),
-                },
+                Err(_) => not_json(),
             },
         }
+    }
+
+    /// POSTs one transaction Bundle; what came of it.
+    async fn transaction(&self, bundle: bytes::Bytes) -> Attempt {
+        let url = self.transaction_url.clone();
+        match self.send(reqwest::Method::POST, url, bundle, None).await {
+            Ok((status, retry_after, body)) => classify(status, retry_after.as_deref(), &body),
+            Err(attempt) => attempt,
+        }
+    }
+
+    /// The Bundle as consecutive transactions of at most `max` entries (`transaction_parts`),
+    /// in its order — dependency order —, each part's references to entries of the parts
+    /// before rewritten to the ids the EHR gave them. Each part is atomic; a failure stops the
+    /// walk, and the delivery made again matches what the parts before stored (their entries
+    /// are conditional), duplicating nothing.
+    async fn in_parts(&self, bundle: &Value, max: usize) -> Attempt {
+        let entries = bundle["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let parts = super::transaction_parts(entries, max);
+        if parts.len() <= 1 {
+            return self.transaction(bundle.to_string().into()).await;
+        }
+        let mut assigned: Vec<(String, String)> = Vec::new();
+        let mut stored = Vec::with_capacity(entries.len());
+        let count = parts.len();
+        for (n, range) in parts.into_iter().enumerate() {
+            let which = format!(
+                "part {} of {count} (entries {}–{})",
+                n + 1,
+                range.start,
+                range.end - 1
+            );
+            let mut part = bundle.clone();
+            let mut sent: Vec<Value> = entries[range.clone()].to_vec();
+            for entry in &mut sent {
+                rewrite_references(&mut entry["resource"], &assigned);
+            }
+            part["entry"] = Value::Array(sent);
+            let resources = match self.transaction(part.to_string().into()).await {
+                Attempt::Delivered(resources) if resources.len() == range.len() => resources,
+                Attempt::Delivered(resources) => {
+                    return Attempt::Reject {
+                        reason: format!(
+                            "{which}: the EHR's transaction-response has {} entries for {}",
+                            resources.len(),
+                            range.len()
+                        ),
+                    }
+                }
+                other => return other.within(&which),
+            };
+            for (entry, resource) in entries[range].iter().zip(&resources) {
+                if let Some(full_url) = entry["fullUrl"].as_str() {
+                    assigned.push((
+                        full_url.to_string(),
+                        format!("{}/{}", resource.resource_type, resource.id),
+                    ));
+                }
+            }
+            stored.extend(resources);
+        }
+        Attempt::Delivered(stored)
     }
 
     /// Conditional create (`If-None-Exist`) of each entry in Bundle order — which is dependency
@@ -167,12 +237,8 @@ impl EhrClient {
                 Err(attempt) => return attempt,
             };
             if !(200..300).contains(&status) {
-                return match classify(status, retry_after.as_deref(), &body) {
-                    Attempt::Reject { reason } => Attempt::Reject {
-                        reason: format!("entry {i} ({kind}): {reason}"),
-                    },
-                    other => other,
-                };
+                return classify(status, retry_after.as_deref(), &body)
+                    .within(&format!("entry {i} ({kind})"));
             }
             let Some(id) = body["id"].as_str() else {
                 return Attempt::Reject {
@@ -286,6 +352,12 @@ impl EhrClient {
             return false;
         };
         matches!(req.send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+fn not_json() -> Attempt {
+    Attempt::Reject {
+        reason: "the stored Bundle is not JSON".into(),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod outbox;
 
+use std::ops::Range;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -29,6 +30,75 @@ pub enum Attempt {
     /// The EHR rejected the Bundle (other 4xx, or a response that is not a transaction-response):
     /// retrying the same Bundle cannot succeed. `reason` is the OperationOutcome's diagnostics.
     Reject { reason: String },
+}
+
+impl Attempt {
+    /// The same attempt, its reason saying which part of the delivery it is about.
+    pub fn within(self, part: &str) -> Attempt {
+        match self {
+            Attempt::Retry {
+                reason,
+                retry_after,
+            } => Attempt::Retry {
+                reason: format!("{part}: {reason}"),
+                retry_after,
+            },
+            Attempt::Reject { reason } => Attempt::Reject {
+                reason: format!("{part}: {reason}"),
+            },
+            delivered => delivered,
+        }
+    }
+}
+
+/// A transaction Bundle's entries cut into consecutive parts of at most `max` entries, for an
+/// EHR that refuses longer transactions: each part is posted once the ones before it are
+/// stored, its references to their entries rewritten to the ids the EHR gave them. A part never
+/// ends between an entry and a later one it references (that one has no id yet to rewrite
+/// to): such a run stays in one part, even past `max`. `max` 0 is read as 1.
+pub fn transaction_parts(entries: &[Value], max: usize) -> Vec<Range<usize>> {
+    let max = max.max(1);
+    let index: std::collections::HashMap<&str, usize> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| Some((e.get("fullUrl")?.as_str()?, i)))
+        .collect();
+    let mut parts = Vec::new();
+    let (mut start, mut reach) = (0, 0);
+    for (i, entry) in entries.iter().enumerate() {
+        let mut referenced = Vec::new();
+        if let Some(resource) = entry.get("resource") {
+            references(resource, &mut referenced);
+        }
+        reach = referenced
+            .iter()
+            .filter_map(|r| index.get(r).copied())
+            .fold(reach.max(i), usize::max);
+        if i + 1 - start >= max && reach <= i {
+            parts.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < entries.len() {
+        parts.push(start..entries.len());
+    }
+    parts
+}
+
+/// Every `reference` in `value`, however deep.
+pub fn references<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(s) if key == "reference" => found.push(s),
+                    other => references(other, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| references(v, found)),
+        _ => {}
+    }
 }
 
 /// Classifies the EHR's answer to a `transaction` POST.
@@ -194,6 +264,67 @@ mod tests {
                 r[1].version.as_deref()
             ),
             ("Patient", "p1", Some("v9"))
+        );
+    }
+
+    fn entries(refs: &[&[usize]]) -> Vec<Value> {
+        refs.iter()
+            .enumerate()
+            .map(|(i, to)| {
+                let refs: Vec<Value> = to
+                    .iter()
+                    .map(|t| json!({"reference": format!("urn:uuid:{t}")}))
+                    .collect();
+                json!({"fullUrl": format!("urn:uuid:{i}"), "resource": {"focus": refs}})
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parts_hold_at_most_max_entries_in_order() {
+        // A Patient, a response naming it, five Observations naming both, a Provenance naming all.
+        let e = entries(&[
+            &[],
+            &[0],
+            &[0, 1],
+            &[0, 1],
+            &[0, 1],
+            &[0, 1],
+            &[0, 1],
+            &[1, 2, 3, 4, 5, 6],
+        ]);
+        assert_eq!(transaction_parts(&e, 8), vec![0..8]);
+        assert_eq!(transaction_parts(&e, 3), vec![0..3, 3..6, 6..8]);
+        assert_eq!(transaction_parts(&e, 1).len(), 8);
+        assert_eq!(transaction_parts(&e, 0).len(), 8);
+        assert_eq!(transaction_parts(&[], 8), Vec::<Range<usize>>::new());
+    }
+
+    #[test]
+    fn a_part_never_ends_before_an_entry_its_entries_reference() {
+        // Entry 1 (a panel) lists 2 and 3 (its members) ahead of them.
+        let e = entries(&[&[], &[2, 3], &[0], &[0], &[0]]);
+        assert_eq!(transaction_parts(&e, 2), vec![0..4, 4..5]);
+        // A reference outside the Bundle (an earlier revision's) binds nothing.
+        let mut e = entries(&[&[], &[0], &[0]]);
+        e[0]["resource"]["focus"] = json!([{"reference": "Patient/elsewhere"}]);
+        assert_eq!(transaction_parts(&e, 1), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn an_attempt_says_which_part_it_is_about() {
+        let reject = Attempt::Reject {
+            reason: "HTTP 400: no".into(),
+        };
+        assert_eq!(
+            reject.within("part 2 of 3"),
+            Attempt::Reject {
+                reason: "part 2 of 3: HTTP 400: no".into()
+            }
+        );
+        assert_eq!(
+            Attempt::Delivered(vec![]).within("x"),
+            Attempt::Delivered(vec![])
         );
     }
 
