@@ -765,6 +765,92 @@ fn deliveries_do_not_follow_redirects() {
     );
 }
 
+/// An EHR that throttles is left alone as long as it asks: `429` with `Retry-After` as an
+/// HTTP-date, then `429` with only Medplum's `RateLimit` header (a policy with nothing
+/// remaining, reset in 2 s) — with a backoff of at most 400 ms of its own, the gateway waits
+/// out each before it tries again, then delivers.
+#[test]
+fn a_throttling_ehr_is_left_alone_as_long_as_it_asks() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let ehr = FhirServer::start();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let front = runtime.block_on({
+        let (asked, to) = (Arc::clone(&asked), ehr.url.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}/fhir", listener.local_addr().unwrap());
+            let app = axum::Router::new().fallback(move |body: String| {
+                let (n, to) = (asked.fetch_add(1, Ordering::SeqCst), to.clone());
+                async move {
+                    use axum::http::{HeaderMap, StatusCode};
+                    let mut headers = HeaderMap::new();
+                    let throttled = match n {
+                        0 => {
+                            let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+                            let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                            headers.insert("retry-after", date.parse().unwrap());
+                            true
+                        }
+                        1 => {
+                            let limit = r#""requests";r=0;t=2, "fhirInteractions";r=50;t=2"#;
+                            headers.insert("ratelimit", limit.parse().unwrap());
+                            true
+                        }
+                        _ => false,
+                    };
+                    if throttled {
+                        let oo = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"throttled","diagnostics":"too many requests"}]}"#;
+                        return (StatusCode::TOO_MANY_REQUESTS, headers, oo.to_string());
+                    }
+                    let r = reqwest::Client::new()
+                        .post(to)
+                        .header("content-type", "application/fhir+json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
+                    (status, headers, r.text().await.unwrap())
+                }
+            });
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            url
+        }
+    });
+    // The tests' backoff: at most 400 ms.
+    let app = App::start(Some(&front));
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(
+        states(&view),
+        ["received", "mapped", "failed", "failed", "delivered"]
+    );
+    let at = |i: usize| {
+        let t = view["transitions"][i]["at"].as_str().unwrap();
+        chrono::DateTime::parse_from_rfc3339(t).unwrap()
+    };
+    for i in [2, 3] {
+        let why = view["transitions"][i]["detail"].as_str().unwrap();
+        assert!(why.starts_with("HTTP 429: too many requests"), "{why}");
+    }
+    // The date is to the second: at least 2 s ahead of the first refusal.
+    let first_wait = (at(3) - at(2)).num_milliseconds();
+    assert!(
+        first_wait >= 1_900,
+        "Retry-After date not waited for: {first_wait} ms"
+    );
+    let second_wait = (at(4) - at(3)).num_milliseconds();
+    assert!(
+        second_wait >= 1_900,
+        "RateLimit reset not waited for: {second_wait} ms"
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+}
+
 /// Slow clients hold nothing for good: one that has not finished its request's headers within
 /// `request_timeout_ms` is disconnected; one trickling its body gets a `408` (an
 /// OperationOutcome) and the connection closes. The gateway serves others meanwhile and after.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::auth::{TokenError, TokenSource};
-use super::{classify, Attempt};
+use super::{classify, wait_asked, Attempt};
 use crate::config::{DeliveryMode, EhrAuth, EhrConfig};
 use crate::store::EhrResource;
 
@@ -138,7 +138,7 @@ impl EhrClient {
     async fn transaction(&self, bundle: bytes::Bytes) -> Attempt {
         let url = self.transaction_url.clone();
         match self.send(reqwest::Method::POST, url, bundle, None).await {
-            Ok((status, retry_after, body)) => classify(status, retry_after.as_deref(), &body),
+            Ok((status, retry_after, body)) => classify(status, retry_after, &body),
             Err(attempt) => attempt,
         }
     }
@@ -237,8 +237,7 @@ impl EhrClient {
                 Err(attempt) => return attempt,
             };
             if !(200..300).contains(&status) {
-                return classify(status, retry_after.as_deref(), &body)
-                    .within(&format!("entry {i} ({kind})"));
+                return classify(status, retry_after, &body).within(&format!("entry {i} ({kind})"));
             }
             let Some(id) = body["id"].as_str() else {
                 return Attempt::Reject {
@@ -259,15 +258,15 @@ impl EhrClient {
         Attempt::Delivered(stored)
     }
 
-    /// One authorized request; the status, `Retry-After` and JSON body, or the attempt it came
-    /// to.
+    /// One authorized request; the status, how long the EHR asked to be left alone
+    /// (`wait_asked`) and the JSON body, or the attempt it came to.
     async fn send(
         &self,
         method: reqwest::Method,
         url: impl reqwest::IntoUrl,
         body: bytes::Bytes,
         if_none_exist: Option<&str>,
-    ) -> Result<(u16, Option<String>, Value), Attempt> {
+    ) -> Result<(u16, Option<Duration>, Value), Attempt> {
         let mut req = self
             .http
             .request(method, url)
@@ -324,11 +323,12 @@ impl EhrClient {
                 }
             });
         }
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let retry_after = wait_asked(
+            header(reqwest::header::RETRY_AFTER.as_str()),
+            header("ratelimit"),
+            std::time::SystemTime::now(),
+        );
         match resp.bytes().await {
             Ok(b) => Ok((
                 status,

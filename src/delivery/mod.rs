@@ -101,8 +101,9 @@ pub fn references<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
     }
 }
 
-/// Classifies the EHR's answer to a `transaction` POST.
-pub fn classify(status: u16, retry_after: Option<&str>, body: &Value) -> Attempt {
+/// Classifies the EHR's answer to a `transaction` POST; `retry_after` is how long the EHR
+/// asked to be left alone (`wait_asked`).
+pub fn classify(status: u16, retry_after: Option<Duration>, body: &Value) -> Attempt {
     match status {
         200..=299 => match read_transaction_response(body) {
             Ok(resources) => Attempt::Delivered(resources),
@@ -115,7 +116,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &Value) -> Attempt
                     .map(|t| format!(": {t}"))
                     .unwrap_or_default()
             ),
-            retry_after: retry_after.and_then(parse_retry_after),
+            retry_after,
         },
         _ => Attempt::Reject {
             reason: format!(
@@ -172,9 +173,49 @@ pub fn read_transaction_response(body: &Value) -> Result<Vec<EhrResource>, Strin
         .collect()
 }
 
-/// `Retry-After` as seconds (the HTTP-date form is read as "no hint").
-pub fn parse_retry_after(v: &str) -> Option<Duration> {
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// The longest wait an EHR's answer is taken at its word for (a day): one that asks for more
+/// is asked again after it.
+pub const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
+/// How long the EHR asked to be left alone, `now`: `Retry-After` as seconds or as an HTTP-date
+/// (RFC 9110's IMF-fixdate; a date past is no wait); without it, the `RateLimit` header (IETF
+/// httpapi draft, as Medplum sends it: `"requests";r=0;t=30, "fhirInteractions";r=12;t=30`) —
+/// the longest `t` (seconds until the window resets) of a policy with nothing `r`emaining.
+/// Never more than `MAX_WAIT`.
+pub fn wait_asked(
+    retry_after: Option<&str>,
+    rate_limit: Option<&str>,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let asked = retry_after
+        .map(str::trim)
+        .and_then(|v| match v.parse::<u64>() {
+            Ok(seconds) => Some(Duration::from_secs(seconds)),
+            Err(_) => chrono::DateTime::parse_from_rfc2822(v).ok().map(|at| {
+                std::time::SystemTime::from(at)
+                    .duration_since(now)
+                    .unwrap_or_default()
+            }),
+        })
+        .or_else(|| rate_limit.and_then(exhausted_window));
+    asked.map(|wait| wait.min(MAX_WAIT))
+}
+
+/// The longest reset time of a `RateLimit` header's policies that have nothing remaining.
+fn exhausted_window(rate_limit: &str) -> Option<Duration> {
+    rate_limit
+        .split(',')
+        .filter_map(|policy| {
+            let param = |name: &str| {
+                policy.split(';').skip(1).find_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    (k.trim() == name).then(|| v.trim().parse::<u64>().ok())?
+                })
+            };
+            (param("r")? == 0).then(|| param("t"))?
+        })
+        .max()
+        .map(Duration::from_secs)
 }
 
 /// Exponential backoff with full jitter: a delay in `[0, min(cap, base·2^attempt)]`, never
@@ -219,7 +260,7 @@ mod tests {
     #[test]
     fn statuses_are_classified() {
         assert!(
-            matches!(classify(503, Some("7"), &Value::Null), Attempt::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(7))
+            matches!(classify(503, Some(Duration::from_secs(7)), &Value::Null), Attempt::Retry { retry_after: Some(d), .. } if d == Duration::from_secs(7))
         );
         assert!(matches!(
             classify(429, None, &Value::Null),
@@ -326,6 +367,41 @@ mod tests {
             Attempt::Delivered(vec![]).within("x"),
             Attempt::Delivered(vec![])
         );
+    }
+
+    #[test]
+    fn the_wait_asked_is_read_from_retry_after_or_rate_limit() {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let wait = |retry_after, rate_limit| wait_asked(retry_after, rate_limit, now);
+        assert_eq!(wait(Some(" 120 "), None), Some(Duration::from_secs(120)));
+        assert_eq!(
+            wait(Some("Sun, 06 Nov 1994 08:50:07 GMT"), None),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            wait(Some("Sun, 06 Nov 1994 08:49:00 GMT"), None),
+            Some(Duration::ZERO),
+            "a date past: no wait"
+        );
+        let medplum = r#""requests";r=0;t=42, "fhirInteractions";r=0;t=7"#;
+        assert_eq!(wait(None, Some(medplum)), Some(Duration::from_secs(42)));
+        let left = r#""requests";r=59999;t=60, "fhirInteractions";r=0;t=9"#;
+        assert_eq!(wait(None, Some(left)), Some(Duration::from_secs(9)));
+        assert_eq!(wait(None, Some(r#""requests";r=5;t=60"#)), None);
+        assert_eq!(wait(Some("soon"), Some("garbage")), None);
+        assert_eq!(
+            wait(Some("3"), Some(medplum)),
+            Some(Duration::from_secs(3)),
+            "Retry-After first"
+        );
+        assert_eq!(
+            wait(Some("18446744073709551615"), None),
+            Some(MAX_WAIT),
+            "an EHR's wait is capped (a Duration past it would overflow the schedule)"
+        );
+        assert!(SystemTime::now() > now);
     }
 
     #[test]
