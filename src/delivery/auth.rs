@@ -140,15 +140,36 @@ impl TokenSource {
             .json()
             .await
             .map_err(|_| TokenError::Endpoint("no access_token in the answer".into()))?;
-        // Refresh a little before the EHR would refuse it.
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(300))
-            .saturating_sub(Duration::from_secs(30));
-        *cached = Some((body.access_token.clone(), Instant::now() + lifetime));
+        *cached = Some((
+            body.access_token.clone(),
+            Instant::now() + kept_for(body.expires_in),
+        ));
         Ok(body.access_token)
     }
 
     /// Forgets the cached token (the EHR said 401).
     pub async fn invalidate(&self) {
         *self.cached.lock().await = None;
+    }
+}
+
+/// How long a token is used: until a little before the EHR would refuse it (`expires_in`
+/// seconds; 300 if not said), and never past a day, whatever the answer says.
+fn kept_for(expires_in: Option<u64>) -> Duration {
+    Duration::from_secs(expires_in.unwrap_or(300).min(86_400))
+        .saturating_sub(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_is_kept_until_shortly_before_it_expires_and_never_past_a_day() {
+        assert_eq!(kept_for(Some(300)), Duration::from_secs(270));
+        assert_eq!(kept_for(None), Duration::from_secs(270));
+        assert_eq!(kept_for(Some(10)), Duration::ZERO);
+        // An answer's number is not trusted to fit an `Instant`.
+        assert_eq!(kept_for(Some(u64::MAX)), Duration::from_secs(86_370));
     }
 }
