@@ -299,6 +299,9 @@ fn a_revision_amends_the_chart(mode: &str) {
         view["transitions"][4]["detail"],
         "revision 2: 5 amended, 1 retracted"
     );
+    // Each resource listed once, as the EHR has it now (the revision's Provenance added).
+    let listed = view["ehr"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 9, "{view}");
 
     // Nothing created twice: the same QuestionnaireResponse and Observations, a second
     // Provenance (the revision's).
@@ -329,6 +332,14 @@ fn a_revision_amends_the_chart(mode: &str) {
     };
     let qr = only(&format!("QuestionnaireResponse?identifier={system}|{id}"));
     assert_eq!((&qr["status"], versions(&qr)), (&"amended".into(), 2));
+    let qr_listed = listed
+        .iter()
+        .find(|r| r["reference"] == format!("QuestionnaireResponse/{}", qr["id"].as_str().unwrap()))
+        .unwrap();
+    assert_eq!(
+        qr_listed["version"], qr["meta"]["versionId"],
+        "at its latest version"
+    );
     let weight = only(&format!("Observation?identifier={system}|{id}/weight"));
     assert_eq!(
         (&weight["status"], versions(&weight)),
@@ -765,62 +776,108 @@ fn deliveries_do_not_follow_redirects() {
     );
 }
 
+/// A front of the real FHIR server on a port of its own, the way an EHR differs from it:
+/// `answer` gets each request's number (from 0), method, path and query, headers and body, and
+/// answers — usually with what `forward` got from the server. Returns the front's FHIR base.
+fn front<F, Fut>(runtime: &tokio::runtime::Runtime, answer: F) -> String
+where
+    F: Fn(usize, axum::http::Method, String, axum::http::HeaderMap, String) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = (u16, axum::http::HeaderMap, String)> + Send + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/fhir", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: String| {
+                let n = asked.fetch_add(1, Ordering::SeqCst);
+                let path = uri
+                    .path_and_query()
+                    .map_or("", |p| p.as_str())
+                    .trim_start_matches("/fhir")
+                    .to_string();
+                let answer = answer.clone();
+                async move {
+                    let (status, headers, body) = answer(n, method, path, headers, body).await;
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        headers,
+                        body,
+                    )
+                }
+            },
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    })
+}
+
+/// The FHIR server's answer to the request a front got (its `If-None-Exist` passed on): status,
+/// `Location` and `ETag`, body.
+async fn forward(
+    to: &str,
+    method: axum::http::Method,
+    path: &str,
+    headers: &axum::http::HeaderMap,
+    body: String,
+) -> (u16, axum::http::HeaderMap, String) {
+    let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{to}{path}"))
+        .header("content-type", "application/fhir+json")
+        .body(body);
+    if let Some(condition) = headers.get("if-none-exist") {
+        request = request.header("if-none-exist", condition.to_str().unwrap());
+    }
+    let answer = request.send().await.unwrap();
+    let mut kept = axum::http::HeaderMap::new();
+    for name in ["location", "etag"] {
+        if let Some(v) = answer.headers().get(name) {
+            kept.insert(name, v.to_str().unwrap().parse().unwrap());
+        }
+    }
+    (answer.status().as_u16(), kept, answer.text().await.unwrap())
+}
+
 /// An EHR that throttles is left alone as long as it asks: `429` with `Retry-After` as an
 /// HTTP-date, then `429` with only Medplum's `RateLimit` header (a policy with nothing
 /// remaining, reset in 2 s) — with a backoff of at most 400 ms of its own, the gateway waits
 /// out each before it tries again, then delivers.
 #[test]
 fn a_throttling_ehr_is_left_alone_as_long_as_it_asks() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     let ehr = FhirServer::start();
-    let asked = Arc::new(AtomicUsize::new(0));
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let front = runtime.block_on({
-        let (asked, to) = (Arc::clone(&asked), ehr.url.clone());
+    let to = ehr.url.clone();
+    let throttling = front(&runtime, move |n, method, path, headers, body| {
+        let to = to.clone();
         async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/fhir", listener.local_addr().unwrap());
-            let app = axum::Router::new().fallback(move |body: String| {
-                let (n, to) = (asked.fetch_add(1, Ordering::SeqCst), to.clone());
-                async move {
-                    use axum::http::{HeaderMap, StatusCode};
-                    let mut headers = HeaderMap::new();
-                    let throttled = match n {
-                        0 => {
-                            let at = chrono::Utc::now() + chrono::Duration::seconds(3);
-                            let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-                            headers.insert("retry-after", date.parse().unwrap());
-                            true
-                        }
-                        1 => {
-                            let limit = r#""requests";r=0;t=2, "fhirInteractions";r=50;t=2"#;
-                            headers.insert("ratelimit", limit.parse().unwrap());
-                            true
-                        }
-                        _ => false,
-                    };
-                    if throttled {
-                        let oo = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"throttled","diagnostics":"too many requests"}]}"#;
-                        return (StatusCode::TOO_MANY_REQUESTS, headers, oo.to_string());
-                    }
-                    let r = reqwest::Client::new()
-                        .post(to)
-                        .header("content-type", "application/fhir+json")
-                        .body(body)
-                        .send()
-                        .await
-                        .unwrap();
-                    let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
-                    (status, headers, r.text().await.unwrap())
+            let mut throttled = axum::http::HeaderMap::new();
+            match n {
+                0 => {
+                    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+                    let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+                    throttled.insert("retry-after", date.parse().unwrap());
                 }
-            });
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            url
+                1 => {
+                    let limit = r#""requests";r=0;t=2, "fhirInteractions";r=50;t=2"#;
+                    throttled.insert("ratelimit", limit.parse().unwrap());
+                }
+                _ => return forward(&to, method, &path, &headers, body).await,
+            }
+            let oo = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"throttled","diagnostics":"too many requests"}]}"#;
+            (429, throttled, oo.to_string())
         }
     });
     // The tests' backoff: at most 400 ms.
-    let app = App::start(Some(&front));
+    let app = App::start(Some(&throttling));
     let (status, _, _) = app.post_typeform(&fixture(MAYA));
     assert_eq!(status, 202);
     let view = app.wait_for_state(KEY, "delivered", 30);
@@ -847,8 +904,54 @@ fn a_throttling_ehr_is_left_alone_as_long_as_it_asks() {
         second_wait >= 1_900,
         "RateLimit reset not waited for: {second_wait} ms"
     );
-    assert_eq!(asked.load(Ordering::SeqCst), 3);
     assert_eq!(count(&ehr, "QuestionnaireResponse"), 1);
+}
+
+/// Epic and Oracle Health answer a create with `201`, a `Location` and no body: resource by
+/// resource, the ids come from there. A replay's creates all match (`200`, no body, no
+/// `Location`): what each matched is found by searching its condition — the same resources,
+/// references rewritten to them, nothing created.
+#[test]
+fn per_resource_mode_finds_the_ids_of_answers_without_a_body() {
+    let ehr = FhirServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let to = ehr.url.clone();
+    let bodiless = front(&runtime, move |_, method, path, headers, body| {
+        let to = to.clone();
+        async move {
+            let write = method != axum::http::Method::GET;
+            let (status, kept, body) = forward(&to, method, &path, &headers, body).await;
+            let body = if write && (200..300).contains(&status) {
+                String::new()
+            } else {
+                body
+            };
+            (status, kept, body)
+        }
+    });
+    let app = App::start_with(Some(&bodiless), "mode = \"per_resource\"");
+    let (status, _, _) = app.post_typeform(&fixture(MAYA));
+    assert_eq!(status, 202);
+    let refs = |view: &Value| -> Vec<String> {
+        view["ehr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reference"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = refs(&app.wait_for_state(KEY, "delivered", 30));
+    assert_eq!(first.len(), 8, "{first:?}");
+    let qr = ehr.search(&first[1]);
+    assert_eq!(qr["subject"]["reference"], first[0].as_str());
+    let counts = ehr.counts();
+
+    let (status, _, _) = app.post(&format!("/submissions/{KEY}/replay"), b"", &[]);
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(KEY, "delivered", 30);
+    assert_eq!(states(&view).len(), 5, "{view}");
+    assert_eq!(refs(&view), first);
+    assert_eq!(ehr.counts(), counts);
 }
 
 /// Slow clients hold nothing for good: one that has not finished its request's headers within

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::auth::{TokenError, TokenSource};
-use super::{classify, wait_asked, Attempt};
+use super::{classify, located, wait_asked, Attempt};
 use crate::config::{DeliveryMode, EhrAuth, EhrConfig};
 use crate::store::EhrResource;
 
@@ -138,7 +138,7 @@ impl EhrClient {
     async fn transaction(&self, bundle: bytes::Bytes) -> Attempt {
         let url = self.transaction_url.clone();
         match self.send(reqwest::Method::POST, url, bundle, None).await {
-            Ok((status, retry_after, body)) => classify(status, retry_after, &body),
+            Ok(answer) => classify(answer.status, answer.wait, &answer.body),
             Err(attempt) => attempt,
         }
     }
@@ -199,8 +199,11 @@ impl EhrClient {
     /// Conditional create (`If-None-Exist`) of each entry in Bundle order — which is dependency
     /// order: Patient, QuestionnaireResponse, Observations, Provenance — or conditional update
     /// (`PUT Type?identifier=…`, a revision's), with `urn:uuid` references rewritten to the
-    /// ids the EHR assigned. A failure stops the walk; what was written already is matched,
-    /// not duplicated, when the delivery is retried.
+    /// ids the EHR assigned. Which id that is, the answer's `Location` says (Epic and Oracle
+    /// Health answer a create with it and no body), or else its body; an answer with neither
+    /// (a create matched, or an update, answered without a body) is followed by a search on the
+    /// entry's condition. A failure stops the walk; what was written already is matched, not
+    /// duplicated, when the delivery is retried.
     async fn per_resource(&self, bundle: &Value) -> Attempt {
         let mut assigned: Vec<(String, String)> = Vec::new();
         let mut stored = Vec::new();
@@ -212,61 +215,94 @@ impl EhrClient {
                 .as_str()
                 .unwrap_or("Resource")
                 .to_string();
+            let which = format!("entry {i} ({kind})");
             let request = &entry["request"];
-            let (method, url, condition) = match request["method"].as_str() {
-                Some("PUT") => (
-                    reqwest::Method::PUT,
-                    format!(
-                        "{}/{}",
-                        self.base_url,
-                        request["url"].as_str().unwrap_or(&kind)
-                    ),
-                    None,
-                ),
-                _ => (
-                    reqwest::Method::POST,
-                    format!("{}/{kind}", self.base_url),
-                    request["ifNoneExist"].as_str(),
-                ),
+            // The request, and the search that finds what it wrote.
+            let (method, url, condition, search) = match request["method"].as_str() {
+                Some("PUT") => {
+                    let target = request["url"].as_str().unwrap_or(&kind);
+                    let url = format!("{}/{target}", self.base_url);
+                    (reqwest::Method::PUT, url, None, Some(target.to_string()))
+                }
+                _ => {
+                    let condition = request["ifNoneExist"].as_str();
+                    let search = condition.map(|c| format!("{kind}?{c}"));
+                    let url = format!("{}/{kind}", self.base_url);
+                    (reqwest::Method::POST, url, condition, search)
+                }
             };
-            let (status, retry_after, body) = match self
+            let answer = match self
                 .send(method, url.as_str(), resource.to_string().into(), condition)
                 .await
             {
                 Ok(answer) => answer,
                 Err(attempt) => return attempt,
             };
-            if !(200..300).contains(&status) {
-                return classify(status, retry_after, &body).within(&format!("entry {i} ({kind})"));
+            if !(200..300).contains(&answer.status) {
+                return classify(answer.status, answer.wait, &answer.body).within(&which);
             }
-            let Some(id) = body["id"].as_str() else {
-                return Attempt::Reject {
-                    reason: format!("entry {i} ({kind}): the EHR's answer has no id"),
-                };
+            let written = match answer.resource(&kind) {
+                Some(written) => written,
+                None => match search {
+                    Some(search) => match self.find(&search).await {
+                        Ok(found) => found,
+                        Err(attempt) => return attempt.within(&which),
+                    },
+                    None => {
+                        return Attempt::Reject {
+                            reason: format!("{which}: the EHR's answer names no id"),
+                        }
+                    }
+                },
             };
-            let version = body["meta"]["versionId"].as_str().map(str::to_string);
             if let Some(full_url) = entry["fullUrl"].as_str() {
-                assigned.push((full_url.to_string(), format!("{kind}/{id}")));
+                assigned.push((full_url.to_string(), format!("{kind}/{}", written.id)));
             }
-            stored.push(EhrResource {
-                resource_type: kind,
-                id: id.to_string(),
-                etag: version.as_ref().map(|v| format!("W/\"{v}\"")),
-                version,
-            });
+            stored.push(written);
         }
         Attempt::Delivered(stored)
     }
 
-    /// One authorized request; the status, how long the EHR asked to be left alone
-    /// (`wait_asked`) and the JSON body, or the attempt it came to.
+    /// The one resource `search` (`Observation?identifier=…`) finds: what a write answered
+    /// without naming it wrote.
+    async fn find(&self, search: &str) -> Result<EhrResource, Attempt> {
+        let url = format!("{}/{search}", self.base_url);
+        let answer = self
+            .send(
+                reqwest::Method::GET,
+                url.as_str(),
+                bytes::Bytes::new(),
+                None,
+            )
+            .await?;
+        if !(200..300).contains(&answer.status) {
+            return Err(classify(answer.status, answer.wait, &answer.body));
+        }
+        let matches = answer.body["entry"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        match matches {
+            [only] => body_resource(&only["resource"]).ok_or_else(|| Attempt::Reject {
+                reason: format!("searching {search} found a resource without an id"),
+            }),
+            _ => Err(Attempt::Reject {
+                reason: format!(
+                    "the EHR's answer names no id, and searching {search} found {} resources",
+                    matches.len()
+                ),
+            }),
+        }
+    }
+
+    /// One authorized request: the EHR's answer, or the attempt it came to.
     async fn send(
         &self,
         method: reqwest::Method,
         url: impl reqwest::IntoUrl,
         body: bytes::Bytes,
         if_none_exist: Option<&str>,
-    ) -> Result<(u16, Option<Duration>, Value), Attempt> {
+    ) -> Result<Answer, Attempt> {
         let mut req = self
             .http
             .request(method, url)
@@ -324,17 +360,23 @@ impl EhrClient {
             });
         }
         let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
-        let retry_after = wait_asked(
+        let wait = wait_asked(
             header(reqwest::header::RETRY_AFTER.as_str()),
             header("ratelimit"),
             std::time::SystemTime::now(),
         );
+        let location = header(reqwest::header::LOCATION.as_str())
+            .or_else(|| header(reqwest::header::CONTENT_LOCATION.as_str()))
+            .map(str::to_string);
+        let etag = header(reqwest::header::ETAG.as_str()).map(str::to_string);
         match resp.bytes().await {
-            Ok(b) => Ok((
+            Ok(b) => Ok(Answer {
                 status,
-                retry_after,
-                serde_json::from_slice(&b).unwrap_or(Value::Null),
-            )),
+                wait,
+                body: serde_json::from_slice(&b).unwrap_or(Value::Null),
+                location,
+                etag,
+            }),
             Err(_) => Err(Attempt::Retry {
                 reason: format!("HTTP {status}: body not received"),
                 retry_after: None,
@@ -353,6 +395,40 @@ impl EhrClient {
         };
         matches!(req.send().await, Ok(r) if r.status().is_success())
     }
+}
+
+/// What the EHR answered a request.
+struct Answer {
+    status: u16,
+    /// How long it asked to be left alone (`wait_asked`).
+    wait: Option<Duration>,
+    /// The JSON body (`Null` if there was none, or not JSON).
+    body: Value,
+    /// `Location` (or `Content-Location`).
+    location: Option<String>,
+    etag: Option<String>,
+}
+
+impl Answer {
+    /// The `kind` resource a write answered with: named by its `Location`, or its body.
+    fn resource(&self, kind: &str) -> Option<EhrResource> {
+        self.location
+            .as_deref()
+            .and_then(|l| located(l, self.etag.as_deref()))
+            .filter(|r| r.resource_type == kind)
+            .or_else(|| body_resource(&self.body).filter(|r| r.resource_type == kind))
+    }
+}
+
+/// A resource as a body holds it: its type, id and `meta.versionId`.
+fn body_resource(body: &Value) -> Option<EhrResource> {
+    let version = body["meta"]["versionId"].as_str().map(str::to_string);
+    Some(EhrResource {
+        resource_type: body["resourceType"].as_str()?.to_string(),
+        id: body["id"].as_str()?.to_string(),
+        etag: version.as_ref().map(|v| format!("W/\"{v}\"")),
+        version,
+    })
 }
 
 fn not_json() -> Attempt {

@@ -128,7 +128,8 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &Value) -> Att
 }
 
 /// The resources a `transaction-response` reports, from each entry's `response.location`
-/// (`Observation/123/_history/2`) and `etag` (`W/"2"`).
+/// (`Observation/123/_history/2`) and `etag` (`W/"2"`), or the version of the `resource` the
+/// entry returns.
 pub fn read_transaction_response(body: &Value) -> Result<Vec<EhrResource>, String> {
     if body.get("resourceType").and_then(Value::as_str) != Some("Bundle")
         || body.get("type").and_then(Value::as_str) != Some("transaction-response")
@@ -149,26 +150,17 @@ pub fn read_transaction_response(body: &Value) -> Result<Vec<EhrResource>, Strin
                 .as_str()
                 .or_else(|| e["fullUrl"].as_str())
                 .ok_or_else(|| format!("entry {i} has no location"))?;
-            let mut parts = location.rsplit("/_history/");
-            let (path, version) = match (parts.next(), parts.next()) {
-                (Some(v), Some(p)) => (p, Some(v.to_string())),
-                _ => (location, None),
-            };
-            let mut segments = path.trim_end_matches('/').rsplit('/');
-            let (Some(id), Some(resource_type)) = (segments.next(), segments.next()) else {
-                return Err(format!("entry {i}: location is not Type/id"));
-            };
-            let etag = response["etag"].as_str().map(str::to_string);
-            let version = version.or_else(|| {
-                etag.as_deref()
-                    .map(|t| t.trim_start_matches("W/").trim_matches('"').to_string())
-            });
-            Ok(EhrResource {
-                resource_type: resource_type.to_string(),
-                id: id.to_string(),
-                version,
-                etag,
-            })
+            let etag = response["etag"].as_str();
+            let mut stored = located(location, etag)
+                .ok_or_else(|| format!("entry {i}: location is not Type/id"))?;
+            // Medplum names neither in the response, but returns the resource.
+            if stored.version.is_none() {
+                if let Some(version) = e["resource"]["meta"]["versionId"].as_str() {
+                    stored.etag = Some(format!("W/\"{version}\""));
+                    stored.version = Some(version.to_string());
+                }
+            }
+            Ok(stored)
         })
         .collect()
 }
@@ -176,6 +168,34 @@ pub fn read_transaction_response(body: &Value) -> Result<Vec<EhrResource>, Strin
 /// The longest wait an EHR's answer is taken at its word for (a day): one that asks for more
 /// is asked again after it.
 pub const MAX_WAIT: Duration = Duration::from_secs(86_400);
+
+/// The resource a `Location` names (`…/Observation/123/_history/2`, `Observation/123`), its
+/// version from there or from the `ETag` (`W/"2"`).
+pub fn located(location: &str, etag: Option<&str>) -> Option<EhrResource> {
+    let mut parts = location.rsplit("/_history/");
+    let (path, version) = match (parts.next(), parts.next()) {
+        (Some(v), Some(p)) => (p, Some(v.to_string())),
+        _ => (location, None),
+    };
+    let mut segments = path.trim_end_matches('/').rsplit('/');
+    let (Some(id), Some(resource_type)) = (segments.next(), segments.next()) else {
+        return None;
+    };
+    let version = version.or_else(|| etag.map(version_of));
+    Some(EhrResource {
+        resource_type: resource_type.to_string(),
+        id: id.to_string(),
+        etag: etag
+            .map(str::to_string)
+            .or_else(|| version.as_ref().map(|v| format!("W/\"{v}\""))),
+        version,
+    })
+}
+
+/// The version an `ETag` holds: `W/"2"` → `2`.
+fn version_of(etag: &str) -> String {
+    etag.trim_start_matches("W/").trim_matches('"').to_string()
+}
 
 /// How long the EHR asked to be left alone, `now`: `Retry-After` as seconds or as an HTTP-date
 /// (RFC 9110's IMF-fixdate; a date past is no wait); without it, the `RateLimit` header (IETF
@@ -305,6 +325,15 @@ mod tests {
                 r[1].version.as_deref()
             ),
             ("Patient", "p1", Some("v9"))
+        );
+        // As Medplum answers: a location without a version, the resource returned.
+        let medplum = json!({"resourceType": "Bundle", "type": "transaction-response", "entry": [
+            {"response": {"status": "200", "location": "Patient/p1"},
+             "resource": {"resourceType": "Patient", "id": "p1", "meta": {"versionId": "5b1e"}}}]});
+        let r = read_transaction_response(&medplum).unwrap();
+        assert_eq!(
+            (r[0].version.as_deref(), r[0].etag.as_deref()),
+            (Some("5b1e"), Some("W/\"5b1e\""))
         );
     }
 

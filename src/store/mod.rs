@@ -88,6 +88,22 @@ impl SubmissionRecord {
         u32::try_from(self.earlier_payloads.len()).map_or(u32::MAX, |n| n.saturating_add(1))
     }
 
+    /// Notes what a delivery stored in the EHR: a resource listed already (a replay, a
+    /// revision) is listed once, as it is now (its latest version); a new one is added at the
+    /// end.
+    pub fn stored_in_ehr(&mut self, resources: &[EhrResource]) {
+        for r in resources {
+            let listed = self
+                .ehr
+                .iter_mut()
+                .find(|e| e.resource_type == r.resource_type && e.id == r.id);
+            match listed {
+                Some(listed) => *listed = r.clone(),
+                None => self.ehr.push(r.clone()),
+            }
+        }
+    }
+
     /// Whether `payload_sha256` is this revision's payload or an earlier one's.
     pub fn has_payload(&self, payload_sha256: &str) -> bool {
         self.payload_sha256 == payload_sha256
@@ -1171,6 +1187,32 @@ mod tests {
             ehr: vec![],
             earlier_payloads: vec![],
         }
+    }
+
+    #[test]
+    fn each_resource_the_ehr_stored_is_listed_once_at_its_latest_version() {
+        let at = |kind: &str, id: &str, version: &str| EhrResource {
+            resource_type: kind.into(),
+            id: id.into(),
+            version: Some(version.into()),
+            etag: Some(format!("W/\"{version}\"")),
+        };
+        let mut r = record("s1");
+        r.stored_in_ehr(&[at("Patient", "p", "1"), at("Observation", "o", "1")]);
+        // A revision: the Observation amended, the same id in another type, a new Provenance.
+        r.stored_in_ehr(&[
+            at("Patient", "p", "1"),
+            at("Observation", "o", "2"),
+            at("Provenance", "o", "1"),
+        ]);
+        assert_eq!(
+            r.ehr,
+            [
+                at("Patient", "p", "1"),
+                at("Observation", "o", "2"),
+                at("Provenance", "o", "1")
+            ]
+        );
     }
 
     /// A store in `dir` holding `(tree, key, value)`s written straight to sled, as an earlier

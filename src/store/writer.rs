@@ -634,7 +634,7 @@ impl Tx<'_> {
             } => {
                 let written = self.update(key, |record, current| {
                     record.transitions.push(transition.clone());
-                    record.ehr.extend(ehr.iter().cloned());
+                    record.stored_in_ehr(ehr);
                     let done = matches!(
                         transition.state,
                         State::Delivered | State::DeadLettered | State::Acknowledged
