@@ -164,12 +164,12 @@ impl EhrClient {
                 range.start,
                 range.end - 1
             );
-            let mut part = bundle.clone();
             let mut sent: Vec<Value> = entries[range.clone()].to_vec();
             for entry in &mut sent {
                 rewrite_references(&mut entry["resource"], &assigned);
             }
-            part["entry"] = Value::Array(sent);
+            let part =
+                serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": sent});
             let resources = match self.transaction(part.to_string().into()).await {
                 Attempt::Delivered(resources) if resources.len() == range.len() => resources,
                 Attempt::Delivered(resources) => {
