@@ -733,24 +733,12 @@ fn deliveries_do_not_follow_redirects() {
     let ehr = FhirServer::start();
     let code = Arc::new(AtomicU16::new(307));
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let redirector = runtime.block_on({
-        let (code, to) = (Arc::clone(&code), ehr.url.clone());
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}/fhir", listener.local_addr().unwrap());
-            let app = axum::Router::new().fallback(move || {
-                let status = code.load(Ordering::SeqCst);
-                let to = to.clone();
-                async move {
-                    (
-                        axum::http::StatusCode::from_u16(status).unwrap(),
-                        [(axum::http::header::LOCATION, to)],
-                    )
-                }
-            });
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            url
-        }
+    let (answered, to) = (Arc::clone(&code), ehr.url.clone());
+    let redirector = front(&runtime, move |_, _, _, _, _| {
+        let status = answered.load(Ordering::SeqCst);
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(axum::http::header::LOCATION, to.parse().unwrap());
+        async move { (status, headers, String::new()) }
     });
     let app = App::start(Some(&redirector));
     let (status, _, _) = app.post_typeform(&fixture(MAYA));
