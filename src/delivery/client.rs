@@ -284,11 +284,14 @@ impl EhrClient {
             .unwrap_or(&[]);
         match matches {
             [only] => body_resource(&only["resource"]).ok_or_else(|| Attempt::Reject {
-                reason: format!("searching {search} found a resource without an id"),
+                reason: "a search by its condition found a resource without an id".into(),
             }),
             _ => Err(Attempt::Reject {
                 reason: format!(
-                    "the EHR's answer names no id, and searching {search} found {} resources",
+                    // Not the search itself: a Patient's names the patient's identifier (PHI;
+                    // the reason is logged and kept).
+                    "the EHR's answer names no id, and a search by its condition found {} \
+                     resources",
                     matches.len()
                 ),
             }),
