@@ -532,6 +532,26 @@ fn references(value: &Value, found: &mut Vec<String>) {
     }
 }
 
+/// The log says an EHR refused a delivery, with its status, not what it said: some EHRs
+/// quote the values they refuse (PHI). Operators read that in the submission's status.
+#[test]
+fn a_refusal_is_logged_by_its_status_alone() {
+    let strict = FhirServer::start_with(&[("PORT", "0"), ("MAX_STRICT_TX_ENTRIES", "8")]);
+    let app = App::start_logged(Some(&strict.url));
+    let (status, _, _) = app.post_typeform(&fixture(LONG_INTAKE));
+    assert_eq!(status, 202);
+    let view = app.wait_for_state(LONG_KEY, "dead-lettered", 30);
+    let said = "too many entries";
+    assert!(view.to_string().contains(said), "{view}");
+    let (lines, text) = app.log_lines();
+    let dead = lines
+        .iter()
+        .find(|l| l["message"] == "dead letter")
+        .unwrap_or_else(|| panic!("no dead letter logged: {text}"));
+    assert_eq!(dead["reason"], "HTTP 400", "{dead}");
+    assert!(!text.contains(said), "{text}");
+}
+
 #[test]
 fn a_rejected_submission_is_dead_lettered_then_replayed_after_the_fix() {
     let (port, strict, app) = strict_ehr();

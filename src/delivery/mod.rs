@@ -51,6 +51,18 @@ impl Attempt {
     }
 }
 
+/// What of an attempt's reason may be logged: up to the EHR's status (`part 2 of 3 (entries
+/// 8–12): HTTP 400`), not the text of its OperationOutcome after it — some servers quote the
+/// values they refuse (PHI), and logs hold none. The whole reason is in the submission's
+/// status, for operators. A reason with no status in it is the gateway's own words: whole.
+pub fn loggable(reason: &str) -> &str {
+    let status = reason.match_indices("HTTP ").find_map(|(at, _)| {
+        let code = reason.get(at + 5..at + 8)?;
+        code.bytes().all(|b| b.is_ascii_digit()).then_some(at + 8)
+    });
+    status.map_or(reason, |end| &reason[..end])
+}
+
 /// A transaction Bundle's entries cut into consecutive parts of at most `max` entries, for an
 /// EHR that refuses longer transactions: each part is posted once the ones before it are
 /// stored, its references to their entries rewritten to the ids the EHR gave them. A part never
@@ -379,6 +391,21 @@ mod tests {
         let mut e = entries(&[&[], &[0], &[0]]);
         e[0]["resource"]["focus"] = json!([{"reference": "Patient/elsewhere"}]);
         assert_eq!(transaction_parts(&e, 1), vec![0..1, 1..2, 2..3]);
+    }
+
+    #[test]
+    fn logs_get_the_status_not_what_the_ehr_said_about_the_values() {
+        assert_eq!(
+            loggable(r#"entry 0 (Patient): HTTP 400: Invalid value "Maya Smith""#),
+            "entry 0 (Patient): HTTP 400"
+        );
+        assert_eq!(loggable("HTTP 503"), "HTTP 503");
+        assert_eq!(loggable("EHR unreachable"), "EHR unreachable");
+        assert_eq!(loggable("HTTP body not received"), "HTTP body not received");
+        assert_eq!(
+            loggable("no access token: HTTP 401"),
+            "no access token: HTTP 401"
+        );
     }
 
     #[test]

@@ -163,7 +163,7 @@ impl Outbox {
                     jitter(key, failures),
                     retry_after,
                 );
-                tracing::warn!(key, reason = %reason, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
+                tracing::warn!(key, reason = %super::loggable(&reason), retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
                 (
                     Transition {
                         state: State::Failed,
@@ -182,7 +182,7 @@ impl Outbox {
     /// What to record when the submission cannot be delivered as it is, and why: the EHR
     /// rejected it (a replay sends it again once the cause is fixed), or its Bundle is lost.
     fn dead_letter(&self, key: &str, reason: String) -> Outcome {
-        tracing::warn!(key, reason = %reason, "dead letter");
+        tracing::warn!(key, reason = %super::loggable(&reason), "dead letter");
         let dead = Transition {
             state: State::DeadLettered,
             at: now(),
