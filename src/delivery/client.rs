@@ -362,12 +362,8 @@ impl EhrClient {
                 }
             });
         }
-        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
-        let wait = wait_asked(
-            header(reqwest::header::RETRY_AFTER.as_str()),
-            header("ratelimit"),
-            std::time::SystemTime::now(),
-        );
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let wait = wait_asked(header, std::time::SystemTime::now());
         let location = header(reqwest::header::LOCATION.as_str())
             .or_else(|| header(reqwest::header::CONTENT_LOCATION.as_str()))
             .map(str::to_string);

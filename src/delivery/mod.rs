@@ -209,28 +209,50 @@ fn version_of(etag: &str) -> String {
     etag.trim_start_matches("W/").trim_matches('"').to_string()
 }
 
-/// How long the EHR asked to be left alone, `now`: `Retry-After` as seconds or as an HTTP-date
-/// (RFC 9110's IMF-fixdate; a date past is no wait); without it, the `RateLimit` header (IETF
-/// httpapi draft, as Medplum sends it: `"requests";r=0;t=30, "fhirInteractions";r=12;t=30`) —
-/// the longest `t` (seconds until the window resets) of a policy with nothing `r`emaining.
+/// How long the EHR asked to be left alone, `now`, from its answer's headers (`header` reads
+/// one by its lower-case name): `Retry-After` as seconds or as an HTTP-date (RFC 9110's
+/// IMF-fixdate; a date past is no wait); without it, the `RateLimit` header (IETF httpapi
+/// draft, as Medplum sends it: `"requests";r=0;t=30, "fhirInteractions";r=12;t=30`) — the
+/// longest `t` (seconds until the window resets) of a policy with nothing `r`emaining —, or
+/// `X-RateLimit-Remaining: 0` with `X-RateLimit-Reset` (as Medplum documented it before: the
+/// reset in Unix seconds; a small number is read as seconds from now, as other APIs send it).
 /// Never more than `MAX_WAIT`.
-pub fn wait_asked(
-    retry_after: Option<&str>,
-    rate_limit: Option<&str>,
+pub fn wait_asked<'h>(
+    header: impl Fn(&str) -> Option<&'h str>,
     now: std::time::SystemTime,
 ) -> Option<Duration> {
-    let asked = retry_after
+    let until = |unix: u64| {
+        (std::time::UNIX_EPOCH + Duration::from_secs(unix))
+            .duration_since(now)
+            .unwrap_or_default()
+    };
+    let retry_after = header("retry-after")
         .map(str::trim)
         .and_then(|v| match v.parse::<u64>() {
             Ok(seconds) => Some(Duration::from_secs(seconds)),
-            Err(_) => chrono::DateTime::parse_from_rfc2822(v).ok().map(|at| {
-                std::time::SystemTime::from(at)
-                    .duration_since(now)
-                    .unwrap_or_default()
-            }),
-        })
-        .or_else(|| rate_limit.and_then(exhausted_window));
-    asked.map(|wait| wait.min(MAX_WAIT))
+            Err(_) => chrono::DateTime::parse_from_rfc2822(v)
+                .ok()
+                .map(|at| until(u64::try_from(at.timestamp()).unwrap_or(0))),
+        });
+    let x_rate_limit = || {
+        let number = |name| header(name)?.trim().parse::<u64>().ok();
+        // A time is no earlier than a day ago; anything smaller is a number of seconds.
+        let a_day_ago = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs().saturating_sub(86_400));
+        match (
+            number("x-ratelimit-remaining")?,
+            number("x-ratelimit-reset")?,
+        ) {
+            (0, reset) if reset >= a_day_ago => Some(until(reset)),
+            (0, seconds) => Some(Duration::from_secs(seconds)),
+            _ => None,
+        }
+    };
+    retry_after
+        .or_else(|| header("ratelimit").and_then(exhausted_window))
+        .or_else(x_rate_limit)
+        .map(|wait| wait.min(MAX_WAIT))
 }
 
 /// The longest reset time of a `RateLimit` header's policies that have nothing remaining.
@@ -426,34 +448,53 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_asked_is_read_from_retry_after_or_rate_limit() {
+    fn the_wait_asked_is_read_from_retry_after_or_rate_limits() {
         use std::time::{SystemTime, UNIX_EPOCH};
         // Sun, 06 Nov 1994 08:49:37 GMT
         let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
-        let wait = |retry_after, rate_limit| wait_asked(retry_after, rate_limit, now);
-        assert_eq!(wait(Some(" 120 "), None), Some(Duration::from_secs(120)));
+        let wait = |headers: &[(&str, &'static str)]| {
+            let headers = headers.to_vec();
+            wait_asked(
+                |name| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v),
+                now,
+            )
+        };
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(wait(&[("retry-after", " 120 ")]), secs(120));
         assert_eq!(
-            wait(Some("Sun, 06 Nov 1994 08:50:07 GMT"), None),
-            Some(Duration::from_secs(30))
+            wait(&[("retry-after", "Sun, 06 Nov 1994 08:50:07 GMT")]),
+            secs(30)
         );
         assert_eq!(
-            wait(Some("Sun, 06 Nov 1994 08:49:00 GMT"), None),
+            wait(&[("retry-after", "Sun, 06 Nov 1994 08:49:00 GMT")]),
             Some(Duration::ZERO),
             "a date past: no wait"
         );
         let medplum = r#""requests";r=0;t=42, "fhirInteractions";r=0;t=7"#;
-        assert_eq!(wait(None, Some(medplum)), Some(Duration::from_secs(42)));
+        assert_eq!(wait(&[("ratelimit", medplum)]), secs(42));
         let left = r#""requests";r=59999;t=60, "fhirInteractions";r=0;t=9"#;
-        assert_eq!(wait(None, Some(left)), Some(Duration::from_secs(9)));
-        assert_eq!(wait(None, Some(r#""requests";r=5;t=60"#)), None);
-        assert_eq!(wait(Some("soon"), Some("garbage")), None);
+        assert_eq!(wait(&[("ratelimit", left)]), secs(9));
+        assert_eq!(wait(&[("ratelimit", r#""requests";r=5;t=60"#)]), None);
         assert_eq!(
-            wait(Some("3"), Some(medplum)),
-            Some(Duration::from_secs(3)),
-            "Retry-After first"
+            wait(&[("retry-after", "soon"), ("ratelimit", "garbage")]),
+            None
         );
         assert_eq!(
-            wait(Some("18446744073709551615"), None),
+            wait(&[("retry-after", "3"), ("ratelimit", medplum)]),
+            secs(3),
+            "Retry-After first"
+        );
+        let x = |remaining, reset| {
+            wait(&[
+                ("x-ratelimit-remaining", remaining),
+                ("x-ratelimit-reset", reset),
+            ])
+        };
+        assert_eq!(x("0", "784111837"), secs(60), "Unix seconds");
+        assert_eq!(x("0", "15"), secs(15), "seconds from now");
+        assert_eq!(x("599", "784111837"), None, "requests remain");
+        assert_eq!(
+            wait(&[("retry-after", "18446744073709551615")]),
             Some(MAX_WAIT),
             "an EHR's wait is capped (a Duration past it would overflow the schedule)"
         );
