@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_port, root, App, FhirServer};
+use common::{forward, free_port, front, root, App, FhirServer};
 use serde_json::Value;
 
 const MAYA: &str = "fixtures/glp1-intake-typeform/maya-happy-path.input.json";
@@ -769,77 +769,6 @@ fn deliveries_do_not_follow_redirects() {
         0,
         "nothing was sent on"
     );
-}
-
-/// A front of the real FHIR server on a port of its own, the way an EHR differs from it:
-/// `answer` gets each request's number (from 0), method, path and query, headers and body, and
-/// answers — usually with what `forward` got from the server. Returns the front's FHIR base.
-fn front<F, Fut>(runtime: &tokio::runtime::Runtime, answer: F) -> String
-where
-    F: Fn(usize, axum::http::Method, String, axum::http::HeaderMap, String) -> Fut
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    Fut: std::future::Future<Output = (u16, axum::http::HeaderMap, String)> + Send + 'static,
-{
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let asked = std::sync::Arc::new(AtomicUsize::new(0));
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/fhir", listener.local_addr().unwrap());
-        let app = axum::Router::new().fallback(
-            move |method: axum::http::Method,
-                  uri: axum::http::Uri,
-                  headers: axum::http::HeaderMap,
-                  body: String| {
-                let n = asked.fetch_add(1, Ordering::SeqCst);
-                let path = uri
-                    .path_and_query()
-                    .map_or("", |p| p.as_str())
-                    .trim_start_matches("/fhir")
-                    .to_string();
-                let answer = answer.clone();
-                async move {
-                    let (status, headers, body) = answer(n, method, path, headers, body).await;
-                    (
-                        axum::http::StatusCode::from_u16(status).unwrap(),
-                        headers,
-                        body,
-                    )
-                }
-            },
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        url
-    })
-}
-
-/// The FHIR server's answer to the request a front got (its `If-None-Exist` passed on): status,
-/// `Location` and `ETag`, body.
-async fn forward(
-    to: &str,
-    method: axum::http::Method,
-    path: &str,
-    headers: &axum::http::HeaderMap,
-    body: String,
-) -> (u16, axum::http::HeaderMap, String) {
-    let method = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-    let mut request = reqwest::Client::new()
-        .request(method, format!("{to}{path}"))
-        .header("content-type", "application/fhir+json")
-        .body(body);
-    if let Some(condition) = headers.get("if-none-exist") {
-        request = request.header("if-none-exist", condition.to_str().unwrap());
-    }
-    let answer = request.send().await.unwrap();
-    let mut kept = axum::http::HeaderMap::new();
-    for name in ["location", "etag"] {
-        if let Some(v) = answer.headers().get(name) {
-            kept.insert(name, v.to_str().unwrap().parse().unwrap());
-        }
-    }
-    (answer.status().as_u16(), kept, answer.text().await.unwrap())
 }
 
 /// An EHR that throttles is left alone as long as it asks: `429` with `Retry-After` as an

@@ -7,11 +7,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Form, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::post;
+use axum::routing::{any, post};
 use axum::{Json, Router};
-use common::{root, App, FhirServer};
+use common::{forward, root, App, FhirServer};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 
@@ -106,8 +106,15 @@ async fn token(
     }
 }
 
-/// The EHR: requires the current token, then forwards to the FHIR test server.
-async fn fhir(State(auth): State<Shared>, headers: HeaderMap, body: String) -> impl IntoResponse {
+/// The EHR: requires the current token, then forwards the request (any method and path) to the
+/// FHIR test server.
+async fn fhir(
+    State(auth): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, HeaderMap, String) {
     let (ok, url) = {
         let mut a = auth.lock().unwrap();
         let given = headers
@@ -126,21 +133,34 @@ async fn fhir(State(auth): State<Shared>, headers: HeaderMap, body: String) -> i
     };
     if !ok {
         let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login", "diagnostics": "invalid token"}]});
-        return (StatusCode::UNAUTHORIZED, Json(oo));
+        return (StatusCode::UNAUTHORIZED, HeaderMap::new(), oo.to_string());
     }
-    let r = reqwest::Client::new()
-        .post(url)
-        .header("content-type", "application/fhir+json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
-    (status, Json(r.json::<Value>().await.unwrap_or(Value::Null)))
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    let path = path.trim_start_matches("/fhir").to_string();
+    let (status, kept, body) = forward(&url, method, &path, &headers, body).await;
+    (StatusCode::from_u16(status).unwrap(), kept, body)
 }
 
 #[test]
 fn tokens_are_fetched_once_cached_and_refreshed_after_a_401() {
+    tokens_in_mode("");
+}
+
+/// Resource by resource, the 401 is the first entry's: the token is fetched again all the same.
+#[test]
+fn tokens_are_refreshed_after_a_401_resource_by_resource() {
+    tokens_in_mode("mode = \"per_resource\"");
+}
+
+/// In transactions of at most 3, the 401 is the first part's.
+#[test]
+fn tokens_are_refreshed_after_a_401_in_transactions_of_three() {
+    tokens_in_mode("max_transaction_entries = 3");
+}
+
+/// Three intakes delivered in `mode` (lines for `[ehr]`) with SMART Backend Services: one token
+/// for the first two, a new one after the EHR revokes it.
+fn tokens_in_mode(mode: &str) {
     let server = FhirServer::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let auth: Shared = Arc::default();
@@ -149,7 +169,8 @@ fn tokens_are_fetched_once_cached_and_refreshed_after_a_401() {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let app = Router::new()
             .route("/token", post(token))
-            .route("/fhir", post(fhir))
+            .route("/fhir", any(fhir))
+            .route("/fhir/{*rest}", any(fhir))
             .with_state(auth.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
         base
@@ -163,7 +184,7 @@ fn tokens_are_fetched_once_cached_and_refreshed_after_a_401() {
         "auth = {{ type = \"smart_backend\", token_url = \"{base}/token\", client_id = \"{CLIENT}\", private_key_pem = {:?}, algorithm = \"ES384\", kid = \"key-1\" }}",
         root().join("tests/keys/smart-es384.key.pem")
     );
-    let app = App::start_with(Some(&format!("{base}/fhir")), &smart);
+    let app = App::start_with(Some(&format!("{base}/fhir")), &format!("{smart}\n{mode}"));
     let post = |fixture: &str| {
         let body = std::fs::read(root().join(fixture)).unwrap();
         let (status, receipt, _) = app.post_typeform(&body);

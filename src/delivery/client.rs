@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::auth::{TokenError, TokenSource};
-use super::{classify, located, wait_asked, Attempt};
+use super::{classify, located, status_in, wait_asked, Attempt};
 use crate::config::{DeliveryMode, EhrAuth, EhrConfig};
 use crate::store::EhrResource;
 
@@ -97,7 +97,8 @@ impl EhrClient {
         let bundle = bytes::Bytes::from(bundle);
         let first = self.deliver_once(&bundle).await;
         match (&first, &self.auth) {
-            (Attempt::Reject { reason }, Auth::Smart(tokens)) if reason.starts_with("HTTP 401") => {
+            // Whichever request of the delivery it was (an entry's, a part's).
+            (Attempt::Reject { reason }, Auth::Smart(tokens)) if status_in(reason) == Some(401) => {
                 tokens.invalidate().await;
                 self.deliver_once(&bundle).await
             }

@@ -56,11 +56,22 @@ impl Attempt {
 /// values they refuse (PHI), and logs hold none. The whole reason is in the submission's
 /// status, for operators. A reason with no status in it is the gateway's own words: whole.
 pub fn loggable(reason: &str) -> &str {
-    let status = reason.match_indices("HTTP ").find_map(|(at, _)| {
+    first_status(reason).map_or(reason, |(end, _)| &reason[..end])
+}
+
+/// The EHR's status an attempt's reason names (`entry 0 (Patient): HTTP 401: …` → 401) — the
+/// first, before any text of the EHR's.
+pub fn status_in(reason: &str) -> Option<u16> {
+    first_status(reason).map(|(_, status)| status)
+}
+
+/// The first `HTTP nnn` of a reason: where it ends, and the status.
+fn first_status(reason: &str) -> Option<(usize, u16)> {
+    reason.match_indices("HTTP ").find_map(|(at, _)| {
         let code = reason.get(at + 5..at + 8)?;
-        code.bytes().all(|b| b.is_ascii_digit()).then_some(at + 8)
-    });
-    status.map_or(reason, |end| &reason[..end])
+        let digits = code.bytes().all(|b| b.is_ascii_digit());
+        Some((at + 8, code.parse().ok().filter(|_| digits)?))
+    })
 }
 
 /// A transaction Bundle's entries cut into consecutive parts of at most `max` entries, for an
@@ -428,6 +439,12 @@ mod tests {
             loggable("no access token: HTTP 401"),
             "no access token: HTTP 401"
         );
+        assert_eq!(
+            status_in("part 1 of 2 (entries 0–2): HTTP 401: x"),
+            Some(401)
+        );
+        assert_eq!(status_in("HTTP +12"), None);
+        assert_eq!(status_in("EHR unreachable"), None);
     }
 
     #[test]
