@@ -26,6 +26,8 @@ struct Auth {
     jtis: HashSet<String>,
     refused: u64,
     problems: Vec<String>,
+    /// Token requests still to answer `429` with `Retry-After: 2`.
+    throttled: u32,
 }
 
 type Shared = Arc<Mutex<Auth>>;
@@ -33,7 +35,7 @@ type Shared = Arc<Mutex<Auth>>;
 async fn token(
     State(auth): State<Shared>,
     Form(form): Form<Vec<(String, String)>>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     let get = |k: &str| {
         form.iter()
             .find(|(n, _)| n == k)
@@ -41,6 +43,16 @@ async fn token(
             .unwrap_or_default()
     };
     let mut a = auth.lock().unwrap();
+    if a.throttled > 0 {
+        a.throttled -= 1;
+        let busy = json!({"error": "temporarily_unavailable"});
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "2")],
+            Json(busy),
+        )
+            .into_response();
+    }
     let public = std::fs::read(root().join("tests/keys/smart-es384.pub.pem")).unwrap();
     let mut v = Validation::new(Algorithm::ES384);
     v.set_audience(&[a.token_url.clone()]);
@@ -88,6 +100,7 @@ async fn token(
                     json!({"access_token": t, "token_type": "bearer", "expires_in": 300, "scope": get("scope")}),
                 ),
             )
+                .into_response()
         }
         Ok(_) => {
             a.problems.push("jti reused".into());
@@ -95,6 +108,7 @@ async fn token(
                 StatusCode::UNAUTHORIZED,
                 Json(json!({"error": "invalid_client"})),
             )
+                .into_response()
         }
         Err(why) => {
             a.problems.push(why);
@@ -102,6 +116,7 @@ async fn token(
                 StatusCode::UNAUTHORIZED,
                 Json(json!({"error": "invalid_client"})),
             )
+                .into_response()
         }
     }
 }
@@ -158,50 +173,99 @@ fn tokens_are_refreshed_after_a_401_in_transactions_of_three() {
     tokens_in_mode("max_transaction_entries = 3");
 }
 
+/// The gateway delivering in `mode` (lines for `[ehr]`) with SMART Backend Services to an EHR
+/// that demands the tokens its endpoint issued (both run here), the real FHIR server behind it.
+struct Smart {
+    server: FhirServer,
+    _runtime: tokio::runtime::Runtime,
+    auth: Shared,
+    app: App,
+}
+
+impl Smart {
+    fn start(mode: &str) -> Smart {
+        let server = FhirServer::start();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let auth: Shared = Arc::default();
+        let base = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let app = Router::new()
+                .route("/token", post(token))
+                .route("/fhir", any(fhir))
+                .route("/fhir/{*rest}", any(fhir))
+                .with_state(auth.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            base
+        });
+        {
+            let mut a = auth.lock().unwrap();
+            a.token_url = format!("{base}/token");
+            a.fhir_url = server.url.clone();
+        }
+        let smart = format!(
+            "auth = {{ type = \"smart_backend\", token_url = \"{base}/token\", client_id = \"{CLIENT}\", private_key_pem = {:?}, algorithm = \"ES384\", kid = \"key-1\" }}",
+            root().join("tests/keys/smart-es384.key.pem")
+        );
+        let app = App::start_with(Some(&format!("{base}/fhir")), &format!("{smart}\n{mode}"));
+        Smart {
+            server,
+            _runtime: runtime,
+            auth,
+            app,
+        }
+    }
+
+    /// Posts a Typeform fixture and waits until it is delivered; its status view.
+    fn deliver(&self, fixture: &str) -> Value {
+        let body = std::fs::read(root().join(fixture)).unwrap();
+        let (status, receipt, _) = self.app.post_typeform(&body);
+        assert_eq!(status, 202, "{receipt}");
+        self.app
+            .wait_for_state(receipt["key"].as_str().unwrap(), "delivered", 30)
+    }
+}
+
 /// Three intakes delivered in `mode` (lines for `[ehr]`) with SMART Backend Services: one token
 /// for the first two, a new one after the EHR revokes it.
 fn tokens_in_mode(mode: &str) {
-    let server = FhirServer::start();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let auth: Shared = Arc::default();
-    let base = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = Router::new()
-            .route("/token", post(token))
-            .route("/fhir", any(fhir))
-            .route("/fhir/{*rest}", any(fhir))
-            .with_state(auth.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        base
-    });
-    {
-        let mut a = auth.lock().unwrap();
-        a.token_url = format!("{base}/token");
-        a.fhir_url = server.url.clone();
-    }
-    let smart = format!(
-        "auth = {{ type = \"smart_backend\", token_url = \"{base}/token\", client_id = \"{CLIENT}\", private_key_pem = {:?}, algorithm = \"ES384\", kid = \"key-1\" }}",
-        root().join("tests/keys/smart-es384.key.pem")
-    );
-    let app = App::start_with(Some(&format!("{base}/fhir")), &format!("{smart}\n{mode}"));
-    let post = |fixture: &str| {
-        let body = std::fs::read(root().join(fixture)).unwrap();
-        let (status, receipt, _) = app.post_typeform(&body);
-        assert_eq!(status, 202, "{receipt}");
-        app.wait_for_state(receipt["key"].as_str().unwrap(), "delivered", 30);
-    };
-    post("fixtures/glp1-intake-typeform/maya-happy-path.input.json");
-    post("fixtures/glp1-intake-typeform/contraindications.input.json");
-    assert_eq!(auth.lock().unwrap().issued, 1, "the token is cached");
+    let smart = Smart::start(mode);
+    smart.deliver("fixtures/glp1-intake-typeform/maya-happy-path.input.json");
+    smart.deliver("fixtures/glp1-intake-typeform/contraindications.input.json");
+    assert_eq!(smart.auth.lock().unwrap().issued, 1, "the token is cached");
 
     // The EHR revokes the token: the next delivery gets a 401, fetches a new token, succeeds.
-    auth.lock().unwrap().current = Some("revoked".into());
-    post("fixtures/glp1-intake-typeform/missing-required.input.json");
-    let a = auth.lock().unwrap();
+    smart.auth.lock().unwrap().current = Some("revoked".into());
+    smart.deliver("fixtures/glp1-intake-typeform/missing-required.input.json");
+    let a = smart.auth.lock().unwrap();
     assert_eq!((a.issued, a.refused), (2, 1));
     assert!(a.problems.is_empty(), "{:?}", a.problems);
-    assert_eq!(server.counts()["QuestionnaireResponse"], 3);
+    assert_eq!(smart.server.counts()["QuestionnaireResponse"], 3);
+}
+
+/// A token endpoint that answers `429` with `Retry-After: 2` (Medplum allows 60 token requests
+/// a minute) is asked again only after that — not after the gateway's own 400 ms backoff.
+#[test]
+fn a_throttled_token_endpoint_is_left_alone_as_long_as_it_asks() {
+    let smart = Smart::start("");
+    smart.auth.lock().unwrap().throttled = 1;
+    let view = smart.deliver("fixtures/glp1-intake-typeform/maya-happy-path.input.json");
+    let transitions = view["transitions"].as_array().unwrap();
+    let states: Vec<&str> = transitions
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["received", "mapped", "failed", "delivered"]);
+    assert_eq!(
+        transitions[2]["detail"],
+        "no access token: token endpoint: HTTP 429"
+    );
+    let at = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(transitions[i]["at"].as_str().unwrap()).unwrap()
+    };
+    let waited = (at(3) - at(2)).num_milliseconds();
+    assert!(waited >= 1_900, "Retry-After not waited for: {waited} ms");
+    assert_eq!(smart.auth.lock().unwrap().issued, 1);
 }
 
 #[test]

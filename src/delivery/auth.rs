@@ -20,6 +20,19 @@ pub enum TokenError {
     Algorithm(String),
     #[error("token endpoint: {0}")]
     Endpoint(String),
+    /// The endpoint answered with an error status, and maybe how long to leave it alone.
+    #[error("token endpoint: HTTP {status}")]
+    Refused { status: u16, wait: Option<Duration> },
+}
+
+impl TokenError {
+    /// How long the token endpoint asked to be left alone (`429` with `Retry-After`, …).
+    pub fn wait(&self) -> Option<Duration> {
+        match self {
+            TokenError::Refused { wait, .. } => *wait,
+            _ => None,
+        }
+    }
 }
 
 pub struct TokenSource {
@@ -134,7 +147,11 @@ impl TokenSource {
             })?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(TokenError::Endpoint(format!("HTTP {}", status.as_u16())));
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+            return Err(TokenError::Refused {
+                status: status.as_u16(),
+                wait: super::wait_asked(header, SystemTime::now()),
+            });
         }
         let body: TokenResponse = resp
             .json()

@@ -321,7 +321,7 @@ impl EhrClient {
             Err(e) => {
                 return Err(Attempt::Retry {
                     reason: format!("no access token: {e}"),
-                    retry_after: None,
+                    retry_after: e.wait(),
                 })
             }
         };
