@@ -125,7 +125,7 @@ impl EhrClient {
                 }
             }
             (DeliveryMode::Transaction, Some(max)) => match serde_json::from_slice(bundle) {
-                Ok(parsed) => self.in_parts(&parsed, max).await,
+                Ok(parsed) => self.in_parts(bundle, &parsed, max).await,
                 Err(_) => not_json(),
             },
             (DeliveryMode::PerResource, _) => match serde_json::from_slice(bundle) {
@@ -149,11 +149,12 @@ impl EhrClient {
     /// before rewritten to the ids the EHR gave them. Each part is atomic; a failure stops the
     /// walk, and the delivery made again matches what the parts before stored (their entries
     /// are conditional), duplicating nothing.
-    async fn in_parts(&self, bundle: &Value, max: usize) -> Attempt {
-        let entries = bundle["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    /// `bundle` is the Bundle as stored, `parsed` the same read: one part goes as it is.
+    async fn in_parts(&self, bundle: &bytes::Bytes, parsed: &Value, max: usize) -> Attempt {
+        let entries = parsed["entry"].as_array().map(Vec::as_slice).unwrap_or(&[]);
         let parts = super::transaction_parts(entries, max);
         if parts.len() <= 1 {
-            return self.transaction(bundle.to_string().into()).await;
+            return self.transaction(bundle.clone()).await;
         }
         let mut assigned: Vec<(String, String)> = Vec::new();
         let mut stored = Vec::with_capacity(entries.len());
