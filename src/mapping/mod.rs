@@ -4,12 +4,15 @@
 //! Pure logic: no HTTP, no store. Loading parses every JSONPath and checks every unit, code and
 //! reference up front; a file with any error never becomes a `Mapping`.
 
+mod answers;
 mod compile;
 pub mod condition;
 pub mod engine;
 pub mod extract;
 pub mod questionnaire;
 mod read;
+mod resources;
+mod response;
 pub mod select;
 pub mod spec;
 pub mod units;
@@ -21,8 +24,9 @@ use serde_json::Value;
 
 pub use compile::{load_dir, load_file, parse, LoadError, MappingError};
 pub use condition::Condition;
-pub use engine::{MappedSubmission, MappingFailure, Signals, SubmissionInput};
+pub use engine::{MappedSubmission, MappingFailure, SubmissionInput};
 pub use read::PayloadError;
+pub use response::Signals;
 use select::{AnswerSource, Projection, Selector};
 use value::CodingTarget;
 
