@@ -261,8 +261,16 @@ fn with_given<'a>(
     always.iter().copied().chain(given).collect()
 }
 
+/// Prints a JSON document on standard output. A reader that goes away early (`| head`) is
+/// not an error: what it did not read is simply not written.
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out(&serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// One line on standard output, quietly dropped when the reader has gone (a broken pipe).
+fn out(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 fn load(path: &Path) -> Result<Vec<Mapping>, LoadError> {
@@ -307,6 +315,9 @@ fn check(paths: &[PathBuf]) -> ExitCode {
         match load(path) {
             Ok(ms) => {
                 for m in ms {
+                    for note in m.notes() {
+                        eprintln!("{}: note: {note}", m.file.display());
+                    }
                     // The generated Questionnaire must itself be valid FHIR.
                     match validate(&m.questionnaire()) {
                         Ok(()) => ok += 1,
@@ -366,6 +377,10 @@ fn map(
             return ExitCode::from(1);
         }
     };
+    if let Err(why) = m.accepts(&parsed) {
+        print_json(&serde_json::json!({ "ignored": why }));
+        return ExitCode::SUCCESS;
+    }
     let received_at = received_at
         .unwrap_or_else(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
     match m.map_submission(SubmissionInput {
@@ -462,7 +477,7 @@ fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {
             CaseOutcome::Passed => passed += 1,
             CaseOutcome::Updated => {
                 passed += 1;
-                eprintln!("updated  {name}");
+                eprintln!("updated  {}", golden::expected_path(&r.input).display());
             }
             CaseOutcome::Mismatch(diffs) => {
                 failed += 1;
@@ -489,7 +504,7 @@ fn test(mappings: &Path, fixtures: &Path, update: bool) -> ExitCode {
     if !without.is_empty() {
         eprintln!("no fixtures for: {}", without.join(", "));
     }
-    println!("golden: {passed} passed, {failed} failed");
+    out(&format!("golden: {passed} passed, {failed} failed"));
     if io > 0 {
         ExitCode::from(2)
     } else if failed > 0 {

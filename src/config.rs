@@ -228,6 +228,39 @@ pub enum FetchSource {
         #[serde(default = "default_fetch_timeout_ms")]
         timeout_ms: u64,
     },
+    /// Any API: the notification names an id (at the JSONPath `id`); the submission is the
+    /// answer to a GET of `url` with `{id}` replaced by it.
+    Http {
+        /// e.g. `https://api.forms.example.com/v1/responses/{id}`
+        url: String,
+        /// JSONPath to the id in the notification, e.g. `$.data.response_id`.
+        id: String,
+        #[serde(default)]
+        auth: FetchAuth,
+        #[serde(default = "default_fetch_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+/// How the gateway proves itself to a source's API when it fetches a submission.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum FetchAuth {
+    #[default]
+    None,
+    /// `Authorization: Bearer <token>`.
+    Bearer { token: String },
+    /// `Authorization: Basic <base64 of username:password>`.
+    Basic { username: String, password: String },
+    /// OAuth 2.0 client credentials (RFC 6749 §4.4): a token from `token_url`, the client
+    /// authenticated with HTTP Basic; cached until shortly before it expires.
+    Oauth2ClientCredentials {
+        token_url: String,
+        client_id: String,
+        client_secret: String,
+        #[serde(default)]
+        scope: Option<String>,
+    },
 }
 
 fn default_fetch_timeout_ms() -> u64 {
@@ -408,6 +441,16 @@ impl Config {
     }
 
     /// The authentication of a mapping's source: its own entry, else `"*"`, else none.
+    /// The mapping ids among `mappings` whose submissions are accepted without any
+    /// authentication, sorted.
+    pub fn unsigned<'a>(&self, mappings: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut open: Vec<&str> = mappings
+            .filter(|m| matches!(self.source_auth(m), SourceAuth::None))
+            .collect();
+        open.sort_unstable();
+        open
+    }
+
     pub fn source_auth(&self, mapping_id: &str) -> &SourceAuth {
         const NONE: &SourceAuth = &SourceAuth::None;
         self.sources
@@ -469,6 +512,11 @@ mod tests {
             c.fetch.get("glp1-intake-healthie"),
             Some(FetchSource::HealthieGraphql { url, timeout_ms: 10_000, .. })
                 if url == "https://api.gethealthie.com/graphql"
+        ));
+        assert!(matches!(
+            c.fetch.get("weight-checkin-portal"),
+            Some(FetchSource::Http { auth: FetchAuth::Oauth2ClientCredentials { .. }, id, .. })
+                if id == "$.data.response_id"
         ));
         assert!(
             toml::from_str::<Config>("[fetch.x]\ntype = \"healthie_graphql\"\nurl = \"u\"\n")

@@ -37,6 +37,9 @@ pub fn render(mapping: &Mapping, raw: &[u8], received_at: &str) -> Result<Value,
     let payload = mapping
         .parse_payload(raw)
         .map_err(|e| format!("input: {e}"))?;
+    if let Err(why) = mapping.accepts(&payload) {
+        return Ok(json!({"outcome": "ignored", "reason": why}));
+    }
     Ok(
         match mapping.map_submission(SubmissionInput {
             payload: &payload,

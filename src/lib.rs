@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod fhir;
 pub mod golden;
 pub mod http;
+pub mod ids;
 pub mod intake;
 pub mod logging;
 pub mod mapping;

@@ -34,10 +34,12 @@ pub enum Outcome {
     Unfetched,
     /// The gateway's own failure (a 500: the store).
     Failed,
+    /// A post its mapping's `accept_when` does not take (a step of a multi-step form).
+    Ignored,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::Accepted,
         Outcome::Revised,
         Outcome::Duplicate,
@@ -45,6 +47,7 @@ impl Outcome {
         Outcome::Unauthorized,
         Outcome::Unfetched,
         Outcome::Failed,
+        Outcome::Ignored,
     ];
 
     fn label(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Outcome {
             Outcome::Unauthorized => "unauthorized",
             Outcome::Unfetched => "unfetched",
             Outcome::Failed => "failed",
+            Outcome::Ignored => "ignored",
         }
     }
 }

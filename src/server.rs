@@ -27,8 +27,8 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("EHR client: {0}")]
     Client(#[from] crate::delivery::client::ClientError),
-    #[error("the client for fetched sources: {0}")]
-    Fetch(reqwest::Error),
+    #[error("fetched sources: {0}")]
+    Fetch(crate::fetch::ConfigError),
     #[error("starting the outbox: {0}")]
     Outbox(std::io::Error),
     #[error(transparent)]
@@ -104,10 +104,13 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             stopped,
         ))
     });
-    for (source, auth) in &config.sources {
-        if matches!(auth, crate::config::SourceAuth::None) {
-            tracing::warn!(source, "source authentication is off");
-        }
+    // Every mapping whose submissions nobody signs: anyone who reaches the gateway can post
+    // them (said here and in `/ready`, by mapping id).
+    for mapping in config.unsigned(mappings.iter().map(|m| m.id.as_str())) {
+        tracing::warn!(
+            mapping,
+            "submissions are accepted unsigned: no [sources.<mapping id>] nor [sources.\"*\"] entry authenticates them"
+        );
     }
     let operators = config.operator_keys()?;
     if operators.is_empty() {

@@ -289,3 +289,137 @@ fn extract_prints_the_observations_and_says_what_it_left_out() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("expected a QuestionnaireResponse, got a Questionnaire"));
 }
+
+/// A map that uses every free-text and unknown-option rule wrongly.
+const BAD_PATTERNS: &str = r#"id: bad-patterns
+version: 1
+title: Patterns that cannot work
+url: https://forms.example.org/Questionnaire/bad-patterns
+
+source:
+  submission_id: $.id
+  answers: { object: $.answers }
+  patient:
+    identifier: { system: https://crm.example.org/patient, path: $.patient }
+
+items:
+  - link_id: weight
+    type: quantity
+    unit: kg
+    answer: weight
+    pattern: '^(?P<value>\d+'
+  - link_id: height
+    type: quantity
+    unit: cm
+    answer: height
+    pattern: '^(?P<value>\d+)[^\s\S]$'
+  - link_id: length
+    type: quantity
+    unit: cm
+    answer: length
+    pattern: '^(?P<ft>\d)''(?P<in>\d+)$'
+    sum:
+      - { capture: ft, unit: "[ft_i]" }
+      - { capture: inches, unit: "[in_i]" }
+  - link_id: pulse
+    type: integer
+    answer: pulse
+    pattern: '^(?P<value>\d+) (?P<beats>bpm)$'
+  - link_id: mood
+    type: string
+    answer: mood
+    unknown_option: keep
+  - link_id: waist
+    type: quantity
+    unit: cm
+    answer: waist
+    range: { min: 200, max: 30 }
+"#;
+
+#[test]
+fn check_refuses_patterns_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "bad-patterns.yaml", BAD_PATTERNS);
+    let out = chartbridge().arg("check").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "item `weight`: `pattern` is not a valid regular expression",
+        "item `height`: `pattern` can never match any text",
+        "item `length`: part `inches` reads a capture that no pattern has",
+        "item `length`: `pattern` names a capture `in` that nothing uses",
+        "item `pulse`: `pattern` names a capture `beats` that nothing uses",
+        "item `mood`: `unknown_option` says what an answer the value map does not know does: it needs `map`",
+        "item `waist`: `range` needs `min`, `max` or both, with min ≤ max",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+    }
+}
+
+/// `check` says, for its author, what the map decides on the patient's behalf: which parts of
+/// a sum may be skipped, the range each vital sign gets, what an unknown option does.
+#[test]
+fn check_explains_sums_ranges_and_unknown_options() {
+    let out = common::succeeds(chartbridge().args(["check", "mappings/glp1-intake-typeform.yaml"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "note: item `height` sums its parts; without answer `height_ft` it is not charted but listed as missing",
+        "answer `height_in` may be skipped (its default)",
+        "note: item `weight`: a value outside 0.3–650 kg is held back as implausible (the default for Body weight",
+        "note: item `conditions`: an option the map does not know is kept as text and flagged `unmapped_option`",
+    ] {
+        assert!(err.contains(needle), "expected `{needle}` in:\n{err}");
+    }
+}
+
+/// `chartbridge questionnaire … | head` stops quietly when the reader goes away, and `test
+/// --update` names the file it wrote.
+#[test]
+fn a_closed_pipe_ends_output_quietly_and_update_names_what_it_wrote() {
+    use std::io::Read;
+    let mut child = chartbridge()
+        .args(["questionnaire", "glp1-intake-typeform"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the first line is written (as `| head -c0` would).
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(status.code().is_some(), "killed by a signal: {status:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let maps = dir.path().join("mappings");
+    let fx = dir.path().join("fixtures/phq9-typeform");
+    std::fs::create_dir_all(&maps).unwrap();
+    std::fs::create_dir_all(&fx).unwrap();
+    std::fs::copy(
+        root().join("mappings/phq9-typeform.yaml"),
+        maps.join("phq9-typeform.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        root().join("fixtures/phq9-typeform/all-zero.input.json"),
+        fx.join("all-zero.input.json"),
+    )
+    .unwrap();
+    let out = common::succeeds(
+        chartbridge()
+            .current_dir(dir.path())
+            .args(["test", "mappings", "--update"]),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("updated  fixtures/phq9-typeform/all-zero.expected.json"),
+        "{err}"
+    );
+    assert!(fx.join("all-zero.expected.json").is_file());
+}

@@ -363,8 +363,8 @@ fn bad_payloads_get_every_problem_without_values() {
             "last-dose-date",
             "missed-doses",
             "weight",
-            "side-effects"
-        ]
+        ],
+        "an option the map does not know (`hiccups`) in a multi-select is kept, not an error"
     );
     let text = oo.to_string();
     for secret in ["half a milligram", "yesterday evening", "hiccups"] {

@@ -298,20 +298,45 @@ async fn submit(
     counted(&state, Some(&mapping.id), result)
 }
 
+/// What became of a post to a submission route.
+enum Taken {
+    /// On disk (new, a revision, or a re-send).
+    Receipt(crate::intake::Receipt),
+    /// Not a submission by its mapping's `accept_when` (a step of a multi-step form): why.
+    Ignored(String),
+}
+
+impl From<crate::intake::Receipt> for Taken {
+    fn from(r: crate::intake::Receipt) -> Taken {
+        Taken::Receipt(r)
+    }
+}
+
 /// Counts a submission by its mapping (`None`: none loaded is named) and outcome, and answers.
 fn counted(
     state: &AppState,
     mapping: Option<&str>,
-    result: Result<crate::intake::Receipt, ApiError>,
+    result: Result<Taken, ApiError>,
 ) -> Result<Response, ApiError> {
     let outcome = match &result {
-        Ok(receipt) if receipt.new && receipt.revision > 1 => Outcome::Revised,
-        Ok(receipt) if receipt.new => Outcome::Accepted,
-        Ok(_) => Outcome::Duplicate,
+        Ok(Taken::Receipt(r)) if r.new && r.revision > 1 => Outcome::Revised,
+        Ok(Taken::Receipt(r)) if r.new => Outcome::Accepted,
+        Ok(Taken::Receipt(_)) => Outcome::Duplicate,
+        Ok(Taken::Ignored(_)) => Outcome::Ignored,
         Err(e) => e.submission_outcome(),
     };
     state.metrics.submission(mapping, outcome);
-    result.map(|receipt| accepted(state, &receipt))
+    result.map(|taken| match taken {
+        Taken::Receipt(receipt) => accepted(state, &receipt),
+        Taken::Ignored(why) => ignored(&why),
+    })
+}
+
+/// `200` for a post that is not a submission (`accept_when`): the source stops retrying it,
+/// and nothing of it is kept.
+fn ignored(why: &str) -> Response {
+    tracing::info!("post ignored: its mapping's accept_when does not hold");
+    (StatusCode::OK, Json(json!({ "ignored": why }))).into_response()
 }
 
 /// `POST /submissions/{mapping_id}` once its mapping is known: authenticated, read, (fetched,)
@@ -320,7 +345,7 @@ async fn take_submission(
     state: &AppState,
     mapping: &Arc<crate::mapping::Mapping>,
     req: Request,
-) -> Result<crate::intake::Receipt, ApiError> {
+) -> Result<Taken, ApiError> {
     let mapping_id = &mapping.id;
     let (parts, body) = req.into_parts();
     let limit = state.config.limits.max_body_bytes;
@@ -349,14 +374,22 @@ async fn take_submission(
     // One pass: parse (what the mapping reads) and the depth limit (everything).
     let depth = state.config.limits.max_json_depth;
     let payload = mapping.parse_payload_within(&raw, depth)?;
+    if let Err(why) = mapping.accepts(&payload) {
+        return Ok(Taken::Ignored(why));
+    }
     if let Err(full) = room {
         return resent_or(
             state,
             mapping,
-            mapping.submission_id(&payload).as_deref(),
+            mapping
+                .submission_id(&payload)
+                .and_then(Result::ok)
+                .as_ref()
+                .map(crate::ids::SubmissionId::as_str),
             &raw,
             full,
-        );
+        )
+        .map(Taken::from);
     }
     let received_at = now();
     // Everything the request brought is dropped before the wait for the disk, on the thread
@@ -365,7 +398,8 @@ async fn take_submission(
     Ok(state
         .intake
         .accept(mapping, raw, payload, &received_at)
-        .await?)
+        .await?
+        .into())
 }
 
 /// Refuses a submission (nothing stored: the source retries) while the outbox holds
@@ -438,7 +472,12 @@ fn accepted(state: &AppState, receipt: &crate::intake::Receipt) -> Response {
         state.outbox.notify_one();
     }
     tracing::info!(key = %receipt.key, new = receipt.new, flags = receipt.flags.len(), "submission accepted");
-    let status_url = format!("/submissions/{}", receipt.key);
+    // The id as one path segment: `../x` or `a?b` must not lead a client elsewhere.
+    let status_url = format!(
+        "/submissions/{}/{}",
+        receipt.mapping_id,
+        crate::ids::path_segment(&receipt.submission_id)
+    );
     let body = json!({
         "key": receipt.key,
         "mapping_id": receipt.mapping_id,
@@ -473,7 +512,11 @@ async fn submit_response(
 ) -> Result<Response, ApiError> {
     let mut mapping = None;
     let result = take_response(&state, req, &mut mapping).await;
-    counted(&state, mapping.as_ref().map(|m| m.id.as_str()), result)
+    counted(
+        &state,
+        mapping.as_ref().map(|m| m.id.as_str()),
+        result.map(Taken::from),
+    )
 }
 
 /// `POST /QuestionnaireResponse`: `mapping` is the one it answers, once known.
@@ -942,13 +985,19 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     };
     let mappings = state.intake.mapping_count();
     let ok = mappings > 0 && ehr != "unreachable";
-    let body = json!({
+    let mut body = json!({
         "ready": ok,
         "store": "open",
         "mappings": mappings,
         "outbox_depth": state.intake.store().outbox_depth(),
         "ehr": ehr,
     });
+    let unsigned = state
+        .config
+        .unsigned(state.intake.mappings().map(|m| m.id.as_str()));
+    if !unsigned.is_empty() {
+        body["unsigned_ingest"] = json!(unsigned);
+    }
     let status = if ok {
         StatusCode::OK
     } else {

@@ -9,10 +9,11 @@ use std::borrow::Cow;
 use serde_json::Value;
 
 use super::condition::Answers;
-use super::engine::MissingAnswer;
+use super::engine::{MissingAnswer, UNMAPPED_OPTION};
+use super::plausible::IMPLAUSIBLE_VALUE;
 use super::select::AnswerIndex;
 use super::value::{self, Answer};
-use super::{Derivation, Item, ItemType, MapTarget, Mapping, ValueRule};
+use super::{Derivation, Item, ItemType, MapTarget, Mapping, UnknownOption, ValueRule};
 use crate::fhir::{Issue, Json};
 
 /// An item with its answers, or a group with its children; repeating groups give one node each.
@@ -29,7 +30,24 @@ pub(super) struct Run<'m, 'p> {
     pub index: AnswerIndex<'p>,
     pub issues: Vec<Issue>,
     pub missing: Vec<MissingAnswer>,
+    /// The flags the gateway raises itself (`implausible_value`, `unmapped_option`).
+    pub raised: Vec<&'static str>,
 }
+
+impl<'m, 'p> Run<'m, 'p> {
+    pub fn new(mapping: &'m Mapping, index: AnswerIndex<'p>) -> Self {
+        Run {
+            mapping,
+            index,
+            issues: Vec::new(),
+            missing: Vec::new(),
+            raised: Vec::new(),
+        }
+    }
+}
+
+/// The reason an answer its item's pattern does not match is missing.
+const NO_MATCH: &str = "the answer does not match the item's pattern";
 
 pub(super) fn collect<'m>(nodes: &[Node<'m>], flat: &mut Answers<'m>) {
     for n in nodes {
@@ -77,13 +95,28 @@ fn is_blank(v: &Value) -> bool {
     }
 }
 
+/// One raw value read through a rule's transforms.
+enum Read<'m> {
+    Answer(Answer<'m>),
+    /// Text that cannot be read as the item's value with certainty (a pattern that does not
+    /// match, a unit nobody named): the answer is missing, with this reason, never guessed.
+    Unreadable(String),
+}
+
+/// What an item's answers came to: those read, and why others could not be.
+struct Collected<'m> {
+    answers: Vec<Answer<'m>>,
+    unreadable: Option<String>,
+}
+
 impl<'m, 'p> Run<'m, 'p> {
     /// The raw JSON values a rule selects in `ctx` (arrays flattened one level, blanks dropped).
     fn raw<'a>(&'a self, rule: &ValueRule, ctx: &'a Value) -> Vec<&'a Value> {
         raw(&self.index, rule, ctx)
     }
 
-    /// Typed answers of a rule in `ctx`, after every declared transform.
+    /// Typed answers of a rule in `ctx`, after every declared transform; what cannot be read
+    /// is left out.
     pub(super) fn values(
         &mut self,
         rule: &'m ValueRule,
@@ -91,25 +124,76 @@ impl<'m, 'p> Run<'m, 'p> {
         ctx: &Value,
         at: &str,
     ) -> Vec<Answer<'m>> {
+        self.reads(rule, ty, ctx, at, "")
+            .into_iter()
+            .filter_map(|r| match r {
+                Read::Answer(a) => Some(a),
+                Read::Unreadable(_) => None,
+            })
+            .collect()
+    }
+
+    /// Every value a rule selects in `ctx` (its `default` when it selects none) read through
+    /// its transforms. A value that does not fit is an error naming `at`, where the value came
+    /// from (`[i]` of several) and `label` (a `sum` part), never the value.
+    fn reads(
+        &mut self,
+        rule: &'m ValueRule,
+        ty: ItemType,
+        ctx: &Value,
+        at: &str,
+        label: &str,
+    ) -> Vec<Read<'m>> {
+        let (index, issues, raised) = (&self.index, &mut self.issues, &mut self.raised);
+        let raws = raw(index, rule, ctx);
+        let sources: Vec<&Value> = if raws.is_empty() {
+            rule.default.iter().collect()
+        } else {
+            raws
+        };
+        let several = sources.len() > 1;
         let mut out = Vec::new();
-        let issues = &mut self.issues;
-        let mut convert_all = |raw: &Value| {
-            for part in split(rule, raw) {
-                match convert(rule, ty, &part) {
-                    Ok(a) => out.push(a),
+        for (i, raw) in sources.into_iter().enumerate() {
+            let parts = split(rule, raw);
+            let many = several || parts.len() > 1;
+            for (j, part) in parts.iter().enumerate() {
+                match read(rule, ty, part) {
+                    Ok(r) => {
+                        let kept = matches!(r, Read::Answer(Answer::Str(_)));
+                        if ty == ItemType::Choice && kept && !raised.contains(&UNMAPPED_OPTION) {
+                            raised.push(UNMAPPED_OPTION);
+                        }
+                        out.push(r);
+                    }
                     Err((code, msg)) => {
-                        issues.push(Issue::error(code, msg).at(at.to_string()).at(origin(rule)))
+                        let mut whence = origin(rule);
+                        if several {
+                            whence.push_str(&format!("[{i}]"));
+                        }
+                        let which = if !many {
+                            String::new()
+                        } else if several && parts.len() > 1 {
+                            format!("answer {}, part {}: ", i + 1, j + 1)
+                        } else {
+                            format!("answer {}: ", i.max(j) + 1)
+                        };
+                        issues.push(
+                            Issue::error(code, format!("{label}{which}{msg}"))
+                                .at(at.to_string())
+                                .at(whence),
+                        );
                     }
                 }
             }
-        };
-        let raws = raw(&self.index, rule, ctx);
-        if raws.is_empty() {
-            rule.default.iter().for_each(&mut convert_all);
-        } else {
-            raws.into_iter().for_each(&mut convert_all);
         }
         out
+    }
+
+    /// Raises a flag of the gateway's own (`implausible_value`, `unmapped_option`) once.
+    fn raise(&mut self, flag: &'static str) {
+        if !self.raised.contains(&flag) {
+            self.raised.push(flag);
+        }
     }
 
     pub(super) fn first_string(
@@ -128,33 +212,41 @@ impl<'m, 'p> Run<'m, 'p> {
         }
     }
 
-    fn item_answers(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Vec<Answer<'m>> {
+    fn item_answers(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Collected<'m> {
         if !item.sum.is_empty() {
             return self.sum_parts(item, ctx, key);
         }
-        let mut answers = self.values(&item.rule, item.item_type, ctx, key);
+        let mut unreadable = None;
+        let mut answers = Vec::new();
+        for r in self.reads(&item.rule, item.item_type, ctx, key, "") {
+            match r {
+                Read::Answer(a) => answers.push(a),
+                Read::Unreadable(why) => unreadable = unreadable.or(Some(why)),
+            }
+        }
         if item.item_type == ItemType::Quantity {
             let unit = item.unit.as_deref().unwrap_or("1");
             answers = answers
                 .into_iter()
                 .filter_map(|a| {
-                    let n = match a {
-                        Answer::Dec(n) => n,
+                    // A number in the unit the vendor uses (`from_unit`), or in the unit its
+                    // text named (a pattern's `unit` capture).
+                    let (n, from) = match a {
+                        Answer::Dec(n) => (n, item.rule.from_unit.as_deref().unwrap_or(unit)),
+                        Answer::Quantity(n, from) => (n, from),
                         other => return Some(other),
                     };
-                    match item.rule.from_unit.as_deref() {
-                        Some(from) if from != unit => {
-                            let n = in_unit(item, &n, from, unit);
-                            if n.is_none() {
-                                self.issues.push(
-                                    Issue::error("value", "the number could not be converted")
-                                        .at(key.to_string()),
-                                );
-                            }
-                            n.map(|n| Answer::Quantity(n, unit))
-                        }
-                        _ => Some(Answer::Quantity(n, unit)),
+                    if from == unit {
+                        return Some(Answer::Quantity(n, unit));
                     }
+                    let n = in_unit(item, &n, from, unit);
+                    if n.is_none() {
+                        self.issues.push(
+                            Issue::error("value", "the number could not be converted")
+                                .at(key.to_string()),
+                        );
+                    }
+                    n.map(|n| Answer::Quantity(n, unit))
                 })
                 .collect();
         }
@@ -169,31 +261,145 @@ impl<'m, 'p> Run<'m, 'p> {
             );
             answers.truncate(1);
         }
-        answers
+        Collected {
+            answers,
+            unreadable,
+        }
     }
 
-    /// A composite quantity (feet + inches): parts that are present are summed; 0 is an answer.
-    fn sum_parts(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Vec<Answer<'m>> {
+    /// A composite quantity (feet + inches, or the captures of a pattern): the sum of its
+    /// parts, each converted to the item's unit; 0 is an answer. A part that selects nothing
+    /// and has no `default` makes the whole item unreadable — a height of 6 inches is not a
+    /// height with its feet skipped.
+    fn sum_parts(&mut self, item: &'m Item, ctx: &Value, key: &str) -> Collected<'m> {
         let unit = item.unit.as_deref().unwrap_or("1");
-        let mut total = None::<f64>;
-        for (rule, part_unit) in &item.sum {
-            if let Some(a) = self.values(rule, ItemType::Decimal, ctx, key).first() {
-                let x = a
-                    .as_f64()
-                    .and_then(|x| super::units::convert(x, part_unit, unit).ok());
-                match x {
-                    Some(x) => total = Some(total.unwrap_or(0.0) + x),
-                    None => self.issues.push(
-                        Issue::error("value", "a part could not be converted").at(key.to_string()),
-                    ),
+        let nothing = |unreadable: Option<String>| Collected {
+            answers: Vec::new(),
+            unreadable,
+        };
+        // Each part's number in its own unit; `None` for a part that selected nothing.
+        let mut numbers: Vec<(usize, Option<f64>)> = Vec::with_capacity(item.sum.len());
+        let mut answered = false;
+        if let Some(pattern) = &item.rule.pattern {
+            let Some(text) = self.first_text(&item.rule, ctx) else {
+                return nothing(None);
+            };
+            let Some((re, caps)) = pattern.matching(&text) else {
+                return nothing(Some(NO_MATCH.to_string()));
+            };
+            answered = true;
+            for (i, part) in item.sum.iter().enumerate() {
+                let Some(name) = part.capture.as_deref() else {
+                    continue;
+                };
+                // A capture of another alternative: this part does not apply to this text.
+                if !re.capture_names().flatten().any(|n| n == name) {
+                    continue;
+                }
+                let n = match caps.name(name) {
+                    Some(m) => match value::number(&Value::String(m.as_str().to_string())) {
+                        Some(n) => n.as_f64(),
+                        None => {
+                            return nothing(Some(format!(
+                                "the pattern's capture `{name}` is not a number"
+                            )))
+                        }
+                    },
+                    None => part
+                        .rule
+                        .default
+                        .as_ref()
+                        .and_then(|d| value::number(d)?.as_f64()),
+                };
+                numbers.push((i, n));
+            }
+        } else {
+            for (i, part) in item.sum.iter().enumerate() {
+                answered |= !raw(&self.index, &part.rule, ctx).is_empty();
+                let label = format!("sum part {} ({}): ", i + 1, part.name());
+                let n = self
+                    .reads(&part.rule, ItemType::Decimal, ctx, key, &label)
+                    .into_iter()
+                    .find_map(|r| match r {
+                        Read::Answer(a) => a.as_f64(),
+                        Read::Unreadable(_) => None,
+                    });
+                numbers.push((i, n));
+            }
+        }
+        if !answered {
+            return nothing(None);
+        }
+        let mut total = 0.0;
+        for (i, n) in numbers {
+            let part = &item.sum[i];
+            let Some(n) = n else {
+                return nothing(Some(format!(
+                    "sum part {} ({}) was not answered: the item cannot be read without it",
+                    i + 1,
+                    part.name()
+                )));
+            };
+            match super::units::convert(n, &part.unit, unit) {
+                Ok(x) => total += x,
+                Err(_) => {
+                    self.issues.push(
+                        Issue::error(
+                            "value",
+                            format!(
+                                "sum part {} ({}) could not be converted",
+                                i + 1,
+                                part.name()
+                            ),
+                        )
+                        .at(key.to_string()),
+                    );
+                    return nothing(None);
                 }
             }
         }
-        total
-            .and_then(|t| value::rounded(t, item.precision.unwrap_or(2)))
-            .map(|n| Answer::Quantity(n, unit))
+        Collected {
+            answers: value::rounded(total, item.precision.unwrap_or(2))
+                .map(|n| Answer::Quantity(n, unit))
+                .into_iter()
+                .collect(),
+            unreadable: None,
+        }
+    }
+
+    /// The first text a rule selects, after `strip_html`, `split`, `pick` and `trim` (what a
+    /// `sum` item's pattern reads); numbers as written.
+    fn first_text(&self, rule: &ValueRule, ctx: &Value) -> Option<String> {
+        let raws = raw(&self.index, rule, ctx);
+        let first = raws.first()?;
+        split(rule, first)
             .into_iter()
-            .collect()
+            .find_map(|v| match v.as_ref() {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+    }
+
+    /// The answers of `item` that are plausible. Each one outside its range (a quantity's, or
+    /// a part of a free-text blood pressure) is held back: the item is listed as missing with
+    /// the reason, and `implausible_value` is raised.
+    fn plausible(&mut self, item: &'m Item, answers: Vec<Answer<'m>>) -> Collected<'m> {
+        let mut unreadable = None;
+        let mut kept = Vec::with_capacity(answers.len());
+        for a in answers {
+            match implausible(item, &a) {
+                Some(why) => unreadable = unreadable.or(Some(why)),
+                None => kept.push(a),
+            }
+        }
+        if unreadable.is_some() {
+            self.raise(IMPLAUSIBLE_VALUE);
+        }
+        Collected {
+            answers: kept,
+            unreadable,
+        }
     }
 
     pub(super) fn extract(
@@ -241,14 +447,18 @@ impl<'m, 'p> Run<'m, 'p> {
                     children: Vec::new(),
                 });
             } else {
-                let answers = self.item_answers(item, ctx, &key);
-                if answers.is_empty() {
+                let read = self.item_answers(item, ctx, &key);
+                let checked = self.plausible(item, read.answers);
+                if let Some(why) = read.unreadable.or(checked.unreadable) {
+                    self.note_unreadable(item, &key, why);
+                } else if checked.answers.is_empty() {
                     self.note_missing(item);
-                } else {
+                }
+                if !checked.answers.is_empty() {
                     nodes.push(Node {
                         item,
                         key,
-                        answers,
+                        answers: checked.answers,
                         children: Vec::new(),
                     });
                 }
@@ -257,11 +467,26 @@ impl<'m, 'p> Run<'m, 'p> {
         nodes
     }
 
+    /// An answer given but not charted (unreadable or implausible): listed as missing with
+    /// the reason, whether or not the item is required — the patient meant to answer it.
+    fn note_unreadable(&mut self, item: &'m Item, key: &str, reason: String) {
+        self.issues.push(
+            Issue::warning("value", format!("`{}` not charted: {reason}", item.link_id))
+                .at(key.to_string()),
+        );
+        self.missing.push(MissingAnswer {
+            link_id: item.link_id.clone(),
+            text: item.text.clone(),
+            reason: Some(reason),
+        });
+    }
+
     fn note_missing(&mut self, item: &'m Item) {
         if item.required {
             self.missing.push(MissingAnswer {
                 link_id: item.link_id.clone(),
                 text: item.text.clone(),
+                reason: None,
             });
         }
     }
@@ -272,13 +497,21 @@ impl<'m, 'p> Run<'m, 'p> {
         for node in nodes.iter_mut() {
             self.derive(&mut node.children, flat);
             let Some(d) = &node.item.derive else { continue };
-            if let Some(a) = self.derived_value(node.item, d, flat) {
+            let derived = self.derived_value(node.item, d, flat);
+            let Some(a) = derived else {
+                self.note_missing(node.item);
+                continue;
+            };
+            // A value derived from plausible ones may still not be (a BMI of 300).
+            let checked = self.plausible(node.item, vec![a]);
+            if let Some(why) = checked.unreadable {
+                self.note_unreadable(node.item, &node.key.clone(), why);
+            }
+            for a in checked.answers {
                 flat.entry(node.item.link_id.as_str())
                     .or_default()
                     .push(a.clone());
                 node.answers.push(a);
-            } else {
-                self.note_missing(node.item);
             }
         }
         nodes.retain(|n| !n.answers.is_empty() || !n.children.is_empty());
@@ -377,6 +610,7 @@ impl<'m, 'p> Run<'m, 'p> {
                     self.missing.push(MissingAnswer {
                         link_id: item.link_id.clone(),
                         text: item.text.clone(),
+                        reason: None,
                     });
                 }
             }
@@ -463,6 +697,86 @@ fn raw<'a>(index: &'a AnswerIndex<'_>, rule: &ValueRule, ctx: &'a Value) -> Vec<
     out
 }
 
+/// Why an answer is implausible for its item (`None`: it is plausible, or nothing says).
+fn implausible(item: &Item, a: &Answer<'_>) -> Option<String> {
+    if let (Some(range), Some(x)) = (&item.range, a.as_f64()) {
+        if !range.contains(x) {
+            return Some(range.reason());
+        }
+    }
+    // A free-text blood pressure: each number against its component's range.
+    if let (Answer::Str(s), Some(o)) = (a, &item.observation) {
+        if let super::Components::Split { separator, parts } = &o.components {
+            let numbers: Vec<Option<f64>> = s
+                .split(separator.as_str())
+                .map(|p| value::number(&Value::String(p.trim().to_string()))?.as_f64())
+                .collect();
+            if numbers.len() == parts.len() {
+                for (n, part) in numbers.iter().zip(parts) {
+                    if let (Some(n), Some(r)) = (n, &part.range) {
+                        if !r.contains(*n) {
+                            let code = part.code.get("code").and_then(Value::as_str).unwrap_or("");
+                            return Some(format!("component {code}: {}", r.reason()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// One raw value (a part, after `split`) read as the item's type: through its pattern (a
+/// number, and the unit its text names), or its value map and coercion.
+fn read<'m>(
+    rule: &'m ValueRule,
+    ty: ItemType,
+    raw: &Value,
+) -> Result<Read<'m>, (&'static str, String)> {
+    let Some(pattern) = &rule.pattern else {
+        return convert(rule, ty, raw).map(Read::Answer);
+    };
+    let text: Cow<'_, str> = match raw {
+        Value::String(s) => Cow::Borrowed(s.as_str()),
+        Value::Number(n) => Cow::Owned(n.to_string()),
+        other => {
+            let kind = crate::fhir::outcome::json_type(other);
+            return Err((
+                "value",
+                format!("expected text for `pattern` to read, got {kind}"),
+            ));
+        }
+    };
+    let Some((_, caps)) = pattern.matching(&text) else {
+        return Ok(Read::Unreadable(NO_MATCH.to_string()));
+    };
+    let Some(number) = caps
+        .name("value")
+        .and_then(|m| value::number(&Value::String(m.as_str().to_string())))
+    else {
+        return Ok(Read::Unreadable(
+            "the pattern's capture `value` is not a number".to_string(),
+        ));
+    };
+    let unit = match caps.name("unit") {
+        None => None,
+        Some(m) => match pattern.unit_of(m.as_str()) {
+            Some(code) => Some(code),
+            None => {
+                return Ok(Read::Unreadable(
+                    "the answer names a unit the map does not know (add it to `units`)".to_string(),
+                ))
+            }
+        },
+    };
+    let answer =
+        value::coerce(&Value::Number(number), ty, None).map_err(|e| (e.code, e.message))?;
+    Ok(Read::Answer(match (answer, unit) {
+        (Answer::Dec(n), Some(code)) => Answer::Quantity(n, code),
+        (a, _) => a,
+    }))
+}
+
 /// One raw value through the value map (if any) and coercion to the item's type.
 fn convert<'m>(
     rule: &'m ValueRule,
@@ -484,9 +798,16 @@ fn convert<'m>(
             match map.get(&key) {
                 Some(MapTarget::Coding(c)) => return Ok(Answer::Coding(c)),
                 Some(MapTarget::Value(v)) => v,
+                // Kept as the text it is (the QuestionnaireResponse's `valueString`), charted
+                // as no Observation, and flagged for a person to look at.
+                None if rule.unknown_option == UnknownOption::Keep && ty == ItemType::Choice => {
+                    return Ok(Answer::Str(key.into_owned()));
+                }
                 None => {
                     let n = map.entries.len();
-                    let msg = format!("the answer is not one of the {n} options of the value map");
+                    let msg = format!(
+                        "an option that is not one of the {n} of the value map; add it to `map`, or set `unknown_option: keep`"
+                    );
                     return Err(("code-invalid", msg));
                 }
             }
@@ -495,12 +816,13 @@ fn convert<'m>(
     value::coerce(mapped, ty, rule.format.as_deref()).map_err(|e| (e.code, e.message))
 }
 
-/// Splits a raw string into parts as the rule says (after stripping HTML); other values pass.
+/// Splits a raw string into parts as the rule says (after stripping HTML), picks one, trims
+/// them; other values pass. With `pick`, a text without the separator has no part to pick.
 fn split<'a>(rule: &ValueRule, raw: &'a Value) -> Vec<Cow<'a, Value>> {
     let Value::String(s) = raw else {
         return vec![Cow::Borrowed(raw)];
     };
-    if !rule.strip_html && rule.split.is_none() {
+    if !rule.strip_html && rule.split.is_none() && rule.trim.is_none() {
         return if s.trim().is_empty() {
             Vec::new()
         } else {
@@ -512,19 +834,84 @@ fn split<'a>(rule: &ValueRule, raw: &'a Value) -> Vec<Cow<'a, Value>> {
     } else {
         Cow::Borrowed(s.as_str())
     };
-    match &rule.split {
-        Some(sep) => {
-            let parts = s
-                .split(sep.as_str())
-                .map(str::trim)
-                .filter(|p| !p.is_empty());
-            let owned = |p: &str| Cow::Owned(Value::String(p.to_string()));
-            match rule.pick {
-                Some(n) => parts.skip(n).take(1).map(owned).collect(),
-                None => parts.map(owned).collect(),
-            }
+    let trim = |p: &'_ str| -> String {
+        match &rule.trim {
+            Some(chars) => p
+                .trim_matches(|c: char| c.is_whitespace() || chars.contains(c))
+                .to_string(),
+            None => p.trim().to_string(),
         }
-        None if s.trim().is_empty() => Vec::new(),
-        None => vec![Cow::Owned(Value::String(s.into_owned()))],
+    };
+    let parts: Vec<String> = match &rule.split {
+        Some(sep) if rule.pick.is_some() && !s.contains(sep.as_str()) => Vec::new(),
+        Some(sep) => s
+            .split(sep.as_str())
+            .map(trim)
+            .filter(|p| !p.is_empty())
+            .collect(),
+        None => vec![trim(&s)],
+    };
+    let picked: Vec<String> = match rule.pick {
+        None => parts,
+        Some(n) => {
+            let i = if n < 0 {
+                usize::try_from(n.unsigned_abs())
+                    .ok()
+                    .and_then(|back| parts.len().checked_sub(back))
+            } else {
+                usize::try_from(n).ok()
+            };
+            i.and_then(|i| parts.into_iter().nth(i))
+                .into_iter()
+                .collect()
+        }
+    };
+    picked
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| Cow::Owned(Value::String(p)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::split;
+    use crate::mapping::ValueRule;
+
+    fn parts(rule: &ValueRule, text: &str) -> Vec<String> {
+        split(rule, &json!(text))
+            .into_iter()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// `pick` counts from the end when negative; past the parts, or without the separator,
+    /// there is nothing to pick (never the whole text); `trim` takes the characters it names.
+    #[test]
+    fn pick_and_trim_take_only_what_is_there() {
+        let rule = |pick: i64, trim: Option<&str>| ValueRule {
+            split: Some(" ".into()),
+            pick: Some(pick),
+            trim: trim.map(str::to_string),
+            ..ValueRule::default()
+        };
+        assert_eq!(parts(&rule(0, None), "Thomas J. Becker"), ["Thomas"]);
+        assert_eq!(parts(&rule(-1, None), "Thomas J. Becker"), ["Becker"]);
+        assert_eq!(parts(&rule(-2, Some(".")), "Thomas J. Becker"), ["J"]);
+        assert!(parts(&rule(3, None), "Thomas J. Becker").is_empty());
+        assert!(parts(&rule(-4, None), "Thomas J. Becker").is_empty());
+        assert!(parts(&rule(0, None), "Madonna").is_empty(), "no separator");
+        let whole = ValueRule {
+            trim: Some(".,".into()),
+            ..ValueRule::default()
+        };
+        assert_eq!(parts(&whole, " Becker., "), ["Becker"]);
+        assert_eq!(
+            split(&whole, &Value::Bool(true)).len(),
+            1,
+            "non-text passes"
+        );
     }
 }

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::condition::{Cmp, Condition};
+use super::plausible::{self, Range};
 use super::select::{AnswerSource, Selector};
 use super::spec::{self, ConditionSpec, ItemSpec, MappingSpec, ValueSpec};
 use super::units::{self, Dimension};
 use super::value::{self, CodingTarget};
 use super::{
-    Components, Derivation, Flag, Item, ItemType, MapTarget, Mapping, ObservationRule, PatientRule,
-    Source, ValueMap, ValueRule,
+    AcceptWhen, Components, Derivation, Flag, Item, ItemType, MapTarget, Mapping, ObservationRule,
+    PatientRule, Pattern, Source, SplitPart, SumPart, UnknownOption, ValueMap, ValueRule,
 };
 
 /// One problem in a mapping file.
@@ -319,7 +320,8 @@ impl Compiler<'_> {
 
         let source = self.source(spec.source);
         let flags = self.flags(spec.flags);
-        let projection = super::projection(&source, &items);
+        let accept_when = spec.accept_when.and_then(|c| self.accept_when(c));
+        let projection = super::projection(&source, &items, accept_when.as_ref());
         Mapping {
             id: spec.id,
             version,
@@ -332,6 +334,7 @@ impl Compiler<'_> {
             source,
             items,
             flags,
+            accept_when,
             projection,
         }
     }
@@ -430,9 +433,29 @@ impl Compiler<'_> {
                 }
             }
         }
+        let status = s.status.map(|v| {
+            let at = At {
+                line: self.key_position(at.line, "status").0,
+                item: "source.status".into(),
+            };
+            let rule = self.value_rule(&at, v, ItemType::String);
+            for (k, t) in rule.map.iter().flat_map(|m| &m.entries) {
+                let ok = matches!(t, MapTarget::Value(Value::String(s)) if super::QR_STATUSES.contains(&s.as_str()));
+                if !ok {
+                    self.err(
+                        &at,
+                        "status",
+                        format!("status map entry `{k}` must be one of {}", super::QR_STATUSES.join(", ")),
+                        None,
+                    );
+                }
+            }
+            rule
+        });
         Source {
             submission_id,
             submitted_at,
+            status,
             answers,
             patient: PatientRule {
                 system: p.identifier.system,
@@ -483,6 +506,30 @@ impl Compiler<'_> {
                 at,
                 "pick",
                 "`pick` chooses a part after `split`: add `split`",
+                None,
+            );
+        }
+        let trim = match v.trim {
+            None | Some(spec::Trim::Whitespace(false)) => None,
+            Some(spec::Trim::Whitespace(true)) => Some(String::new()),
+            Some(spec::Trim::Chars(c)) => Some(c),
+        };
+        if v.pattern.is_some() && v.map.is_some() {
+            self.err(
+                at,
+                "pattern",
+                "give `pattern` (a number in free text) or `map` (options), not both",
+                None,
+            );
+        }
+        let pattern = v
+            .pattern
+            .map(|p| self.pattern(at, p.into_vec(), v.units, ty));
+        if v.unknown_option.is_some() && v.map.is_none() {
+            self.err(
+                at,
+                "unknown_option",
+                "`unknown_option` says what an answer the value map does not know does: it needs `map`",
                 None,
             );
         }
@@ -540,11 +587,113 @@ impl Compiler<'_> {
             strip_html: v.strip_html,
             split: v.split,
             pick: v.pick,
+            trim,
+            pattern: pattern.flatten(),
             map,
+            unknown_option: v.unknown_option.unwrap_or_default(),
             format: v.format,
             from_unit: v.from_unit,
             default: v.default,
         }
+    }
+
+    /// Compiles a `pattern` (its alternatives) and its `units`. Which captures it must have
+    /// depends on the item (`value`, or the `sum` parts' captures): `item` checks that.
+    fn pattern(
+        &mut self,
+        at: &At,
+        alternatives: Vec<String>,
+        units_spec: Option<serde_json::Map<String, Value>>,
+        ty: ItemType,
+    ) -> Option<Pattern> {
+        if !matches!(
+            ty,
+            ItemType::Decimal | ItemType::Integer | ItemType::Quantity
+        ) {
+            self.err(
+                at,
+                "pattern",
+                format!(
+                    "`pattern` reads a number: it applies to decimal, integer and quantity items, not {}",
+                    ty.fhir_code()
+                ),
+                None,
+            );
+            return None;
+        }
+        if alternatives.is_empty() {
+            self.err(
+                at,
+                "pattern",
+                "`pattern` needs at least one regular expression",
+                None,
+            );
+            return None;
+        }
+        let mut compiled = Vec::with_capacity(alternatives.len());
+        for (i, text) in alternatives.iter().enumerate() {
+            let which = if alternatives.len() > 1 {
+                format!("pattern {}", i + 1)
+            } else {
+                "`pattern`".to_string()
+            };
+            let hint = Some(
+                r#"a Rust regular expression with named captures, e.g. '^(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>lbs?|kg)?$'"#
+                    .to_string(),
+            );
+            match regex::Regex::new(text) {
+                Err(e) => {
+                    let why = e.to_string();
+                    let why = why.lines().last().unwrap_or("").trim().to_string();
+                    self.err(
+                        at,
+                        "pattern",
+                        format!("{which} is not a valid regular expression: {why}"),
+                        hint,
+                    );
+                }
+                Ok(re) => {
+                    let never = regex_syntax::parse(text)
+                        .map(|hir| hir.properties().minimum_len().is_none())
+                        .unwrap_or(false);
+                    if never {
+                        self.err(
+                            at,
+                            "pattern",
+                            format!("{which} can never match any text"),
+                            hint,
+                        );
+                    } else if re.capture_names().flatten().next().is_none() {
+                        self.err(
+                            at,
+                            "pattern",
+                            format!("{which} has no named capture: name the number `(?P<value>…)`"),
+                            hint,
+                        );
+                    } else {
+                        compiled.push(re);
+                    }
+                }
+            }
+        }
+        let mut units_map = std::collections::HashMap::new();
+        for (text, code) in units_spec.into_iter().flatten() {
+            match code.as_str() {
+                Some(code) if units::is_known(code) => {
+                    units_map.insert(text.trim().to_lowercase(), code.to_string());
+                }
+                _ => self.err(
+                    at,
+                    "units",
+                    format!("`units` entry `{text}` must name a known UCUM unit"),
+                    Some(format!("known: {}", units::known_codes())),
+                ),
+            }
+        }
+        (compiled.len() == alternatives.len()).then_some(Pattern {
+            alternatives: compiled,
+            units: units_map,
+        })
     }
 
     fn value_map(&mut self, at: &At, m: serde_json::Map<String, Value>, ty: ItemType) -> ValueMap {
@@ -737,16 +886,22 @@ impl Compiler<'_> {
             || s.value.default.is_some()
             || s.sum.is_some()
             || s.derive.is_some();
-        let rule = self.value_rule(&at, s.value, item_type);
-        let sum: Vec<(ValueRule, String)> = s
+        let unknown_option_given = s.value.unknown_option.is_some();
+        let mut rule = self.value_rule(&at, s.value, item_type);
+        // An unexpected option beside the expected ones (an "Other" box's text, an option the
+        // form's owner added) must not take a multi-select's other answers with it.
+        if !unknown_option_given && item_type == ItemType::Choice && s.repeats {
+            rule.unknown_option = UnknownOption::Keep;
+        }
+        let sum: Vec<SumPart> = s
             .sum
             .unwrap_or_default()
             .into_iter()
-            .map(|p| {
-                let r = self.value_rule(&at, p.value, ItemType::Quantity);
-                (r, p.unit)
-            })
+            .map(|p| self.sum_part(&at, p, rule.pattern.is_some()))
             .collect();
+        if let Some(pattern) = &rule.pattern {
+            self.pattern_captures(&at, pattern, &sum, item_type);
+        }
         let derive = s.derive.as_deref().and_then(|d| self.derivation(&at, d));
 
         match item_type {
@@ -809,9 +964,14 @@ impl Compiler<'_> {
                             self.err(&at, "from_unit", e.to_string(), None);
                         }
                     }
-                    for (_, part_unit) in &sum {
-                        if let Err(e) = units::check(part_unit, u) {
+                    for part in &sum {
+                        if let Err(e) = units::check(&part.unit, u) {
                             self.err(&at, "sum", e.to_string(), None);
+                        }
+                    }
+                    for code in rule.pattern.iter().flat_map(|p| p.units.values()) {
+                        if let Err(e) = units::check(code, u) {
+                            self.err(&at, "units", e.to_string(), None);
                         }
                     }
                 }
@@ -845,7 +1005,15 @@ impl Compiler<'_> {
         let children = self.items(s.items, &path);
         let observation = s
             .observation
-            .and_then(|o| self.observation(&at, o, item_type, &code, &children));
+            .and_then(|o| self.observation(&at, o, item_type, &code, &children, unit.as_deref()));
+        let range = self.range(
+            &at,
+            s.range,
+            item_type,
+            unit.as_deref(),
+            &observation,
+            &code,
+        );
         Some(Item {
             link_id: s.link_id,
             text: s.text,
@@ -859,9 +1027,188 @@ impl Compiler<'_> {
             derive,
             unit,
             precision: s.precision,
+            range,
             code,
             observation,
             children,
+        })
+    }
+
+    /// One `sum` part: an answer of its own, or (with the item's `pattern`) a named capture.
+    fn sum_part(&mut self, at: &At, p: spec::SumPartSpec, item_has_pattern: bool) -> SumPart {
+        match (&p.capture, item_has_pattern) {
+            (Some(_), false) => self.err(
+                at,
+                "capture",
+                "a `sum` part with `capture` reads the item's `pattern`: give the item one",
+                None,
+            ),
+            (None, true) => self.err(
+                at,
+                "sum",
+                "with a `pattern`, each `sum` part names the capture it reads (`capture: ft`)",
+                None,
+            ),
+            (Some(_), true) if p.value.answer.is_some() || p.value.path.is_some() => self.err(
+                at,
+                "capture",
+                "a part reads a capture or an answer of its own, not both",
+                None,
+            ),
+            _ => {}
+        }
+        let rule = self.value_rule(at, p.value, ItemType::Quantity);
+        if p.capture.is_none() && rule.answer.is_none() && rule.path.is_none() {
+            self.err(
+                at,
+                "sum",
+                "a `sum` part needs `answer`, `path` or `capture`",
+                None,
+            );
+        }
+        if !units::is_known(&p.unit) {
+            self.err(
+                at,
+                "sum",
+                format!("unknown UCUM unit `{}`", p.unit),
+                Some(format!("known: {}", units::known_codes())),
+            );
+        }
+        SumPart {
+            rule,
+            capture: p.capture,
+            unit: p.unit,
+        }
+    }
+
+    /// The captures a pattern names fit what reads them: with `sum`, each capture is a part's
+    /// and each part's capture is in some alternative; without, each alternative has `value`
+    /// (and `unit` only for a quantity).
+    fn pattern_captures(&mut self, at: &At, pattern: &Pattern, sum: &[SumPart], ty: ItemType) {
+        let used: Vec<&str> = sum.iter().filter_map(|p| p.capture.as_deref()).collect();
+        for (i, re) in pattern.alternatives.iter().enumerate() {
+            let which = if pattern.alternatives.len() > 1 {
+                format!("pattern {}", i + 1)
+            } else {
+                "`pattern`".to_string()
+            };
+            let names: Vec<&str> = re.capture_names().flatten().collect();
+            for name in &names {
+                let ok = if sum.is_empty() {
+                    *name == "value" || (*name == "unit" && ty == ItemType::Quantity)
+                } else {
+                    used.contains(name)
+                };
+                if !ok {
+                    let hint = if sum.is_empty() {
+                        "name the number `value` (and, in a quantity, its unit `unit`)"
+                    } else {
+                        "each capture is read by a `sum` part (`{capture: <name>, unit: …}`)"
+                    };
+                    self.err(
+                        at,
+                        "pattern",
+                        format!("{which} names a capture `{name}` that nothing uses"),
+                        Some(hint.to_string()),
+                    );
+                }
+            }
+            if sum.is_empty() && !names.contains(&"value") {
+                self.err(
+                    at,
+                    "pattern",
+                    format!("{which} has no capture `value` (the number)"),
+                    None,
+                );
+            }
+            if !sum.is_empty() && !names.iter().any(|n| used.contains(n)) {
+                self.err(
+                    at,
+                    "pattern",
+                    format!("{which} captures no part of the `sum`"),
+                    None,
+                );
+            }
+        }
+        for name in &used {
+            if !pattern
+                .alternatives
+                .iter()
+                .any(|re| re.capture_names().flatten().any(|n| n == *name))
+            {
+                self.err(
+                    at,
+                    "sum",
+                    format!("part `{name}` reads a capture that no pattern has"),
+                    None,
+                );
+            }
+        }
+    }
+
+    /// The item's plausible range: declared (`range`), else the default of the vital sign its
+    /// Observation (or, as a component, its code) charts.
+    fn range(
+        &mut self,
+        at: &At,
+        declared: Option<spec::RangeSpec>,
+        ty: ItemType,
+        unit: Option<&str>,
+        observation: &Option<ObservationRule>,
+        code: &Option<Value>,
+    ) -> Option<Range> {
+        let numeric = matches!(
+            ty,
+            ItemType::Decimal | ItemType::Integer | ItemType::Quantity
+        );
+        if let Some(r) = declared {
+            return self.declared_range(at, r, numeric, unit);
+        }
+        if !numeric {
+            return None;
+        }
+        let codes: Vec<&Value> = match observation {
+            Some(o) if !o.codes.is_empty() => o.codes.iter().collect(),
+            _ => code.iter().collect(),
+        };
+        plausible::default_range(&codes, unit)
+    }
+
+    fn declared_range(
+        &mut self,
+        at: &At,
+        r: spec::RangeSpec,
+        numeric: bool,
+        unit: Option<&str>,
+    ) -> Option<Range> {
+        if !numeric {
+            self.err(
+                at,
+                "range",
+                "`range` applies to decimal, integer and quantity items",
+                None,
+            );
+            return None;
+        }
+        let ok = match (r.min, r.max) {
+            (None, None) => false,
+            (Some(a), Some(b)) => a.is_finite() && b.is_finite() && a <= b,
+            (Some(x), None) | (None, Some(x)) => x.is_finite(),
+        };
+        if !ok {
+            self.err(
+                at,
+                "range",
+                "`range` needs `min`, `max` or both, with min ≤ max",
+                Some("in the item's unit, e.g. {min: 30, max: 272} for a height in cm".to_string()),
+            );
+            return None;
+        }
+        Some(Range {
+            min: r.min,
+            max: r.max,
+            unit: unit.map(str::to_string),
+            default_for: None,
         })
     }
 
@@ -903,6 +1250,7 @@ impl Compiler<'_> {
         item_type: ItemType,
         item_code: &Option<Value>,
         children: &[Item],
+        _unit: Option<&str>,
     ) -> Option<ObservationRule> {
         let codes = match &o.code {
             Some(Value::Array(list)) if !list.is_empty() => list
@@ -995,8 +1343,16 @@ impl Compiler<'_> {
                                 None,
                             );
                         }
-                        self.coding(at, "split_components", &p.code)
-                            .map(|c| (c, p.unit))
+                        let code = self.coding(at, "split_components", &p.code)?;
+                        let range = match p.range {
+                            Some(r) => self.declared_range(at, r, true, Some(&p.unit)),
+                            None => plausible::default_range(&[&code], Some(&p.unit)),
+                        };
+                        Some(SplitPart {
+                            code,
+                            unit: p.unit,
+                            range,
+                        })
                     })
                     .collect();
                 Components::Split {
@@ -1059,6 +1415,19 @@ impl Compiler<'_> {
     }
 
     fn condition(&mut self, at: &At, key: &str, c: ConditionSpec) -> Option<Condition> {
+        self.condition_on(at, key, c, None)
+    }
+
+    /// A condition on items' answers (`paths` none) or, for `accept_when`, on values of the
+    /// payload at JSONPaths (`paths` collects their selectors; the condition names each by
+    /// its text).
+    fn condition_on(
+        &mut self,
+        at: &At,
+        key: &str,
+        c: ConditionSpec,
+        mut paths: Option<&mut Vec<Selector>>,
+    ) -> Option<Condition> {
         let combinators = [c.any.is_some(), c.all.is_some(), c.not.is_some()]
             .iter()
             .filter(|b| **b)
@@ -1076,15 +1445,28 @@ impl Compiler<'_> {
         .iter()
         .filter(|b| **b)
         .count();
-        let hint = Some("write {item: <linkId>, equals|contains|in|answered|gt|gte|lt|lte: …}, or any/all/not of conditions".to_string());
-        if combinators + usize::from(c.item.is_some()) != 1
-            || (c.item.is_some() && ops != 1)
-            || (c.item.is_none() && ops != 0)
-        {
+        let subject = if paths.is_some() { "path" } else { "item" };
+        let hint = Some(format!("write {{{subject}: <{}>, equals|contains|in|answered|gt|gte|lt|lte: …}}, or any/all/not of conditions", if paths.is_some() { "JSONPath" } else { "linkId" }));
+        let wrong = if paths.is_some() {
+            c.item.is_some()
+        } else {
+            c.path.is_some()
+        };
+        if wrong {
+            let msg = if paths.is_some() {
+                "`accept_when` reads the payload: name a `path`, not an `item` (a post it ignores is never mapped)"
+            } else {
+                "`path` is for `accept_when`; conditions here name an `item`"
+            };
+            self.err(at, key, msg, hint);
+            return None;
+        }
+        let named = c.item.is_some() || c.path.is_some();
+        if combinators + usize::from(named) != 1 || (named && ops != 1) || (!named && ops != 0) {
             self.err(
                 at,
                 key,
-                "a condition needs exactly one `item` with one test, or one of any/all/not",
+                format!("a condition needs exactly one `{subject}` with one test, or one of any/all/not"),
                 hint,
             );
             return None;
@@ -1092,23 +1474,31 @@ impl Compiler<'_> {
         if let Some(list) = c.any {
             let cs: Vec<_> = list
                 .into_iter()
-                .filter_map(|c| self.condition(at, key, c))
+                .filter_map(|c| self.condition_on(at, key, c, paths.as_deref_mut()))
                 .collect();
             return Some(Condition::Any(cs));
         }
         if let Some(list) = c.all {
             let cs: Vec<_> = list
                 .into_iter()
-                .filter_map(|c| self.condition(at, key, c))
+                .filter_map(|c| self.condition_on(at, key, c, paths.as_deref_mut()))
                 .collect();
             return Some(Condition::All(cs));
         }
         if let Some(inner) = c.not {
             return self
-                .condition(at, key, *inner)
+                .condition_on(at, key, *inner, paths)
                 .map(|c| Condition::Not(Box::new(c)));
         }
-        let item = c.item.unwrap_or_default();
+        let item = match (c.item, c.path, paths) {
+            (Some(item), _, _) => item,
+            (None, Some(path), Some(paths)) => {
+                let selector = self.selector(at, key, &path)?;
+                paths.push(selector);
+                path
+            }
+            _ => return None,
+        };
         Some(if let Some(v) = c.equals.or(c.contains) {
             Condition::AnyOf {
                 item,
@@ -1127,6 +1517,21 @@ impl Compiler<'_> {
                 _ => return None,
             };
             Condition::Compare { item, op, value }
+        })
+    }
+
+    /// `accept_when`: which posts are submissions (a condition on the payload's values).
+    fn accept_when(&mut self, c: ConditionSpec) -> Option<AcceptWhen> {
+        let at = At {
+            line: self.section_line("accept_when"),
+            item: "accept_when".into(),
+        };
+        let mut paths = Vec::new();
+        let condition = self.condition_on(&at, "accept_when", c, Some(&mut paths))?;
+        Some(AcceptWhen {
+            text: condition.describe(),
+            condition,
+            paths,
         })
     }
 

@@ -39,6 +39,25 @@ pub enum Cmp {
 /// Answers by linkId, every occurrence.
 pub type Answers<'m> = HashMap<&'m str, Vec<Answer<'m>>>;
 
+/// A payload's value as a condition compares it (`accept_when`): booleans and numbers as
+/// such, also when a vendor writes them as text (`"true"`, `"1"`); other text as text.
+pub fn plain_answer<'m>(v: &Value) -> Option<Answer<'m>> {
+    Some(match v {
+        Value::Bool(b) => Answer::Bool(*b),
+        Value::Number(n) => Answer::Dec(n.clone()),
+        Value::String(s) => match s.trim() {
+            "" => return None,
+            "true" => Answer::Bool(true),
+            "false" => Answer::Bool(false),
+            t => match super::value::number(v) {
+                Some(n) => Answer::Dec(n),
+                None => Answer::Str(t.to_string()),
+            },
+        },
+        _ => return None,
+    })
+}
+
 impl Condition {
     pub fn eval(&self, answers: &Answers<'_>) -> bool {
         let of = |item: &str| answers.get(item).map(Vec::as_slice).unwrap_or(&[]);
@@ -59,6 +78,46 @@ impl Condition {
             Condition::Any(cs) => cs.iter().any(|c| c.eval(answers)),
             Condition::All(cs) => cs.iter().all(|c| c.eval(answers)),
             Condition::Not(c) => !c.eval(answers),
+        }
+    }
+
+    /// The condition as a mapping file would write it (`$.finalized equals true`), for
+    /// messages; values are the map's own, never a payload's.
+    pub fn describe(&self) -> String {
+        let list = |cs: &[Condition], word: &str| {
+            let parts: Vec<String> = cs.iter().map(|c| format!("({})", c.describe())).collect();
+            parts.join(&format!(" {word} "))
+        };
+        match self {
+            Condition::AnyOf { item, values } if values.len() == 1 => {
+                format!("{item} equals {}", values[0])
+            }
+            Condition::AnyOf { item, values } => {
+                let vs: Vec<String> = values.iter().map(Value::to_string).collect();
+                format!("{item} in [{}]", vs.join(", "))
+            }
+            Condition::Answered { item, answered } => {
+                format!(
+                    "{item} {}",
+                    if *answered {
+                        "answered"
+                    } else {
+                        "not answered"
+                    }
+                )
+            }
+            Condition::Compare { item, op, value } => {
+                let op = match op {
+                    Cmp::Gt => ">",
+                    Cmp::Gte => ">=",
+                    Cmp::Lt => "<",
+                    Cmp::Lte => "<=",
+                };
+                format!("{item} {op} {value}")
+            }
+            Condition::Any(cs) => list(cs, "or"),
+            Condition::All(cs) => list(cs, "and"),
+            Condition::Not(c) => format!("not ({})", c.describe()),
         }
     }
 

@@ -16,6 +16,7 @@ use super::select::AnswerIndex;
 use super::value::Answer;
 use super::{ItemType, Mapping};
 use crate::fhir::{Issue, OperationOutcome};
+use crate::ids::{IdProblem, SubmissionId};
 
 /// One submission as received.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,10 @@ pub struct MissingAnswer {
     pub link_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// Why an answer given is not charted (unreadable, implausible); none when it was not
+    /// given. Never the value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A payload mapped to FHIR.
@@ -82,6 +87,8 @@ fn as_json<S: serde::Serializer>(bundle: &[u8], s: S) -> Result<S::Ok, S::Error>
 
 /// The flag raised when required answers are missing.
 pub const MORE_INFORMATION_NEEDED: &str = "more_information_needed";
+/// The flag raised when an answer was kept as text because the value map does not know it.
+pub const UNMAPPED_OPTION: &str = "unmapped_option";
 
 /// Why a payload could not be mapped: every problem found.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -98,12 +105,43 @@ impl MappingFailure {
 }
 
 impl Mapping {
-    /// The submission id (idempotency key) a payload carries, if it carries one.
-    pub fn submission_id(&self, payload: &Value) -> Option<String> {
-        match self.source.submission_id.first(payload) {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
+    /// The submission id (idempotency key) a payload carries: `None` if it carries none,
+    /// an error if what it carries cannot be an id (`ids::check`).
+    pub fn submission_id(&self, payload: &Value) -> Option<Result<SubmissionId, IdProblem>> {
+        let id = match self.source.submission_id.first(payload) {
+            Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return None,
+        };
+        Some(SubmissionId::parse(id))
+    }
+
+    /// Whether a post is a submission (`accept_when`); `Err` says why not, in the mapping's
+    /// words (never a payload value).
+    pub fn accepts(&self, payload: &Value) -> Result<(), String> {
+        let Some(accept) = &self.accept_when else {
+            return Ok(());
+        };
+        let mut values: Answers<'_> = HashMap::new();
+        for path in &accept.paths {
+            let found = path
+                .select(payload)
+                .into_iter()
+                .flat_map(|v| match v {
+                    Value::Array(items) => items.iter().collect(),
+                    v => vec![v],
+                })
+                .filter_map(super::condition::plain_answer)
+                .collect();
+            values.insert(path.source(), found);
+        }
+        if accept.condition.eval(&values) {
+            Ok(())
+        } else {
+            Err(format!(
+                "not a submission: the mapping's accept_when ({}) does not hold",
+                accept.text
+            ))
         }
     }
 
@@ -126,15 +164,17 @@ impl Mapping {
                 .at(path)]),
             })?,
         };
-        let mut run = Run {
-            mapping: self,
-            index,
-            issues: Vec::new(),
-            missing: Vec::new(),
-        };
+        let mut run = Run::new(self, index);
 
         let submission_id = match self.submission_id(input.payload) {
-            Some(id) => Some(id),
+            Some(Ok(id)) => Some(id.into_string()),
+            Some(Err(problem)) => {
+                run.issues.push(
+                    Issue::error("value", format!("the submission id {problem}"))
+                        .at(self.source.submission_id.source()),
+                );
+                None
+            }
             None => {
                 run.issues.push(
                     Issue::error(
@@ -151,12 +191,48 @@ impl Mapping {
             input.payload,
             "source.patient.identifier",
         );
-        if patient_value.is_none() {
-            run.issues.push(
-                Issue::error("required", "the patient identifier is missing")
-                    .at("source.patient.identifier"),
-            );
-        }
+        let patient_value = match patient_value {
+            None => {
+                run.issues.push(
+                    Issue::error("required", "the patient identifier is missing")
+                        .at("source.patient.identifier"),
+                );
+                None
+            }
+            Some(v) => match crate::ids::check(&v) {
+                Ok(()) => Some(v),
+                Err(problem) => {
+                    run.issues.push(
+                        Issue::error("value", format!("the patient identifier {problem}"))
+                            .at("source.patient.identifier"),
+                    );
+                    None
+                }
+            },
+        };
+        let status = match &self.source.status {
+            None => "completed".to_string(),
+            Some(rule) => {
+                let found = run.first_string(rule, input.payload, "source.status");
+                match found.as_deref() {
+                    None => "completed".to_string(),
+                    Some(s) if super::QR_STATUSES.contains(&s) => s.to_string(),
+                    Some(_) => {
+                        run.issues.push(
+                            Issue::error(
+                                "code-invalid",
+                                format!(
+                                    "the response status is not one of {}; map the vendor's values in `source.status`",
+                                    super::QR_STATUSES.join(", ")
+                                ),
+                            )
+                            .at("source.status"),
+                        );
+                        "completed".to_string()
+                    }
+                }
+            }
+        };
         let authored = match &self.source.submitted_at {
             Some(rule) => match run
                 .values(
@@ -186,8 +262,13 @@ impl Mapping {
             return Err(fail(run.issues));
         };
 
-        let flags = self.raised(&flat, !run.missing.is_empty());
-        for m in &run.missing {
+        let mut flags = self.raised(&flat, !run.missing.is_empty());
+        for flag in &run.raised {
+            if !flags.iter().any(|f| f == flag) {
+                flags.push(flag.to_string());
+            }
+        }
+        for m in run.missing.iter().filter(|m| m.reason.is_none()) {
             run.issues.push(
                 Issue::warning(
                     "required",
@@ -208,6 +289,7 @@ impl Mapping {
             submission_id: &submission_id,
             patient: &patient,
             authored: &authored,
+            status: &status,
             recorded: input.received_at,
             payload_sha256: &payload_sha256,
         }

@@ -60,6 +60,9 @@ pub enum ExtractError {
         "the QuestionnaireResponse is not finished (in progress or stopped): send it completed"
     )]
     NotFinished,
+    /// An identifier value that cannot be an id (`ids::check`): which one, and why.
+    #[error("{0} {1}")]
+    BadId(&'static str, crate::ids::IdProblem),
 }
 
 /// Whether (and how) an item is extracted, as its nearest word on it says (SDC 4.0's codes:
@@ -167,6 +170,10 @@ pub fn submission(
             "the QuestionnaireResponse's subject has no identifier (system and value): the \
              patient is found and indexed by it",
         ))?;
+    crate::ids::check(value)
+        .map_err(|p| ExtractError::BadId("the QuestionnaireResponse's identifier value", p))?;
+    crate::ids::check(patient.1)
+        .map_err(|p| ExtractError::BadId("the subject's identifier value", p))?;
     let patient_url = urn_uuid(&["sdc-submission-patient", patient.0, patient.1]);
     let response_url = urn_uuid(&["sdc-submission-response", system, value]);
     let subject = json!({"reference": patient_url, "type": "Patient"});

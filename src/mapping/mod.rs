@@ -9,6 +9,7 @@ mod compile;
 pub mod condition;
 pub mod engine;
 pub mod extract;
+pub mod plausible;
 pub mod questionnaire;
 mod read;
 mod resources;
@@ -98,8 +99,24 @@ pub struct Mapping {
     pub(crate) source: Source,
     pub items: Vec<Item>,
     pub flags: Vec<Flag>,
+    /// When a post is a submission at all (`accept_when`); none: always.
+    pub accept_when: Option<AcceptWhen>,
     /// The parts of a payload this mapping reads.
     pub(crate) projection: Projection,
+}
+
+/// The QuestionnaireResponse statuses a mapping's `source.status` may give: a form still being
+/// filled in, or finished (`amended` is the gateway's, for revisions).
+pub const QR_STATUSES: [&str; 2] = ["in-progress", "completed"];
+
+/// A mapping's `accept_when`: a condition on values of the payload, each read at a JSONPath.
+#[derive(Debug)]
+pub struct AcceptWhen {
+    /// The condition; its item names are the JSONPaths' text.
+    pub condition: Condition,
+    pub paths: Vec<Selector>,
+    /// The condition as the mapping file wrote it, for the reason a post is ignored.
+    pub text: String,
 }
 
 impl Mapping {
@@ -128,6 +145,55 @@ impl Mapping {
         &self.file
     }
 
+    /// What the map decides on the patient's behalf, in plain words, for `check` to show
+    /// its author: which parts of a composite answer must be given, which values are held
+    /// back as implausible, what an unknown option does, which posts are ignored.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(a) = &self.accept_when {
+            notes.push(format!(
+                "a post is a submission only when {}; others are answered 200 `ignored` and stored nowhere",
+                a.text
+            ));
+        }
+        for item in self.all_items() {
+            let id = &item.link_id;
+            if !item.sum.is_empty() {
+                let (must, may): (Vec<&SumPart>, Vec<&SumPart>) =
+                    item.sum.iter().partition(|p| p.rule.default.is_none());
+                let names =
+                    |ps: &[&SumPart]| ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");
+                let mut note = format!("item `{id}` sums its parts");
+                if !must.is_empty() {
+                    note.push_str(&format!(
+                        "; without {} it is not charted but listed as missing (give a part `default: 0` if it may be skipped)",
+                        names(&must)
+                    ));
+                }
+                if !may.is_empty() {
+                    note.push_str(&format!("; {} may be skipped (its default)", names(&may)));
+                }
+                notes.push(note);
+            }
+            if let Some(r) = &item.range {
+                let whose = match r.default_for {
+                    Some(name) => format!(" (the default for {name}; `range` overrides it)"),
+                    None => String::new(),
+                };
+                notes.push(format!(
+                    "item `{id}`: a value outside {} is held back as implausible{whose}",
+                    r.describe()
+                ));
+            }
+            if item.rule.map.is_some() && item.rule.unknown_option == UnknownOption::Keep {
+                notes.push(format!(
+                    "item `{id}`: an option the map does not know is kept as text and flagged `unmapped_option`"
+                ));
+            }
+        }
+        notes
+    }
+
     /// Every item, depth first.
     pub fn all_items(&self) -> Vec<&Item> {
         fn walk<'a>(items: &'a [Item], out: &mut Vec<&'a Item>) {
@@ -145,14 +211,14 @@ impl Mapping {
 /// What a mapping reads from the payload root: every root selector, built whole where it ends.
 /// The elements of an answer list are built only as far as the key and the rules that read
 /// answers look into them (a Typeform answer's `field` and `type` are skipped).
-fn projection(source: &Source, items: &[Item]) -> Projection {
+fn projection(source: &Source, items: &[Item], accept_when: Option<&AcceptWhen>) -> Projection {
     // Every value rule, and whether it reads at the payload root. A repeating group's children
     // read inside each of its elements (built whole, as the group's rule ends there); their
     // answer rules still read the answer index.
     fn collect<'a>(items: &'a [Item], root: bool, rules: &mut Vec<(&'a ValueRule, bool)>) {
         for item in items {
             rules.push((&item.rule, root));
-            rules.extend(item.sum.iter().map(|(r, _)| (r, root)));
+            rules.extend(item.sum.iter().map(|p| (&p.rule, root)));
             collect(&item.children, root && !item.is_repeating_group(), rules);
         }
     }
@@ -164,6 +230,7 @@ fn projection(source: &Source, items: &[Item]) -> Projection {
         patient.family.as_ref(),
         patient.birth_date.as_ref(),
         patient.gender.as_ref(),
+        source.status.as_ref(),
     ]
     .into_iter()
     .flatten()
@@ -173,6 +240,9 @@ fn projection(source: &Source, items: &[Item]) -> Projection {
 
     let mut p = Projection::none();
     p.add_whole(&source.submission_id);
+    for path in accept_when.iter().flat_map(|a| &a.paths) {
+        p.add_whole(path);
+    }
     for (rule, at_root) in &all {
         if let (Some(path), true) = (&rule.path, at_root) {
             p.add_whole(path);
@@ -204,6 +274,7 @@ pub(crate) struct Source {
     pub submitted_at: Option<ValueRule>,
     pub answers: Option<AnswerSource>,
     pub patient: PatientRule,
+    pub status: Option<ValueRule>,
 }
 
 #[derive(Debug)]
@@ -224,8 +295,14 @@ pub struct ValueRule {
     pub path: Option<Selector>,
     pub strip_html: bool,
     pub split: Option<String>,
-    pub pick: Option<usize>,
+    /// The n-th part after `split`; negative from the end (-1: the last).
+    pub pick: Option<i64>,
+    /// Characters trimmed from each part besides whitespace; `Some("")`: whitespace only.
+    pub trim: Option<String>,
+    pub pattern: Option<Pattern>,
     pub map: Option<ValueMap>,
+    /// What an answer the map does not know does.
+    pub unknown_option: UnknownOption,
     pub format: Option<String>,
     pub from_unit: Option<String>,
     pub default: Option<Value>,
@@ -234,6 +311,34 @@ pub struct ValueRule {
 impl ValueRule {
     pub fn is_empty(&self) -> bool {
         self.answer.is_none() && self.path.is_none() && self.default.is_none()
+    }
+}
+
+pub use spec::UnknownOption;
+
+/// Regular expressions that read a number (and its unit) in free text, tried in order.
+#[derive(Debug)]
+pub struct Pattern {
+    pub alternatives: Vec<regex::Regex>,
+    /// The text of a `unit` capture (lower case, trimmed) → UCUM code.
+    pub units: std::collections::HashMap<String, String>,
+}
+
+impl Pattern {
+    /// The first alternative that matches `text`, and its captures.
+    pub fn matching<'t>(&self, text: &'t str) -> Option<(&regex::Regex, regex::Captures<'t>)> {
+        self.alternatives
+            .iter()
+            .find_map(|re| re.captures(text).map(|c| (re, c)))
+    }
+
+    /// The UCUM code of a unit as the text wrote it: the map's `units`, else a common
+    /// spelling (`lbs`, `feet`).
+    pub fn unit_of(&self, text: &str) -> Option<&str> {
+        self.units
+            .get(&text.trim().to_lowercase())
+            .map(String::as_str)
+            .or_else(|| units::spelled(text))
     }
 }
 
@@ -295,10 +400,12 @@ pub struct Item {
     /// 1-based line in the mapping file.
     pub line: usize,
     pub rule: ValueRule,
-    pub sum: Vec<(ValueRule, String)>,
+    pub sum: Vec<SumPart>,
     pub derive: Option<Derivation>,
     pub unit: Option<String>,
     pub precision: Option<u32>,
+    /// The plausible values, declared or the default for the vital sign the item charts.
+    pub range: Option<plausible::Range>,
     pub code: Option<Value>,
     pub observation: Option<ObservationRule>,
     pub children: Vec<Item>,
@@ -308,6 +415,28 @@ impl Item {
     /// A repeating group reads one set of children per selected element.
     pub fn is_repeating_group(&self) -> bool {
         self.item_type == ItemType::Group && self.repeats
+    }
+}
+
+/// One part of a composite quantity (`sum`): its own answer, or a capture of the item's pattern.
+#[derive(Debug)]
+pub struct SumPart {
+    /// Where the part's answer is; for a capture, only its `default`.
+    pub rule: ValueRule,
+    /// The named capture of the item's `pattern` the part reads.
+    pub capture: Option<String>,
+    pub unit: String,
+}
+
+impl SumPart {
+    /// How the part is named in errors and in `check`'s notes.
+    pub fn name(&self) -> String {
+        match (&self.capture, &self.rule.answer, &self.rule.path) {
+            (Some(c), _, _) => format!("capture `{c}`"),
+            (None, Some(a), _) => format!("answer `{a}`"),
+            (None, None, Some(p)) => format!("`{}`", p.source()),
+            _ => "a part".to_string(),
+        }
     }
 }
 
@@ -329,8 +458,16 @@ pub enum Components {
     /// A free-text answer such as `142/91`.
     Split {
         separator: String,
-        parts: Vec<(Value, String)>,
+        parts: Vec<SplitPart>,
     },
+}
+
+/// One number of a free-text answer split into components.
+#[derive(Debug)]
+pub struct SplitPart {
+    pub code: Value,
+    pub unit: String,
+    pub range: Option<plausible::Range>,
 }
 
 /// A named ops flag for the CRM, raised when its condition holds.

@@ -3,7 +3,8 @@
 
 use serde_json::{json, Value};
 
-use super::{Components, Item, ItemType, Mapping, ObservationRule};
+use super::plausible::Range;
+use super::{Components, Item, ItemType, Mapping, ObservationRule, UnknownOption};
 use crate::fhir::UCUM;
 
 // The SDC extensions a Questionnaire says what is extracted with (`extract` reads them).
@@ -14,6 +15,15 @@ pub(super) const EXTRACT_CATEGORY: &str =
 pub(super) const QUESTIONNAIRE_UNIT: &str =
     "http://hl7.org/fhir/StructureDefinition/questionnaire-unit";
 const ITEM_WEIGHT: &str = "http://hl7.org/fhir/StructureDefinition/itemWeight";
+// The plausible range of an item, so that a FHIR-native form can hold the patient to it and
+// the gateway can check a response against it (`MIN_VALUE` / `MAX_VALUE` for decimals and
+// integers, SDC's for quantities).
+pub(super) const MIN_VALUE: &str = "http://hl7.org/fhir/StructureDefinition/minValue";
+pub(super) const MAX_VALUE: &str = "http://hl7.org/fhir/StructureDefinition/maxValue";
+pub(super) const MIN_QUANTITY: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-minQuantity";
+pub(super) const MAX_QUANTITY: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-maxQuantity";
 
 impl Mapping {
     /// The Questionnaire resource.
@@ -56,7 +66,15 @@ fn item(i: &Item, component: bool) -> Value {
     if let Some(t) = &i.text {
         v["text"] = json!(t);
     }
-    v["type"] = json!(i.item_type.fhir_code());
+    // A choice that keeps options its map does not know (as text) is an open choice.
+    let open = i.item_type == ItemType::Choice
+        && i.rule.map.is_some()
+        && i.rule.unknown_option == UnknownOption::Keep;
+    v["type"] = json!(if open {
+        "open-choice"
+    } else {
+        i.item_type.fhir_code()
+    });
     if i.required {
         v["required"] = json!(true);
     }
@@ -86,6 +104,9 @@ fn item(i: &Item, component: bool) -> Value {
             extensions.push(json!({"url": QUESTIONNAIRE_UNIT, "valueCoding": {
                 "system": UCUM, "code": u, "display": super::units::display(u)}}));
         }
+    }
+    if let Some(r) = &i.range {
+        extensions.extend(range_extensions(i, r));
     }
     if !extensions.is_empty() {
         v["extension"] = Value::Array(extensions);
@@ -130,6 +151,27 @@ fn item(i: &Item, component: bool) -> Value {
         );
     }
     v
+}
+
+/// The bounds of an item's plausible range as the extensions a form reads.
+fn range_extensions(i: &Item, r: &Range) -> Vec<Value> {
+    let (min_url, max_url) = if i.item_type == ItemType::Quantity {
+        (MIN_QUANTITY, MAX_QUANTITY)
+    } else {
+        (MIN_VALUE, MAX_VALUE)
+    };
+    [(min_url, r.min), (max_url, r.max)]
+        .into_iter()
+        .filter_map(|(url, x)| {
+            let n = super::value::rounded(x?, 4)?;
+            Some(match (i.item_type, &i.unit) {
+                (ItemType::Quantity, Some(u)) => json!({"url": url, "valueQuantity": {
+                    "value": n, "unit": super::units::display(u), "system": UCUM, "code": u}}),
+                (ItemType::Integer, _) => json!({"url": url, "valueInteger": x?.round() as i64}),
+                _ => json!({"url": url, "valueDecimal": n}),
+            })
+        })
+        .collect()
 }
 
 /// A FHIR id (`[A-Za-z0-9\-\.]{1,64}`) from a mapping id.

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::answers::{origin, Node};
 use super::engine::PatientIdentity;
 use super::value::{self, Answer};
-use super::{Components, Mapping};
+use super::{Components, ItemType, Mapping};
 use crate::fhir::bundle::reference;
 use crate::fhir::provenance::{provenance, ProvenanceInput};
 use crate::fhir::{identifier_query, urn_uuid, Conditional, Issue, Json, TransactionBuilder};
@@ -21,6 +21,9 @@ pub(super) struct Resources<'a> {
     pub submission_id: &'a str,
     pub patient: &'a PatientIdentity,
     pub authored: &'a str,
+    /// The QuestionnaireResponse's status: `completed`, or `in-progress` for a form the
+    /// source says is not finished (its Observations are then `preliminary`).
+    pub status: &'a str,
     pub recorded: &'a str,
     pub payload_sha256: &'a str,
 }
@@ -77,7 +80,7 @@ impl Resources<'_> {
                 ]),
             ),
             ("questionnaire", canonical.as_str().into()),
-            ("status", "completed".into()),
+            ("status", self.status.into()),
             ("subject", patient_ref()),
             ("authored", self.authored.into()),
             ("author", patient_ref()),
@@ -181,7 +184,8 @@ impl Resources<'_> {
                                     let components: Vec<Json<'x>> = ns
                                         .into_iter()
                                         .zip(parts)
-                                        .map(|(n, (code, unit))| {
+                                        .map(|(n, part)| {
+                                            let (code, unit) = (&part.code, &part.unit);
                                             let coding = Json::Arr(vec![Json::Value(code)]);
                                             Json::obj([
                                                 ("code", Json::obj([("coding", coding)])),
@@ -217,7 +221,12 @@ impl Resources<'_> {
                     Components::None => {
                         let multi = node.answers.len() > 1;
                         for (i, a) in node.answers.iter().enumerate() {
-                            if matches!(a, Answer::Coding(c) if !c.observe) {
+                            // "None of these" is an answer, not a finding; an option the
+                            // map does not know (kept as text) has no code to chart.
+                            if matches!(a, Answer::Coding(c) if !c.observe)
+                                || (node.item.item_type == ItemType::Choice
+                                    && matches!(a, Answer::Str(_)))
+                            {
                                 continue;
                             }
                             let (k, v) = a.observation_value();
@@ -266,7 +275,12 @@ impl Resources<'_> {
     ) -> Json<'x> {
         let mut obs = Vec::with_capacity(12);
         obs.push(("resourceType", "Observation".into()));
-        obs.push(("status", "final".into()));
+        let status = if self.status == "in-progress" {
+            "preliminary"
+        } else {
+            "final"
+        };
+        obs.push(("status", status.into()));
         if !rule.categories.is_empty() {
             obs.push(("category", values(&rule.categories)));
         }

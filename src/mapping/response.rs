@@ -34,12 +34,7 @@ impl Mapping {
         index_items(&self.items, &mut items);
         let mut flat: Answers<'_> = HashMap::new();
         response_answers(response, &items, &mut flat);
-        let mut run = Run {
-            mapping: self,
-            index: AnswerIndex::Empty,
-            issues: Vec::new(),
-            missing: Vec::new(),
-        };
+        let mut run = Run::new(self, AnswerIndex::Empty);
         run.derive_all(&self.items, &mut flat);
         run.required_when(&self.items, &flat);
         for m in run.missing {

@@ -23,6 +23,11 @@ pub struct MappingSpec {
     pub items: Vec<ItemSpec>,
     #[serde(default)]
     pub flags: Vec<FlagSpec>,
+    /// When a post is a submission at all: a condition on `path`s of the payload (a multi-step
+    /// form posts every step with `finalized: false`, then the final one). A post that does not
+    /// meet it is answered `200` with `ignored` and stored nowhere.
+    #[serde(default)]
+    pub accept_when: Option<ConditionSpec>,
 }
 
 /// A string or a number written where a string is meant (`version: 3`).
@@ -56,6 +61,10 @@ pub struct SourceSpec {
     #[serde(default)]
     pub answers: Option<AnswersSpec>,
     pub patient: PatientSpec,
+    /// Where the QuestionnaireResponse's `status` is (`in-progress` or `completed`, after the
+    /// rule's `map`); absent: `completed`.
+    #[serde(default)]
+    pub status: Option<ValueSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,12 +131,27 @@ pub struct ValueSpec {
     /// Split a joined string into several answers (`"\n"`, `","`).
     #[serde(default)]
     pub split: Option<String>,
-    /// Keep only the n-th part (0-based) after `split`.
+    /// Keep only the n-th part (0-based; -1 the last) after `split`.
     #[serde(default)]
-    pub pick: Option<usize>,
+    pub pick: Option<i64>,
+    /// Trim whitespace (`true`) or these characters and whitespace (`".,"`) from each part.
+    #[serde(default)]
+    pub trim: Option<Trim>,
+    /// Read the number in free text (`5'11"`, `245 lbs`): a regular expression, or a list of
+    /// them tried in order, with named captures (`value` and `unit`, or the `capture`s of the
+    /// item's `sum` parts).
+    #[serde(default)]
+    pub pattern: Option<OneOrMany>,
+    /// The text of a pattern's `unit` capture → UCUM, beside the spellings the gateway knows.
+    #[serde(default)]
+    pub units: Option<Map<String, Value>>,
     /// Vendor label or option id → Coding (`{system, code, display}`) or a plain value.
     #[serde(default)]
     pub map: Option<Map<String, Value>>,
+    /// What an answer the map does not know does: `keep` it as text and raise
+    /// `unmapped_option`, or `reject` the submission.
+    #[serde(default)]
+    pub unknown_option: Option<UnknownOption>,
     /// Date format of the vendor (`MM/DD/YYYY`, `YYYY-MM-DD HH:mm:ss Z`); ISO and
     /// `{month, day, year}` objects are read without one.
     #[serde(default)]
@@ -138,6 +162,49 @@ pub struct ValueSpec {
     /// Used when the answer is absent.
     #[serde(default)]
     pub default: Option<Value>,
+}
+
+/// `trim: true`, or `trim: ".,"` (these characters as well as whitespace).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Trim {
+    Whitespace(bool),
+    Chars(String),
+}
+
+/// One string or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownOption {
+    Keep,
+    #[default]
+    Reject,
+}
+
+/// A plausible range, in the item's unit.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeSpec {
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +230,10 @@ pub struct ItemSpec {
     /// Decimal places kept after a unit conversion or derivation (default 2; BMI 1).
     #[serde(default)]
     pub precision: Option<u32>,
+    /// The values that are plausible, in the item's unit; the vital signs the gateway knows
+    /// have defaults. A value outside is not charted.
+    #[serde(default)]
+    pub range: Option<RangeSpec>,
     /// Composite quantity: the sum of parts in different units (feet + inches).
     #[serde(default)]
     pub sum: Option<Vec<SumPartSpec>>,
@@ -183,6 +254,9 @@ pub struct ItemSpec {
 pub struct SumPartSpec {
     #[serde(flatten)]
     pub value: ValueSpec,
+    /// A named capture of the item's `pattern`, instead of an answer of its own.
+    #[serde(default)]
+    pub capture: Option<String>,
     pub unit: String,
 }
 
@@ -215,6 +289,8 @@ pub struct SplitComponentsSpec {
 pub struct ComponentPartSpec {
     pub code: Value,
     pub unit: String,
+    #[serde(default)]
+    pub range: Option<RangeSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,12 +302,16 @@ pub struct FlagSpec {
     pub when: ConditionSpec,
 }
 
-/// `{item, equals|contains|in|answered|gt|gte|lt|lte}`, or `any` / `all` / `not` of conditions.
+/// `{item | path, equals|contains|in|answered|gt|gte|lt|lte}`, or `any` / `all` / `not` of
+/// conditions.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionSpec {
     #[serde(default)]
     pub item: Option<String>,
+    /// A JSONPath into the payload (`accept_when`), instead of an item.
+    #[serde(default)]
+    pub path: Option<String>,
     #[serde(default)]
     pub equals: Option<Value>,
     #[serde(default)]

@@ -222,6 +222,31 @@ impl std::fmt::Display for UnitError {
 }
 
 /// Checks that `from` converts to `to`.
+/// How people write units in free text (`lbs`, `feet`, `"`), lower case → UCUM code: what a
+/// pattern's `unit` capture is read as when the map's `units` does not name it.
+#[rustfmt::skip]
+const SPELLED: &[(&str, &str)] = &[
+    ("kg", "kg"), ("kgs", "kg"), ("kilo", "kg"), ("kilos", "kg"), ("kilogram", "kg"),
+    ("kilograms", "kg"), ("g", "g"), ("gram", "g"), ("grams", "g"),
+    ("lb", "[lb_av]"), ("lbs", "[lb_av]"), ("pound", "[lb_av]"), ("pounds", "[lb_av]"),
+    ("#", "[lb_av]"), ("oz", "[oz_av]"), ("ounce", "[oz_av]"), ("ounces", "[oz_av]"),
+    ("m", "m"), ("meter", "m"), ("meters", "m"), ("metre", "m"), ("metres", "m"),
+    ("cm", "cm"), ("centimeter", "cm"), ("centimeters", "cm"), ("centimetre", "cm"),
+    ("centimetres", "cm"), ("mm", "mm"),
+    ("in", "[in_i]"), ("inch", "[in_i]"), ("inches", "[in_i]"), ("\"", "[in_i]"),
+    ("ft", "[ft_i]"), ("foot", "[ft_i]"), ("feet", "[ft_i]"), ("'", "[ft_i]"),
+    ("mmhg", "mm[Hg]"), ("c", "Cel"), ("°c", "Cel"), ("celsius", "Cel"),
+    ("f", "[degF]"), ("°f", "[degF]"), ("fahrenheit", "[degF]"),
+    ("bpm", "/min"), ("/min", "/min"), ("%", "%"),
+];
+
+/// The UCUM code of a unit as written in free text (`lbs` → `[lb_av]`), if it is a common
+/// spelling; case and surrounding whitespace do not matter.
+pub fn spelled(text: &str) -> Option<&'static str> {
+    let t = text.trim().to_lowercase();
+    SPELLED.iter().find(|(s, _)| *s == t).map(|(_, code)| *code)
+}
+
 pub fn check(from: &str, to: &str) -> Result<(), UnitError> {
     let a = find(from).ok_or_else(|| UnitError::Unknown(from.to_string()))?;
     let b = find(to).ok_or_else(|| UnitError::Unknown(to.to_string()))?;

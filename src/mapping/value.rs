@@ -176,8 +176,7 @@ pub fn coerce<'m>(
             _ => Err(bad("value", format!("expected a boolean, got {kind}"))),
         },
         ItemType::Integer => {
-            let n = number(raw)
-                .ok_or_else(|| bad("value", format!("expected an integer, got {kind}")))?;
+            let n = number(raw).ok_or_else(|| bad("value", not_a_number("an integer", raw)))?;
             let f = n.as_f64().unwrap_or(f64::NAN);
             if f.fract() != 0.0 || !f.is_finite() || f.abs() > 9.0e15 {
                 return Err(bad(
@@ -189,7 +188,7 @@ pub fn coerce<'m>(
         }
         ItemType::Decimal | ItemType::Quantity => number(raw)
             .map(Answer::Dec)
-            .ok_or_else(|| bad("value", format!("expected a number, got {kind}"))),
+            .ok_or_else(|| bad("value", not_a_number("a number", raw))),
         ItemType::Date => date(raw, format).map(Answer::Date),
         ItemType::DateTime => date_time(raw, format).map(Answer::DateTime),
         ItemType::String | ItemType::Text => match raw {
@@ -203,6 +202,19 @@ pub fn coerce<'m>(
             "a choice answer must come from the value map",
         )),
         ItemType::Group => Err(bad("structure", "a group has no value")),
+    }
+}
+
+/// Why `raw` is not the number expected, with the way to read one out of text.
+fn not_a_number(expected: &str, raw: &Value) -> String {
+    match raw {
+        Value::String(_) => format!(
+            "expected {expected}, got a string that is not one; add `pattern` to read the number in the text (or `split` to cut it out)"
+        ),
+        other => format!(
+            "expected {expected}, got {}",
+            crate::fhir::outcome::json_type(other)
+        ),
     }
 }
 

@@ -250,6 +250,17 @@ impl App {
         }
     }
 
+    /// Starts the gateway logging at `info` into a file (read with `log_lines`), its
+    /// configuration first changed by `edit` (e.g. a source's table taken out).
+    pub fn start_logged_edited(ehr: Option<&str>, edit: impl FnOnce(String) -> String) -> App {
+        let mut app = Self::configured(ehr, "", "", "");
+        let config = std::fs::read_to_string(&app.config_path).expect("read config");
+        std::fs::write(&app.config_path, edit(config)).expect("write config");
+        app.log = Some(app.dir.path().join("serve.log"));
+        app.restart();
+        app
+    }
+
     /// Starts the gateway logging at `info` into a file (read with `log_lines`).
     pub fn start_logged(ehr: Option<&str>) -> App {
         let mut app = Self::configured(ehr, "", "", "");
