@@ -42,7 +42,17 @@ pub enum ServeError {
 
 /// Runs the gateway until a shutdown signal.
 pub async fn serve(config: Config) -> Result<(), ServeError> {
-    let mappings = mapping::load_dir(&config.mappings_dir)?;
+    let mappings = if config.mappings_dir.is_dir() {
+        mapping::load_dir(&config.mappings_dir)?
+    } else {
+        // Nothing to serve yet is not a reason not to start (a new deployment, a health check
+        // first): every ingest route answers 404 naming the mapping it lacks.
+        tracing::warn!(
+            dir = %config.mappings_dir.display(),
+            "no mappings directory: starting with no mappings; set mappings_dir (CHARTBRIDGE_MAPPINGS_DIR) to where the mapping files are"
+        );
+        Vec::new()
+    };
     let store = Arc::new(Store::open(&config.data_dir)?);
     let metrics = Arc::new(Metrics::for_mappings(
         mappings.iter().map(|m| m.id.as_str()),

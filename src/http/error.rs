@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use crate::fetch::FetchError;
 use crate::fhir::{Issue, OperationOutcome};
 use crate::intake::IntakeError;
+use crate::mapping::extract::ExtractError;
 use crate::mapping::PayloadError;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +113,11 @@ impl ApiError {
         let issue = |code, text: String| OperationOutcome::new(vec![Issue::error(code, text)]);
         match self {
             ApiError::Intake(IntakeError::Invalid(f)) => f.outcome(),
+            // Every way the response does not fit its form, each at its FHIRPath.
+            ApiError::Extract(ExtractError::Unfit(issues))
+            | ApiError::Intake(IntakeError::Response(ExtractError::Unfit(issues))) => {
+                OperationOutcome::new(issues.clone())
+            }
             ApiError::NotFound(_) | ApiError::Intake(IntakeError::UnknownMapping(_)) => {
                 issue("not-found", self.to_string())
             }

@@ -536,7 +536,13 @@ async fn take_response(
             "expected a QuestionnaireResponse (its resourceType)".into(),
         ));
     }
-    let answered = mapping.insert(defining(state, &response, "see GET /Questionnaire")?);
+    // A response to a form no mapping defines: the map it needs is missing (404).
+    let answered = mapping.insert(defining(
+        state,
+        &response,
+        "see GET /Questionnaire",
+        ApiError::NotFound,
+    )?);
     authenticate(state, &answered.id, &parts, &raw)?;
     if let Err(full) = room_in_outbox(state, &answered.id) {
         let id = crate::mapping::extract::submission_id(&response);
@@ -825,8 +831,13 @@ async fn extract(State(state): State<Arc<AppState>>, body: Body) -> Result<Respo
     let questionnaire = match inline {
         Some(q) => q,
         None => {
-            defined = defining(&state, response, "send it as the `questionnaire` parameter")?
-                .questionnaire();
+            defined = defining(
+                &state,
+                response,
+                "send it as the `questionnaire` parameter",
+                ApiError::Unprocessable,
+            )?
+            .questionnaire();
             &defined
         }
     };
@@ -850,6 +861,7 @@ fn defining(
     state: &AppState,
     response: &Value,
     hint: &str,
+    unknown: fn(String) -> ApiError,
 ) -> Result<Arc<crate::mapping::Mapping>, ApiError> {
     let canonical = response.get("questionnaire").and_then(Value::as_str);
     let mut found: Vec<_> = canonical
@@ -862,9 +874,12 @@ fn defining(
              (`url|version`)",
             canonical.unwrap_or_default()
         ))),
+        (None, _) if canonical.is_some() => Err(unknown(format!(
+            "the Questionnaire `{}` is not one this gateway defines (no mapping loaded defines it): {hint}",
+            canonical.unwrap_or_default()
+        ))),
         (None, _) => Err(ApiError::Unprocessable(format!(
-            "the Questionnaire {} is not one this gateway defines: {hint}",
-            canonical.map_or("(none named)".into(), |c| format!("`{c}`"))
+            "the QuestionnaireResponse names no Questionnaire (`questionnaire`): {hint}"
         ))),
     }
 }

@@ -28,9 +28,19 @@
 //! submission (a FHIR-native form): the same Observations, as conditional creates, with the
 //! Patient, the response itself and the submission's Provenance, for the outbox to deliver.
 //!
+//! - A group whose Questionnaire item has a child marked `sdc-questionnaire-isSubject` is about
+//!   the one that child's answer references: its Observations (and those of the groups inside
+//!   it) get that subject. Without such an answer they are charted on nobody: left out, with a
+//!   warning naming the group — never put on the response's subject.
+//! - First the response is held against its Questionnaire (`fit`): a response that does not fit
+//!   is refused (`ExtractError::Unfit`) when anything would be charted from it, and answers
+//!   that must not be charted (disabled by `enableWhen`, outside their item's bounds) are left
+//!   out with a warning.
+//!
 //! Pure logic: no HTTP, no store. What cannot be extracted is an `Issue` in the answer, not an
-//! error; only input that is not a Questionnaire and a QuestionnaireResponse (and, for a
-//! submission, one without the identifiers it needs, or not finished) is refused.
+//! error; only input that is not a Questionnaire and a QuestionnaireResponse, a response that
+//! does not fit its Questionnaire (and, for a submission, one without the identifiers it needs,
+//! or not finished) is refused.
 
 use std::collections::HashMap;
 
@@ -39,7 +49,13 @@ use serde_json::{json, Map, Value};
 use crate::fhir::bundle::{entry, Conditional};
 use crate::fhir::{identifier_query, tag_query, urn_uuid, Issue};
 
+use super::fit::{self, Fit};
+use super::plausible::IMPLAUSIBLE_VALUE;
 use super::questionnaire::{EXTRACT_CATEGORY, OBSERVATION_EXTRACT, QUESTIONNAIRE_UNIT};
+
+/// SDC's extension on the item whose answer (a Reference) is the subject of its group.
+const IS_SUBJECT: &str =
+    "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-isSubject";
 
 /// What `$extract` answers: the Bundle, and what it could not extract (warnings).
 #[derive(Debug)]
@@ -63,6 +79,10 @@ pub enum ExtractError {
     /// An identifier value that cannot be an id (`ids::check`): which one, and why.
     #[error("{0} {1}")]
     BadId(&'static str, crate::ids::IdProblem),
+    /// The response does not fit its Questionnaire, or the Questionnaire is invalid
+    /// (`fit::check`): every problem, each at its FHIRPath.
+    #[error("the QuestionnaireResponse does not fit its Questionnaire: {}", .0.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("; "))]
+    Unfit(Vec<Issue>),
 }
 
 /// Whether (and how) an item is extracted, as its nearest word on it says (SDC 4.0's codes:
@@ -103,6 +123,19 @@ pub fn extract(
     recorded: &str,
 ) -> Result<Extraction, ExtractError> {
     let mut run = Run::new(questionnaire, response)?;
+    // A response that does not fit its form is refused when anything would be charted from
+    // it; a Questionnaire that marks nothing for extraction extracts nothing either way, and
+    // only hears of the problems.
+    if !run.fit.refusals.is_empty() {
+        if run.extracts_anything() {
+            return Err(ExtractError::Unfit(std::mem::take(&mut run.fit.refusals)));
+        }
+        let refusals = std::mem::take(&mut run.fit.refusals);
+        run.issues.extend(refusals.into_iter().map(|i| Issue {
+            severity: crate::fhir::outcome::IssueSeverity::Warning,
+            ..i
+        }));
+    }
     if run.identity.is_none() {
         run.issues.push(Issue::warning(
             "incomplete",
@@ -155,6 +188,9 @@ pub fn submission(
     source: Source<'_>,
 ) -> Result<ResponseSubmission, ExtractError> {
     let mut run = Run::new(questionnaire, response)?;
+    if !run.fit.refusals.is_empty() {
+        return Err(ExtractError::Unfit(std::mem::take(&mut run.fit.refusals)));
+    }
     let (system, value) = run.identity.ok_or(ExtractError::Unidentified(
         "the QuestionnaireResponse has no identifier (system and value): it is the \
          submission id",
@@ -177,7 +213,8 @@ pub fn submission(
     let patient_url = urn_uuid(&["sdc-submission-patient", patient.0, patient.1]);
     let response_url = urn_uuid(&["sdc-submission-response", system, value]);
     let subject = json!({"reference": patient_url, "type": "Patient"});
-    let mut qr = response.clone();
+    // What is not charted is not sent either: the response goes without its left-out answers.
+    let mut qr = without(response, &run.left_out_paths());
     if let Some(o) = qr.as_object_mut() {
         // The EHR's to assign.
         o.remove("id");
@@ -237,7 +274,23 @@ pub fn submission(
             if_none_exist: tag_query(system, value),
         }),
     ));
-    let signals = m.response_signals(response, missing_answers(questionnaire, response));
+    // Flags from what is charted; what was left out is missing, for the CRM to ask again.
+    let charted = without(response, &run.left_out_paths());
+    let mut missing = missing_answers(questionnaire, &charted);
+    for left in &run.fit.left_out {
+        if !missing.contains(&left.link_id) {
+            missing.push(left.link_id.clone());
+        }
+    }
+    let mut signals = m.response_signals(&charted, missing);
+    let implausible = run
+        .fit
+        .left_out
+        .iter()
+        .any(|l| matches!(l.why, fit::Why::OutOfRange(_)));
+    if implausible && !signals.flags.iter().any(|f| f == IMPLAUSIBLE_VALUE) {
+        signals.flags.push(IMPLAUSIBLE_VALUE.to_string());
+    }
     Ok(ResponseSubmission {
         missing: signals.missing,
         flags: signals.flags,
@@ -291,6 +344,57 @@ pub fn missing_answers(questionnaire: &Value, response: &Value) -> Vec<String> {
     answered(items_in(response), &mut done);
     let mut out = Vec::new();
     walk(items_in(questionnaire), &done, &mut out);
+    // A required question its enableWhen disables is not asked, so not missing.
+    let disabled = fit::disabled_items(questionnaire, response);
+    out.retain(|id| !disabled.contains(id));
+    out
+}
+
+/// `response` without the answers (or whole items) at `paths` (FHIRPaths as `fit` gives them).
+fn without(response: &Value, paths: &std::collections::HashSet<String>) -> Value {
+    fn strip(v: &mut Value, at: &str, paths: &std::collections::HashSet<String>) {
+        let Some(o) = v.as_object_mut() else { return };
+        if let Some(Value::Array(items)) = o.get_mut("item") {
+            let mut i = 0;
+            items.retain_mut(|item| {
+                let here = format!("{at}.item[{i}]");
+                i += 1;
+                if paths.contains(&here) {
+                    return false;
+                }
+                strip_item(item, &here, paths);
+                true
+            });
+            if items.is_empty() {
+                o.remove("item");
+            }
+        }
+    }
+    fn strip_item(item: &mut Value, here: &str, paths: &std::collections::HashSet<String>) {
+        strip(item, here, paths);
+        let Some(o) = item.as_object_mut() else {
+            return;
+        };
+        if let Some(Value::Array(answers)) = o.get_mut("answer") {
+            let mut k = 0;
+            answers.retain_mut(|answer| {
+                let at = format!("{here}.answer[{k}]");
+                k += 1;
+                if paths.contains(&at) {
+                    return false;
+                }
+                strip(answer, &at, paths);
+                true
+            });
+            if answers.is_empty() {
+                o.remove("answer");
+            }
+        }
+    }
+    let mut out = response.clone();
+    if !paths.is_empty() {
+        strip(&mut out, "QuestionnaireResponse", paths);
+    }
     out
 }
 
@@ -312,6 +416,21 @@ fn items_in(v: &Value) -> &[Value] {
     v.get("item")
         .and_then(Value::as_array)
         .map_or(&[], Vec::as_slice)
+}
+
+/// Every item of a Questionnaire by linkId (the first, where linkIds are not unique).
+fn by_link_id(questionnaire: &Value) -> HashMap<&str, &Value> {
+    fn walk<'q>(items: &'q [Value], out: &mut HashMap<&'q str, &'q Value>) {
+        for item in items {
+            if let Some(id) = item.get("linkId").and_then(Value::as_str) {
+                out.entry(id).or_insert(item);
+            }
+            walk(items_in(item), out);
+        }
+    }
+    let mut out = HashMap::new();
+    walk(items_in(questionnaire), &mut out);
+    out
 }
 
 /// The value of `v`'s extension `url`, if it has one.
@@ -419,10 +538,28 @@ struct Run<'a> {
     /// The Observations' status, from the response's.
     status: &'static str,
     definitions: HashMap<&'a str, Definition<'a>>,
+    /// How the response fits its Questionnaire: what is refused, what is left out.
+    fit: Fit,
     /// The response's business identifier (system, value).
     identity: Option<(&'a str, &'a str)>,
     entries: Vec<Value>,
     issues: Vec<Issue>,
+    /// The FHIRPaths of answers and items not extracted (`fit`'s left out).
+    skip: std::collections::HashSet<String>,
+    /// The Questionnaire's items by linkId (for what an item's children say of it).
+    questionnaire_items: HashMap<&'a str, &'a Value>,
+    /// The subject of the group being walked, when an isSubject item named another.
+    group_subject: Option<Value>,
+}
+
+/// Whose the Observations of a group are (SDC isSubject).
+enum GroupSubject {
+    /// The same as around the group.
+    Same,
+    /// The one its isSubject item's answer references.
+    Of(Value),
+    /// Its isSubject item is unanswered or not a reference: nobody's, so none are made.
+    Nobody,
 }
 
 /// The submission id of a QuestionnaireResponse posted as a submission: its identifier's
@@ -456,6 +593,7 @@ impl<'a> Run<'a> {
             &extensions(questionnaire, EXTRACT_CATEGORY).collect::<Vec<_>>(),
             &mut definitions,
         );
+        let fit = fit::check(questionnaire, response);
         Ok(Run {
             response,
             subject: None,
@@ -463,14 +601,34 @@ impl<'a> Run<'a> {
             create_only: false,
             status,
             definitions,
+            fit,
             identity: identity(response),
             entries: Vec::new(),
             issues: Vec::new(),
+            skip: std::collections::HashSet::new(),
+            questionnaire_items: by_link_id(questionnaire),
+            group_subject: None,
         })
+    }
+
+    /// Whether the Questionnaire marks anything for extraction that has a code to chart.
+    fn extracts_anything(&self) -> bool {
+        self.definitions
+            .values()
+            .any(|d| d.flag.is_some_and(|f| f.own() || f == Flag::Component) && !d.codes.is_empty())
+    }
+
+    /// The FHIRPaths of what is left out (`fit`).
+    fn left_out_paths(&self) -> std::collections::HashSet<String> {
+        self.fit.left_out.iter().map(|l| l.at.clone()).collect()
     }
 
     /// Extracts every Observation into `entries`.
     fn observations(&mut self) {
+        let left_out = std::mem::take(&mut self.fit.left_out);
+        self.issues.extend(left_out.iter().map(fit::LeftOut::issue));
+        self.skip = left_out.iter().map(|l| l.at.clone()).collect();
+        self.fit.left_out = left_out;
         self.walk(
             items_in(self.response),
             "QuestionnaireResponse",
@@ -512,6 +670,9 @@ impl<'a> Run<'a> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, item) in items.iter().enumerate() {
             let here = format!("{at}.item[{i}]");
+            if self.skip.contains(&here) {
+                continue;
+            }
             let Some(link_id) = item.get("linkId").and_then(Value::as_str) else {
                 self.issues
                     .push(Issue::warning("structure", "an item without a linkId").at(here));
@@ -534,6 +695,27 @@ impl<'a> Run<'a> {
                 .get("answer")
                 .and_then(Value::as_array)
                 .map_or(&[][..], Vec::as_slice);
+            // A group about someone else (SDC isSubject): its Observations are about the one its
+            // subject item names — or about nobody, and left out, when it names no one.
+            let outer_subject = self.group_subject.clone();
+            match self.group_subject_of(link_id, item) {
+                GroupSubject::Same => {}
+                GroupSubject::Of(subject) => self.group_subject = Some(subject),
+                GroupSubject::Nobody => {
+                    self.issues.push(
+                        Issue::warning(
+                            "incomplete",
+                            format!(
+                                "group `{link_id}` is about the subject its isSubject item names, \
+                                 and that answer is missing or not a reference: its Observations \
+                                 are left out, not charted on the response's subject"
+                            ),
+                        )
+                        .at(here.clone()),
+                    );
+                    continue;
+                }
+            }
             // Which answer, when there are several: the names (identifiers, fullUrls) of what is
             // extracted from it, and from under it, stay unique.
             let answer_path = |k: usize| {
@@ -590,6 +772,9 @@ impl<'a> Run<'a> {
                     for (k, answer) in answers.iter().enumerate() {
                         let name = answer_path(k);
                         let at = format!("{here}.answer[{k}]");
+                        if self.skip.contains(&at) {
+                            continue;
+                        }
                         let components = self.components(items_in(answer), &at);
                         per_answer[k] =
                             self.observation(link_id, Some(answer), components, &name, &at, link);
@@ -614,9 +799,48 @@ impl<'a> Run<'a> {
             self.walk(items_in(item), &here, &path, extracted, made.as_deref());
             for (k, answer) in answers.iter().enumerate() {
                 let at = format!("{here}.answer[{k}]");
+                if self.skip.contains(&at) {
+                    continue;
+                }
                 let parent = per_answer[k].as_deref();
                 self.walk(items_in(answer), &at, &answer_path(k), extracted, parent);
             }
+            self.group_subject = outer_subject;
+        }
+    }
+
+    /// Whose a response item's group is: the same subject as around it, unless its
+    /// Questionnaire item has a child marked `sdc-questionnaire-isSubject` — then the one that
+    /// child's answer references, or nobody.
+    fn group_subject_of(&self, link_id: &str, item: &Value) -> GroupSubject {
+        let Some(marked) = self
+            .questionnaire_items
+            .get(link_id)
+            .into_iter()
+            .flat_map(|q| items_in(q))
+            .find(|child| extension(child, IS_SUBJECT) == Some(&Value::Bool(true)))
+            .and_then(|child| child.get("linkId").and_then(Value::as_str))
+        else {
+            return GroupSubject::Same;
+        };
+        let reference = items_in(item)
+            .iter()
+            .filter(|c| c.get("linkId").and_then(Value::as_str) == Some(marked))
+            .flat_map(|c| {
+                c.get("answer")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+            })
+            .find_map(|a| a.get("valueReference"))
+            .filter(|r| {
+                r.get("reference")
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| !s.is_empty())
+            });
+        match reference {
+            Some(r) => GroupSubject::Of(r.clone()),
+            None => GroupSubject::Nobody,
         }
     }
 
@@ -646,9 +870,15 @@ impl<'a> Run<'a> {
             else {
                 continue;
             };
+            if self.skip.contains(&format!("{at}.item[{i}]")) {
+                continue;
+            }
             let answers = item.get("answer").and_then(Value::as_array);
             for (k, answer) in answers.into_iter().flatten().enumerate() {
                 let here = format!("{at}.item[{i}].answer[{k}]");
+                if self.skip.contains(&here) {
+                    continue;
+                }
                 if def.codes.is_empty() {
                     self.issues
                         .push(Issue::warning("incomplete", "a component without a code").at(here));
@@ -732,10 +962,15 @@ impl<'a> Run<'a> {
         let codes: Vec<Value> = def.codes.iter().map(|c| coding(c)).collect();
         obs.insert("code".into(), json!({ "coding": codes }));
         // A response may be about anything; an Observation only about these.
-        if let Some(v) = self.subject.as_ref().or_else(|| {
-            r.get("subject")
-                .filter(|s| may_be(s, &["Patient", "Group", "Device", "Location"]))
-        }) {
+        if let Some(v) = self
+            .group_subject
+            .as_ref()
+            .or(self.subject.as_ref())
+            .or_else(|| {
+                r.get("subject")
+                    .filter(|s| may_be(s, &["Patient", "Group", "Device", "Location"]))
+            })
+        {
             obs.insert("subject".into(), v.clone());
         }
         if let Some(v) = r.get("encounter") {
@@ -1071,6 +1306,55 @@ mod tests {
         crate::fhir::validate::validate(&out.bundle).unwrap();
     }
 
+    /// A child's weight is charted on the child an isSubject item names — and, when that
+    /// answer is missing or not a reference, on nobody: left out, with the group named.
+    #[test]
+    fn a_group_about_another_subject_is_charted_on_it_or_not_at_all() {
+        let weight = json!([{"system": "http://loinc.org", "code": "29463-7"}]);
+        let q = json!({"resourceType": "Questionnaire", "extension": flag(json!(true)), "item": [
+            {"linkId": "mother-weight", "type": "decimal", "code": weight},
+            {"linkId": "child", "type": "group", "repeats": true, "item": [
+                {"linkId": "child-ref", "type": "reference", "extension": [{
+                    "url": IS_SUBJECT, "valueBoolean": true}]},
+                {"linkId": "child-weight", "type": "decimal", "code": weight}]}]});
+        let child = |who: Value| {
+            let mut items =
+                vec![json!({"linkId": "child-weight", "answer": [{"valueDecimal": 4.1}]})];
+            if !who.is_null() {
+                items.insert(0, json!({"linkId": "child-ref", "answer": [who]}));
+            }
+            json!({"linkId": "child", "item": items})
+        };
+        let qr = json!({"resourceType": "QuestionnaireResponse", "status": "completed",
+            "subject": {"reference": "Patient/mother"}, "item": [
+                {"linkId": "mother-weight", "answer": [{"valueDecimal": 70}]},
+                child(json!({"valueReference": {"reference": "Patient/baby"}})),
+                child(Value::Null),
+                child(json!({"valueString": "Bolade"}))]});
+        let fit = fit::check(&q, &qr);
+        // The third child's subject answered as text is a refusal of its own (wrong type);
+        // without it, the second child still has none.
+        assert_eq!(fit.refusals.len(), 1);
+        let mut qr = qr;
+        qr["item"].as_array_mut().unwrap().pop();
+        let out = extract(&q, &qr).unwrap();
+        let subjects: Vec<&Value> = out.bundle["entry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+            .map(|e| &e["resource"]["subject"]["reference"])
+            .collect();
+        assert_eq!(subjects, [&json!("Patient/mother"), &json!("Patient/baby")]);
+        let named: Vec<&Issue> = out
+            .issues
+            .iter()
+            .filter(|i| i.diagnostics.contains("group `child`"))
+            .collect();
+        assert_eq!(named.len(), 1, "{:?}", out.issues);
+        assert_eq!(named[0].expression, ["QuestionnaireResponse.item[2]"]);
+    }
+
     fn flag(on: Value) -> Value {
         let key = if on.is_boolean() {
             "valueBoolean"
@@ -1237,8 +1521,7 @@ mod tests {
                     {"valueCoding": {"code": "beer"}, "item": [
                         {"linkId": "per-week", "answer": [{"valueInteger": 3}]}]},
                     {"valueCoding": {"code": "wine"}, "item": [
-                        {"linkId": "per-week", "answer": [{"valueInteger": 2}]}]}]},
-                {"linkId": "not-in-q", "answer": [{"valueString": "x"}]}
+                        {"linkId": "per-week", "answer": [{"valueInteger": 2}]}]}]}
             ]
         });
         (q, qr)
@@ -1314,17 +1597,13 @@ mod tests {
         );
         assert_eq!(bp["category"][0]["coding"][0]["code"], "vital-signs");
         // Off, unanswered, a component (its own or without a parent Observation), an
-        // attachment, an unknown item: none.
+        // attachment: none. (An answer to an item the Questionnaire has not is refused:
+        // `fit`.)
         for code in ["48767-8", "8310-5", "8480-6", "8462-4", "72170-4"] {
             assert!(by_code(b, code).is_empty(), "{code}");
         }
         let codes: Vec<&str> = out.issues.iter().map(|i| i.code).collect();
-        assert_eq!(
-            codes,
-            ["not-supported", "incomplete", "not-found"],
-            "{:?}",
-            out.issues
-        );
+        assert_eq!(codes, ["not-supported", "incomplete"], "{:?}", out.issues);
         // Under each of several answers: an Observation each.
         assert_eq!(by_code(b, "11287-0").len(), 2);
         assert_eq!(observations(b).len(), 11);

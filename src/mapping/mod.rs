@@ -9,6 +9,7 @@ mod compile;
 pub mod condition;
 pub mod engine;
 pub mod extract;
+pub mod fit;
 pub mod plausible;
 pub mod questionnaire;
 mod read;

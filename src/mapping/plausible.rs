@@ -53,7 +53,7 @@ impl Range {
 }
 
 /// A number without trailing zeros (`272`, `0.3`).
-fn short(x: f64) -> String {
+pub(super) fn short(x: f64) -> String {
     let s = format!("{x:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }

@@ -260,3 +260,45 @@ fn ingest_that_nobody_signs_is_named_at_start_and_in_ready() {
     assert_eq!(warned, unsigned, "one warning per unsigned mapping");
     assert!(root().join("mappings").is_dir());
 }
+
+/// Started where there are no mapping files, the gateway runs, says where it looked and which
+/// setting changes that, and answers every ingest route 404 naming the mapping it lacks.
+#[test]
+fn without_a_mappings_directory_the_gateway_starts_with_none() {
+    let app = App::start_logged_edited(None, |config| {
+        config
+            .lines()
+            .map(|l| {
+                if l.starts_with("mappings_dir") {
+                    "mappings_dir = \"no/such/mappings\"".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (status, oo, _) = app.post(
+        "/submissions/glp1-intake-typeform",
+        &super::fixture(super::MAYA),
+        &api_key(),
+    );
+    assert_eq!(status, 404, "{oo}");
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert!(oo.to_string().contains("glp1-intake-typeform"), "{oo}");
+    let response = json!({"resourceType": "QuestionnaireResponse", "status": "completed",
+        "questionnaire": "https://forms.example-clinic.com/Questionnaire/glp1-intake|3"});
+    let (status, oo, _) = app.post(
+        "/QuestionnaireResponse",
+        response.to_string().as_bytes(),
+        &api_key(),
+    );
+    assert_eq!(status, 404, "{oo}");
+    assert!(oo.to_string().contains("glp1-intake|3"), "{oo}");
+    let (_, text) = app.log_lines();
+    assert!(
+        text.contains("no mappings directory") && text.contains("no/such/mappings"),
+        "{text}"
+    );
+    assert!(text.contains("CHARTBRIDGE_MAPPINGS_DIR"), "{text}");
+}

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod intake_safety;
+mod response_fit;
 
 use common::{forward, free_port, front, root, App, FhirServer};
 use serde_json::Value;
@@ -1744,10 +1745,22 @@ fn some_answer(item: &Value) -> Option<Value> {
         es.iter()
             .find(|e| e["url"] == "http://hl7.org/fhir/StructureDefinition/questionnaire-unit")
     });
+    // A plausible number: inside the item's bounds when it has them (81.5 without).
+    let bound = |which: &str| {
+        item["extension"].as_array().and_then(|es| {
+            es.iter()
+                .find(|e| e["url"].as_str().is_some_and(|u| u.ends_with(which)))
+                .and_then(|e| e["valueQuantity"]["value"].as_f64())
+        })
+    };
+    let value = match (bound("minQuantity"), bound("maxQuantity")) {
+        (Some(low), Some(high)) => ((low + high) / 2.0).round(),
+        _ => 81.5,
+    };
     Some(match item["type"].as_str()? {
         "quantity" => {
             let u = &unit?["valueCoding"];
-            json!({"valueQuantity": {"value": 81.5, "unit": u["display"], "system": u["system"], "code": u["code"]}})
+            json!({"valueQuantity": {"value": value, "unit": u["display"], "system": u["system"], "code": u["code"]}})
         }
         "decimal" => json!({"valueDecimal": 1.5}),
         "integer" => json!({"valueInteger": 0}),
@@ -1822,7 +1835,8 @@ fn extract_turns_a_questionnaire_response_into_observations_the_ehr_accepts() {
         .map(|e| &e["resource"])
         .find(|o| o["code"]["coding"][0]["code"] == "29463-7")
         .expect("the weight");
-    assert_eq!(weight["valueQuantity"]["value"], json!(81.5));
+    // Midway between the weight's plausible bounds (0.3–650 kg).
+    assert_eq!(weight["valueQuantity"]["value"].as_f64(), Some(325.0));
     assert_eq!(
         weight["valueQuantity"]["system"],
         "http://unitsofmeasure.org"
@@ -2455,8 +2469,8 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     assert_eq!(stored["status"], "amended");
     assert!(stored.to_string().contains("\"reason\""), "{stored}");
 
-    // What cannot be a submission: not a response; a Questionnaire not defined here; no
-    // identifier.
+    // What cannot be a submission: not a response (422); a Questionnaire not defined here
+    // (404); no identifier (422).
     let patient = json!({"resourceType": "Patient"}).to_string().into_bytes();
     let (status, outcome, _) = app.post("/QuestionnaireResponse", &patient, &signed(&patient));
     assert_eq!(
@@ -2467,9 +2481,10 @@ fn a_questionnaire_response_delivered_in_mode(ehr_extra: &str) {
     other["questionnaire"] = json!("https://example.org/Questionnaire/x|1");
     let other = other.to_string().into_bytes();
     let (status, outcome, _) = app.post("/QuestionnaireResponse", &other, &signed(&other));
+    // No mapping defines it: the map it needs is missing.
     assert_eq!(
         (status, outcome["issue"][0]["code"].as_str()),
-        (422, Some("invalid"))
+        (404, Some("not-found"))
     );
     let mut anonymous = response.clone();
     anonymous.as_object_mut().unwrap().remove("identifier");
