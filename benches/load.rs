@@ -8,6 +8,7 @@
 //!     cargo bench --bench load            # LOAD_SECONDS (10), LOAD_CONNECTIONS (64),
 //!                                         # LOAD_EHR_CONCURRENCY (8): deliveries at once,
 //!                                         # LOAD_NO_EHR=1: no EHR, deliveries wait in the outbox
+//!                                         # LOAD_MAPPINGS=dir: the mappings it loads
 //!                                         # LOAD_SERVER=path: measure that build of
 //!                                         # `chartbridge` instead (A/B against an older commit)
 //!                                         # LOAD_CLIENT=wrk|builtin: the load generator
@@ -379,7 +380,7 @@ fn main() {
             format!(
                 "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nmappings_dir = {:?}\n{}[sources.\"*\"]\ntype = \"api_key\"\nkey = \"bench\"\n",
                 dir.path().join("data"),
-                root.join("mappings"),
+                std::env::var_os("LOAD_MAPPINGS").map_or_else(|| root.join("mappings"), Into::into),
                 if no_ehr { String::new() } else { format!("[ehr]\nbase_url = \"{ehr}\"\nconcurrency = {ehr_concurrency}\n") },
             ),
         ), "writing the config");

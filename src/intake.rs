@@ -9,7 +9,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::mapping::{Mapping, MappingFailure, SubmissionInput};
-use crate::store::{self, Accepted, State, Store, StoreError, SubmissionRecord, Transition};
+use crate::store::{
+    self, Accepted, Backend, State, Store, StoreError, SubmissionRecord, Transition,
+};
 
 /// The event an accepted submission raises for the CRM.
 pub const INTAKE_SUBMITTED: &str = "intake.submitted";
@@ -23,7 +25,7 @@ const REVISION_RACES: usize = 3;
 /// The loaded mappings, by id, and the store they write to.
 pub struct Intake {
     mappings: HashMap<String, Arc<Mapping>>,
-    store: Arc<Store>,
+    store: Arc<Backend>,
 }
 
 /// What the gateway tells the source about an accepted submission (no PHI).
@@ -64,7 +66,7 @@ pub enum IntakeError {
 }
 
 impl Intake {
-    pub fn new(mappings: Vec<Mapping>, store: Arc<Store>) -> Intake {
+    pub fn new(mappings: Vec<Mapping>, store: Arc<Backend>) -> Intake {
         let mappings = mappings
             .into_iter()
             .map(|m| (m.id.clone(), Arc::new(m)))
@@ -96,7 +98,7 @@ impl Intake {
         self.mappings.len()
     }
 
-    pub fn store(&self) -> &Arc<Store> {
+    pub fn store(&self) -> &Arc<Backend> {
         &self.store
     }
 
@@ -130,7 +132,7 @@ impl Intake {
         );
         let written = self
             .store
-            .accept_async(&record, std::mem::take(&mut mapped.bundle));
+            .accept(&record, std::mem::take(&mut mapped.bundle), Vec::new());
         drop((mapped, payload, raw));
         self.answer(record, written.await?).await
     }
@@ -177,9 +179,11 @@ impl Intake {
             },
             received_at,
         );
-        let written = self
-            .store
-            .accept_async(&record, submitted.bundle.to_string().into_bytes());
+        let written = self.store.accept(
+            &record,
+            submitted.bundle.to_string().into_bytes(),
+            Vec::new(),
+        );
         self.answer(record, written.await?).await
     }
 
@@ -220,6 +224,7 @@ impl Intake {
             next.earlier_payloads = existing.earlier_payloads.clone();
             next.earlier_payloads.push(existing.payload_sha256.clone());
             next.ehr = existing.ehr.clone();
+            next.events = existing.events.clone();
             let details = [
                 format!("revision {number}"),
                 format!(
@@ -235,7 +240,7 @@ impl Intake {
             next.transitions = transitions;
             match self
                 .store
-                .revise(&next, revision.bundle, &existing.payload_sha256)
+                .revise(&next, revision.bundle, &existing.payload_sha256, Vec::new())
                 .await?
             {
                 Accepted::New => {
@@ -309,6 +314,7 @@ fn record(mapping: &Mapping, r: Recorded, received_at: &str) -> SubmissionRecord
             .collect(),
         ehr: Vec::new(),
         earlier_payloads: Vec::new(),
+        events: Vec::new(),
     }
 }
 

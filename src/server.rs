@@ -11,13 +11,14 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
-use crate::delivery::outbox::Outbox;
+use crate::delivery::ehr::EhrCourier;
+use crate::delivery::outbox::{on_own_thread, Outbox};
 use crate::fetch::Fetch;
 use crate::http::{router, AppState, Peer};
 use crate::intake::Intake;
 use crate::mapping;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Backend, Receiver, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -40,175 +41,237 @@ pub enum ServeError {
     },
 }
 
-/// Runs the gateway until a shutdown signal.
-pub async fn serve(config: Config) -> Result<(), ServeError> {
-    let mappings = if config.mappings_dir.is_dir() {
-        mapping::load_dir(&config.mappings_dir)?
-    } else {
-        // Nothing to serve yet is not a reason not to start (a new deployment, a health check
-        // first): every ingest route answers 404 naming the mapping it lacks.
-        tracing::warn!(
-            dir = %config.mappings_dir.display(),
-            "no mappings directory: starting with no mappings; set mappings_dir (CHARTBRIDGE_MAPPINGS_DIR) to where the mapping files are"
-        );
-        Vec::new()
-    };
-    let store = Arc::new(Store::open(&config.data_dir)?);
-    let metrics = Arc::new(Metrics::for_mappings(
-        mappings.iter().map(|m| m.id.as_str()),
-    ));
-    let wake = Arc::new(Notify::new());
-    let (stop, stopped) = watch::channel(false);
+/// The gateway, built and serving: its socket bound (`address`), its HTTP threads, outbox and
+/// retention sweeps running. `run_until_stopped` waits for a shutdown signal and stops it
+/// gracefully; tests start one in-process on port 0 the same way `serve` does.
+pub struct Application {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    store: Arc<Backend>,
+    http: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    http_stop: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    outbox: Option<std::thread::JoinHandle<()>>,
+    sweeper: Option<tokio::task::JoinHandle<()>>,
+}
 
-    let ehr = match &config.ehr {
-        Some(ehr) => Some((Arc::new(EhrClient::new(ehr)?), ehr.clone())),
-        None => {
-            tracing::warn!("no EHR configured: submissions are accepted and held in the outbox");
-            None
-        }
-    };
-    // One socket, bound here (so that a port in use is an error, not a silent share); its
-    // connections are handed in turn to one single-threaded runtime per core, and a connection
-    // stays on that thread from its first request to its last answer.
-    let listen = config.listen;
-    let listen_error = move |source| ServeError::Listen {
-        addr: listen.to_string(),
-        source,
-    };
-    let listener = std::net::TcpListener::bind(listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .map_err(listen_error)?;
-    let addr = listener.local_addr().map_err(listen_error)?;
-    // The outbox has a client of its own: its connections live on the outbox's runtime.
-    let worker = match &ehr {
-        Some((_, cfg)) => Some(
-            Outbox {
-                store: Arc::clone(&store),
-                client: Arc::new(EhrClient::new(cfg)?),
-                wake: Arc::clone(&wake),
-                metrics: Arc::clone(&metrics),
-                concurrency: cfg.concurrency,
-                backoff_base: Duration::from_millis(cfg.backoff_base_ms),
-                backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
-            }
-            .spawn(stopped.clone())
-            .map_err(ServeError::Outbox)?,
-        ),
-        None => None,
-    };
-    let retention = Retention {
-        bundles: config.bundle_retention(),
-        audit: config.audit_retention(),
-    };
-    if retention.bundles.is_none() {
-        tracing::info!("bundle retention is off: Bundles are kept for good");
-    }
-    if retention.audit.is_none() {
-        tracing::info!("audit retention is off: the audit trail is kept for good");
-    }
-    let sweeper = (retention.bundles.is_some() || retention.audit.is_some()).then(|| {
-        tokio::spawn(sweep(
-            Arc::clone(&store),
-            Arc::clone(&metrics),
-            retention,
-            stopped,
-        ))
-    });
-    // Every mapping whose submissions nobody signs: anyone who reaches the gateway can post
-    // them (said here and in `/ready`, by mapping id).
-    for mapping in config.unsigned(mappings.iter().map(|m| m.id.as_str())) {
-        tracing::warn!(
-            mapping,
-            "submissions are accepted unsigned: no [sources.<mapping id>] nor [sources.\"*\"] entry authenticates them"
-        );
-    }
-    let operators = config.operator_keys()?;
-    if operators.is_empty() {
-        tracing::warn!(
-            "no admin_key nor [operators]: status, provenance, patient lookups and replays are open to whoever reaches the gateway"
-        );
-    }
-    for source in config.fetch.keys() {
-        if mappings.iter().any(|m| &m.id == source) {
-            tracing::info!(
-                source,
-                "its notifications are exchanged for the submission they announce"
-            );
+impl Application {
+    /// Loads the mappings, opens the store, binds the socket (a port in use is an error) and
+    /// starts serving, delivering and sweeping. Must be called within a tokio runtime.
+    pub async fn build(config: Config) -> Result<Application, ServeError> {
+        let mappings = if config.mappings_dir.is_dir() {
+            mapping::load_dir(&config.mappings_dir)?
         } else {
+            // Nothing to serve yet is not a reason not to start (a new deployment, a health
+            // check first): every ingest route answers 404 naming the mapping it lacks.
             tracing::warn!(
-                source,
-                "a fetch is configured for a mapping that is not loaded"
+                dir = %config.mappings_dir.display(),
+                "no mappings directory: starting with no mappings; set mappings_dir (CHARTBRIDGE_MAPPINGS_DIR) to where the mapping files are"
+            );
+            Vec::new()
+        };
+        let store = Arc::new(Backend::open(&config.data_dir)?);
+        let metrics = Arc::new(Metrics::for_mappings(
+            mappings.iter().map(|m| m.id.as_str()),
+        ));
+        let wake = Arc::new(Notify::new());
+        let (stop, stopped) = watch::channel(false);
+
+        let ehr = match &config.ehr {
+            Some(ehr) => Some((Arc::new(EhrClient::new(ehr)?), ehr.clone())),
+            None => {
+                tracing::warn!(
+                    "no EHR configured: submissions are accepted and held in the outbox"
+                );
+                None
+            }
+        };
+        // One socket, bound here (so that a port in use is an error, not a silent share); its
+        // connections are handed in turn to one single-threaded runtime per core, and a
+        // connection stays on that thread from its first request to its last answer.
+        let listen = config.listen;
+        let listen_error = move |source| ServeError::Listen {
+            addr: listen.to_string(),
+            source,
+        };
+        let listener = std::net::TcpListener::bind(listen)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(listen_error)?;
+        let addr = listener.local_addr().map_err(listen_error)?;
+        // The outbox has a client of its own: its connections live on the outbox's runtime.
+        let outbox = match &ehr {
+            Some((_, cfg)) => {
+                let ehr = Outbox {
+                    store: Arc::clone(&store),
+                    courier: Arc::new(EhrCourier {
+                        client: Arc::new(EhrClient::new(cfg)?),
+                        metrics: Arc::clone(&metrics),
+                        concurrency: cfg.concurrency,
+                        backoff_base: Duration::from_millis(cfg.backoff_base_ms),
+                        backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
+                        consequences: crate::store::no_consequences(),
+                    }),
+                    wake: Arc::clone(&wake),
+                };
+                Some(on_own_thread(ehr.run(stopped.clone())).map_err(ServeError::Outbox)?)
+            }
+            None => None,
+        };
+        let retention = Retention {
+            bundles: config.bundle_retention(),
+            audit: config.audit_retention(),
+        };
+        if retention.bundles.is_none() {
+            tracing::info!("bundle retention is off: Bundles are kept for good");
+        }
+        if retention.audit.is_none() {
+            tracing::info!("audit retention is off: the audit trail is kept for good");
+        }
+        let sweeper = (retention.bundles.is_some() || retention.audit.is_some()).then(|| {
+            tokio::spawn(sweep(
+                Arc::clone(&store),
+                Arc::clone(&metrics),
+                retention,
+                stopped,
+            ))
+        });
+        // Every mapping whose submissions nobody signs: anyone who reaches the gateway can post
+        // them (said here and in `/ready`, by mapping id).
+        for mapping in config.unsigned(mappings.iter().map(|m| m.id.as_str())) {
+            tracing::warn!(
+                mapping,
+                "submissions are accepted unsigned: no [sources.<mapping id>] nor [sources.\"*\"] entry authenticates them"
             );
         }
-    }
-    let fetch = Fetch::new(config.fetch.clone()).map_err(ServeError::Fetch)?;
+        let operators = config.operator_keys()?;
+        if operators.is_empty() {
+            tracing::warn!(
+                "no admin_key nor [operators]: status, provenance, patient lookups and replays are open to whoever reaches the gateway"
+            );
+        }
+        for source in config.fetch.keys() {
+            if mappings.iter().any(|m| &m.id == source) {
+                tracing::info!(
+                    source,
+                    "its notifications are exchanged for the submission they announce"
+                );
+            } else {
+                tracing::warn!(
+                    source,
+                    "a fetch is configured for a mapping that is not loaded"
+                );
+            }
+        }
+        let fetch = Fetch::new(config.fetch.clone()).map_err(ServeError::Fetch)?;
 
-    let state = Arc::new(AppState {
-        intake: Intake::new(mappings, Arc::clone(&store)),
-        config,
-        metrics,
-        outbox: wake,
-        ehr: ehr.map(|(c, _)| c),
-        fetch,
-        started: crate::delivery::outbox::now(),
-        refusals: crate::http::refusal_budget(),
-        operators,
-    });
-    let (http_stop, http_stopped) = watch::channel(false);
-    let app = router(Arc::clone(&state));
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut http = Vec::with_capacity(threads);
-    let mut handoffs = Vec::with_capacity(threads);
-    for i in 0..threads {
-        let (handoff, connections) = tokio::sync::mpsc::unbounded_channel();
-        let connections = Handoff { connections };
-        http.push(
-            http_thread(
-                i,
-                connections,
-                app.clone(),
-                Duration::from_millis(state.config.limits.request_timeout_ms),
-                http_stopped.clone(),
-            )
-            .map_err(listen_error)?,
-        );
-        handoffs.push(handoff);
+        let state = Arc::new(AppState {
+            intake: Intake::new(mappings, Arc::clone(&store)),
+            config,
+            metrics,
+            outbox: wake,
+            ehr: ehr.map(|(c, _)| c),
+            fetch,
+            started: crate::delivery::outbox::now(),
+            refusals: crate::http::refusal_budget(),
+            operators,
+        });
+        let (http_stop, http_stopped) = watch::channel(false);
+        let app = router(Arc::clone(&state));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut http = Vec::with_capacity(threads);
+        let mut handoffs = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (handoff, connections) = tokio::sync::mpsc::unbounded_channel();
+            let connections = Handoff { connections };
+            http.push(
+                http_thread(
+                    i,
+                    connections,
+                    app.clone(),
+                    Duration::from_millis(state.config.limits.request_timeout_ms),
+                    http_stopped.clone(),
+                )
+                .map_err(listen_error)?,
+            );
+            handoffs.push(handoff);
+        }
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_error)?;
+        tokio::spawn(hand_out(listener, handoffs, http_stopped));
+        tracing::info!(%addr, threads, mappings = state.intake.mapping_count(), pending = store.outbox_depth(&Receiver::Ehr), "listening");
+        Ok(Application {
+            addr,
+            state,
+            store,
+            http,
+            http_stop,
+            stop,
+            outbox,
+            sweeper,
+        })
     }
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(listen_error)?;
-    tokio::spawn(hand_out(listener, handoffs, http_stopped));
-    tracing::info!(%addr, threads, mappings = state.intake.mapping_count(), pending = store.outbox_depth(), "listening");
+
+    /// The address the socket is bound to (the port chosen, when `listen` asked for port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What every handler shares (the store, the mappings, the metrics).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then stops gracefully.
+    pub async fn run_until_stopped(self) -> Result<(), ServeError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` resolves, then stops: no new connections; the requests in flight
+    /// are answered, then the deliveries in flight and a sweep under way finish, then the last
+    /// store write is made durable.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        stop.await;
+        tracing::info!("shutting down: finishing requests and deliveries in flight");
+        let _ = self.http_stop.send(true);
+        let mut served = Ok(());
+        for thread in self.http {
+            match tokio::task::spawn_blocking(move || thread.join()).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => served = Err(e),
+                _ => tracing::error!("an HTTP thread ended abnormally"),
+            }
+        }
+        let _ = self.stop.send(true);
+        if let Some(outbox) = self.outbox {
+            let _ = tokio::task::spawn_blocking(move || outbox.join()).await;
+        }
+        if let Some(sweeper) = self.sweeper {
+            let _ = sweeper.await;
+        }
+        drop(self.state);
+        let store = self.store;
+        let flushed = tokio::task::spawn_blocking(move || store.commit()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        served.map_err(|source| ServeError::Listen {
+            addr: self.addr.to_string(),
+            source,
+        })
+    }
+}
+
+/// Runs the gateway until a shutdown signal: built, announced on stdout, served.
+pub async fn serve(config: Config) -> Result<(), ServeError> {
+    let app = Application::build(config).await?;
     // The one line on stdout: what a supervisor or a test reads to find the port.
     println!(
         "{}",
-        serde_json::json!({"event": "listening", "url": format!("http://{addr}")})
+        serde_json::json!({"event": "listening", "url": format!("http://{}", app.address())})
     );
-
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing requests and deliveries in flight");
-    let _ = http_stop.send(true);
-    let mut served = Ok(());
-    for thread in http {
-        match tokio::task::spawn_blocking(move || thread.join()).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => served = Err(e),
-            _ => tracing::error!("an HTTP thread ended abnormally"),
-        }
-    }
-    let _ = stop.send(true);
-    if let Some(worker) = worker {
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-    }
-    if let Some(sweeper) = sweeper {
-        let _ = sweeper.await;
-    }
-    let flushed = tokio::task::spawn_blocking(move || store.commit()).await;
-    if let Ok(Err(e)) = flushed {
-        tracing::error!(error = %e, "final flush failed");
-    }
-    served.map_err(|source| ServeError::Listen {
-        addr: addr.to_string(),
-        source,
-    })
+    app.run_until_stopped().await
 }
 
 /// Starts HTTP thread `i`: serves `app` on the connections handed to it until `stop` turns
@@ -348,7 +411,7 @@ struct Retention {
 /// Sweeps the Bundle log and the audit trail now and every `SWEEP_EVERY` until `stopped` (a
 /// sweep under way finishes first).
 async fn sweep(
-    store: Arc<Store>,
+    store: Arc<Backend>,
     metrics: Arc<Metrics>,
     retention: Retention,
     mut stopped: watch::Receiver<bool>,
@@ -366,12 +429,11 @@ async fn sweep(
                     Metrics::add(&metrics.bundles_expired, swept.expired as u64);
                     Metrics::add(&metrics.bundles_moved, swept.moved as u64);
                     Metrics::add(&metrics.bundle_segments_deleted, swept.segments as u64);
-                    if swept.segments > 0 || swept.migrated > 0 {
+                    if swept.segments > 0 {
                         tracing::info!(
                             segments = swept.segments,
                             expired = swept.expired,
                             moved = swept.moved,
-                            migrated = swept.migrated,
                             "bundle log swept"
                         );
                     }

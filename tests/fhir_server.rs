@@ -168,7 +168,7 @@ fn delivery_reads_the_servers_transaction_response_and_rejections() {
     rendered["bundle"]["entry"][3]["resource"]["status"] = Value::from("finalized");
     let (status, body) = server.transaction(&rendered["bundle"]);
     match classify(status, None, &body) {
-        Attempt::Reject { reason } => assert!(reason.starts_with("HTTP 400"), "{reason}"),
+        Attempt::Reject(failure) => assert_eq!(failure.status, Some(400), "{}", failure.reason()),
         other => panic!("expected a rejection, got {other:?}"),
     }
 }

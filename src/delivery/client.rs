@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::auth::{TokenError, TokenSource};
-use super::{classify, located, status_in, wait_asked, Attempt};
+use super::{classify, located, wait_asked, Attempt, Failure};
 use crate::config::{DeliveryMode, EhrAuth, EhrConfig};
 use crate::store::EhrResource;
 
@@ -98,7 +98,12 @@ impl EhrClient {
         let first = self.deliver_once(&bundle).await;
         match (&first, &self.auth) {
             // Whichever request of the delivery it was (an entry's, a part's).
-            (Attempt::Reject { reason }, Auth::Smart(tokens)) if status_in(reason) == Some(401) => {
+            (
+                Attempt::Reject(Failure {
+                    status: Some(401), ..
+                }),
+                Auth::Smart(tokens),
+            ) => {
                 tokens.invalidate().await;
                 self.deliver_once(&bundle).await
             }
@@ -112,14 +117,16 @@ impl EhrClient {
                 let attempt = self.transaction(bundle.clone()).await;
                 match attempt {
                     // Medplum's words for its limit (8 entries when any is conditional).
-                    Attempt::Reject { reason } if reason.contains("too many entries") => {
-                        Attempt::Reject {
-                            reason: format!(
-                                "{reason} — if the EHR limits how many entries a transaction \
-                                 holds, set `[ehr] max_transaction_entries` (hosted Medplum: 8) \
-                                 and replay"
-                            ),
-                        }
+                    Attempt::Reject(failure)
+                        if failure
+                            .ehr_text
+                            .as_deref()
+                            .is_some_and(|t| t.contains("too many entries")) =>
+                    {
+                        Attempt::Reject(failure.hinting(
+                            "if the EHR limits how many entries a transaction holds, set \
+                             `[ehr] max_transaction_entries` (hosted Medplum: 8) and replay",
+                        ))
                     }
                     other => other,
                 }
@@ -175,13 +182,14 @@ impl EhrClient {
             let resources = match self.transaction(part.to_string().into()).await {
                 Attempt::Delivered(resources) if resources.len() == range.len() => resources,
                 Attempt::Delivered(resources) => {
-                    return Attempt::Reject {
-                        reason: format!(
-                            "{which}: the EHR's transaction-response has {} entries for {}",
+                    return Attempt::Reject(
+                        Failure::said(format!(
+                            "the EHR's transaction-response has {} entries for {}",
                             resources.len(),
                             range.len()
-                        ),
-                    }
+                        ))
+                        .within(&which),
+                    )
                 }
                 other => return other.within(&which),
             };
@@ -251,9 +259,9 @@ impl EhrClient {
                         Err(attempt) => return attempt.within(&which),
                     },
                     None => {
-                        return Attempt::Reject {
-                            reason: format!("{which}: the EHR's answer names no id"),
-                        }
+                        return Attempt::Reject(
+                            Failure::said("the EHR's answer names no id").within(&which),
+                        )
                     }
                 },
             };
@@ -285,18 +293,16 @@ impl EhrClient {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         match matches {
-            [only] => body_resource(&only["resource"]).ok_or_else(|| Attempt::Reject {
-                reason: "a search by its condition found a resource without an id".into(),
+            [only] => body_resource(&only["resource"]).ok_or_else(|| {
+                Attempt::Reject(Failure::said(
+                    "a search by its condition found a resource without an id",
+                ))
             }),
-            _ => Err(Attempt::Reject {
-                reason: format!(
-                    // Not the search itself: a Patient's names the patient's identifier (PHI;
-                    // the reason is logged and kept).
-                    "the EHR's answer names no id, and a search by its condition found {} \
-                     resources",
-                    matches.len()
-                ),
-            }),
+            // Not the search itself: a Patient's names the patient's identifier (PHI).
+            _ => Err(Attempt::Reject(Failure::said(format!(
+                "the EHR's answer names no id, and a search by its condition found {} resources",
+                matches.len()
+            )))),
         }
     }
 
@@ -321,7 +327,7 @@ impl EhrClient {
             Ok(r) => r,
             Err(e) => {
                 return Err(Attempt::Retry {
-                    reason: format!("no access token: {e}"),
+                    failure: Failure::said(format!("no access token: {e}")),
                     retry_after: e.wait(),
                 })
             }
@@ -337,7 +343,7 @@ impl EhrClient {
                     "request failed"
                 };
                 return Err(Attempt::Retry {
-                    reason: format!("EHR {what}"),
+                    failure: Failure::said(format!("EHR {what}")),
                     retry_after: None,
                 });
             }
@@ -349,17 +355,17 @@ impl EhrClient {
                 .get(reqwest::header::LOCATION)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("(no Location)");
-            let reason = format!(
-                "HTTP {status}: the EHR redirects to {to}; deliveries do not follow redirects \
-                 (the Bundle holds PHI): point `[ehr] base_url` there if it is the EHR"
-            );
+            let failure = Failure::answered(status, None).saying(format!(
+                "the EHR redirects to {to}; deliveries do not follow redirects (the Bundle \
+                 holds PHI): point `[ehr] base_url` there if it is the EHR"
+            ));
             // A permanent redirect is a configuration to fix (then replay); a temporary one
             // may pass.
             return Err(if matches!(status, 301 | 308) {
-                Attempt::Reject { reason }
+                Attempt::Reject(failure)
             } else {
                 Attempt::Retry {
-                    reason,
+                    failure,
                     retry_after: None,
                 }
             });
@@ -379,7 +385,7 @@ impl EhrClient {
                 etag,
             }),
             Err(_) => Err(Attempt::Retry {
-                reason: format!("HTTP {status}: body not received"),
+                failure: Failure::answered(status, None).saying("body not received"),
                 retry_after: None,
             }),
         }
@@ -433,9 +439,7 @@ fn body_resource(body: &Value) -> Option<EhrResource> {
 }
 
 fn not_json() -> Attempt {
-    Attempt::Reject {
-        reason: "the stored Bundle is not JSON".into(),
-    }
+    Attempt::Reject(Failure::said("the stored Bundle is not JSON"))
 }
 
 /// Replaces every `reference` that names an entry's fullUrl with the id the EHR gave it.

@@ -1,12 +1,14 @@
 //! Delivery to the EHR. The policy here is pure: reading a `transaction-response` into the
 //! resources the EHR stored, telling a retryable failure from a permanent rejection, and when to
-//! try again. `client` speaks to the EHR's FHIR API; `outbox` runs the deliveries.
+//! try again. `client` speaks to the EHR's FHIR API, `ehr` makes and records one attempt, and
+//! `outbox` runs every receiver's jobs.
 //!
 //! Knows FHIR responses, HTTP and the store; nothing of mapping files or of the gateway's own
 //! HTTP API.
 
 pub mod auth;
 pub mod client;
+pub mod ehr;
 pub mod outbox;
 
 use std::ops::Range;
@@ -24,54 +26,115 @@ pub enum Attempt {
     /// Try again later (network error, 408, 425, 429, 5xx), after at least `retry_after` if the
     /// EHR said so.
     Retry {
-        reason: String,
+        failure: Failure,
         retry_after: Option<Duration>,
     },
-    /// The EHR rejected the Bundle (other 4xx, or a response that is not a transaction-response):
-    /// retrying the same Bundle cannot succeed. `reason` is the OperationOutcome's diagnostics.
-    Reject { reason: String },
+    /// The EHR rejected the Bundle (other 4xx, or an answer that is not a transaction-response):
+    /// retrying the same Bundle cannot succeed.
+    Reject(Failure),
 }
 
 impl Attempt {
-    /// The same attempt, its reason saying which part of the delivery it is about.
+    /// The same attempt, saying which part of the delivery it is about.
     pub fn within(self, part: &str) -> Attempt {
         match self {
             Attempt::Retry {
-                reason,
+                failure,
                 retry_after,
             } => Attempt::Retry {
-                reason: format!("{part}: {reason}"),
+                failure: failure.within(part),
                 retry_after,
             },
-            Attempt::Reject { reason } => Attempt::Reject {
-                reason: format!("{part}: {reason}"),
-            },
+            Attempt::Reject(failure) => Attempt::Reject(failure.within(part)),
             delivered => delivered,
         }
     }
 }
 
-/// What of an attempt's reason may be logged: up to the EHR's status (`part 2 of 3 (entries
-/// 8–12): HTTP 400`), not the text of its OperationOutcome after it — some servers quote the
-/// values they refuse (PHI), and logs hold none. The whole reason is in the submission's
-/// status, for operators. A reason with no status in it is the gateway's own words: whole.
-pub fn loggable(reason: &str) -> &str {
-    first_status(reason).map_or(reason, |(end, _)| &reason[..end])
+/// Why an attempt did not deliver, in fields: the token refresh after a 401 reads the status,
+/// the log line leaves out the EHR's text — nothing is parsed back out of a sentence.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Failure {
+    /// Which part of the delivery failed (`part 2 of 3 (entries 8–12)`, `entry 0 (Patient)`),
+    /// outermost first.
+    pub part: Option<String>,
+    /// The EHR's HTTP status, when it answered with one.
+    pub status: Option<u16>,
+    /// What happened, in the gateway's own words (`EHR unreachable`, where a redirect points).
+    pub what: Option<String>,
+    /// The EHR's own text (its OperationOutcome's diagnostics). Some servers quote the values
+    /// they refuse: kept in the submission's status for operators, never logged.
+    pub ehr_text: Option<String>,
+    /// What an operator can do about it.
+    pub hint: Option<String>,
 }
 
-/// The EHR's status an attempt's reason names (`entry 0 (Patient): HTTP 401: …` → 401) — the
-/// first, before any text of the EHR's.
-pub fn status_in(reason: &str) -> Option<u16> {
-    first_status(reason).map(|(_, status)| status)
-}
+impl Failure {
+    /// The EHR answered `status`, saying `text`.
+    pub fn answered(status: u16, text: Option<String>) -> Failure {
+        Failure {
+            status: Some(status),
+            ehr_text: text,
+            ..Failure::default()
+        }
+    }
 
-/// The first `HTTP nnn` of a reason: where it ends, and the status.
-fn first_status(reason: &str) -> Option<(usize, u16)> {
-    reason.match_indices("HTTP ").find_map(|(at, _)| {
-        let code = reason.get(at + 5..at + 8)?;
-        let digits = code.bytes().all(|b| b.is_ascii_digit());
-        Some((at + 8, code.parse().ok().filter(|_| digits)?))
-    })
+    /// The gateway's own account (no answer of the EHR's to quote).
+    pub fn said(what: impl Into<String>) -> Failure {
+        Failure {
+            what: Some(what.into()),
+            ..Failure::default()
+        }
+    }
+
+    pub fn saying(mut self, what: impl Into<String>) -> Failure {
+        self.what = Some(what.into());
+        self
+    }
+
+    pub fn hinting(mut self, hint: impl Into<String>) -> Failure {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The same failure, as the failure of `part` of a larger delivery.
+    pub fn within(mut self, part: &str) -> Failure {
+        self.part = Some(match self.part.take() {
+            Some(inner) => format!("{part}: {inner}"),
+            None => part.to_string(),
+        });
+        self
+    }
+
+    /// The whole account, as the submission's status keeps it: part, status, the gateway's
+    /// words, the EHR's text, the hint.
+    pub fn reason(&self) -> String {
+        let mut pieces: Vec<String> = Vec::with_capacity(4);
+        pieces.extend(self.part.clone());
+        pieces.extend(self.status.map(|s| format!("HTTP {s}")));
+        pieces.extend(self.what.clone());
+        pieces.extend(self.ehr_text.clone());
+        let mut reason = pieces.join(": ");
+        if let Some(hint) = &self.hint {
+            reason.push_str(" — ");
+            reason.push_str(hint);
+        }
+        reason
+    }
+
+    /// What may be logged: the part and the EHR's status (or, without one, the gateway's own
+    /// words) — never the EHR's text, which may quote PHI.
+    pub fn loggable(&self) -> String {
+        let said = match self.status {
+            Some(s) => Some(format!("HTTP {s}")),
+            None => self.what.clone(),
+        };
+        [self.part.clone(), said]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": ")
+    }
 }
 
 /// A transaction Bundle's entries cut into consecutive parts of at most `max` entries, for an
@@ -130,23 +193,16 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &Value) -> Att
     match status {
         200..=299 => match read_transaction_response(body) {
             Ok(resources) => Attempt::Delivered(resources),
-            Err(why) => Attempt::Reject { reason: why },
+            Err(why) => Attempt::Reject(Failure::said(why)),
         },
         408 | 425 | 429 | 500..=599 => Attempt::Retry {
-            reason: format!(
-                "HTTP {status}{}",
-                outcome_text(body)
-                    .map(|t| format!(": {t}"))
-                    .unwrap_or_default()
-            ),
+            failure: Failure::answered(status, outcome_text(body)),
             retry_after,
         },
-        _ => Attempt::Reject {
-            reason: format!(
-                "HTTP {status}: {}",
-                outcome_text(body).unwrap_or_else(|| "no OperationOutcome".to_string())
-            ),
-        },
+        _ => Attempt::Reject(Failure::answered(
+            status,
+            Some(outcome_text(body).unwrap_or_else(|| "no OperationOutcome".to_string())),
+        )),
     }
 }
 
@@ -336,15 +392,17 @@ mod tests {
         ));
         let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
             "details": {"text": "Invalid value"}, "expression": ["Bundle.entry[3].resource.status"]}]});
+        let Attempt::Reject(rejected) = classify(400, None, &oo) else {
+            panic!("a 400 is a rejection");
+        };
+        assert_eq!(rejected.status, Some(400));
         assert_eq!(
-            classify(400, None, &oo),
-            Attempt::Reject {
-                reason: "HTTP 400: Invalid value (Bundle.entry[3].resource.status)".into()
-            }
+            rejected.reason(),
+            "HTTP 400: Invalid value (Bundle.entry[3].resource.status)"
         );
         assert!(matches!(
             classify(200, None, &json!({"resourceType": "OperationOutcome"})),
-            Attempt::Reject { .. }
+            Attempt::Reject(Failure { status: None, .. })
         ));
     }
 
@@ -428,36 +486,36 @@ mod tests {
 
     #[test]
     fn logs_get_the_status_not_what_the_ehr_said_about_the_values() {
+        let refused = Failure::answered(400, Some(r#"Invalid value "Maya Smith""#.into()))
+            .within("entry 0 (Patient)");
+        assert_eq!(refused.loggable(), "entry 0 (Patient): HTTP 400");
         assert_eq!(
-            loggable(r#"entry 0 (Patient): HTTP 400: Invalid value "Maya Smith""#),
-            "entry 0 (Patient): HTTP 400"
+            refused.reason(),
+            r#"entry 0 (Patient): HTTP 400: Invalid value "Maya Smith""#
         );
-        assert_eq!(loggable("HTTP 503"), "HTTP 503");
-        assert_eq!(loggable("EHR unreachable"), "EHR unreachable");
-        assert_eq!(loggable("HTTP body not received"), "HTTP body not received");
+        assert_eq!(Failure::answered(503, None).loggable(), "HTTP 503");
         assert_eq!(
-            loggable("no access token: HTTP 401"),
-            "no access token: HTTP 401"
+            Failure::said("EHR unreachable").loggable(),
+            "EHR unreachable"
         );
+        let token = Failure::said("no access token: the token endpoint answered HTTP 401");
         assert_eq!(
-            status_in("part 1 of 2 (entries 0–2): HTTP 401: x"),
-            Some(401)
+            token.status, None,
+            "the token endpoint's status is not the EHR's"
         );
-        assert_eq!(status_in("HTTP +12"), None);
-        assert_eq!(status_in("EHR unreachable"), None);
+        let redirect = Failure::answered(301, None).saying("the EHR redirects to http://x");
+        assert_eq!(redirect.loggable(), "HTTP 301");
+        assert_eq!(redirect.reason(), "HTTP 301: the EHR redirects to http://x");
     }
 
     #[test]
     fn an_attempt_says_which_part_it_is_about() {
-        let reject = Attempt::Reject {
-            reason: "HTTP 400: no".into(),
+        let reject = Attempt::Reject(Failure::answered(400, Some("no".into())));
+        let Attempt::Reject(within) = reject.within("part 2 of 3").within("outer") else {
+            panic!("still a rejection");
         };
-        assert_eq!(
-            reject.within("part 2 of 3"),
-            Attempt::Reject {
-                reason: "part 2 of 3: HTTP 400: no".into()
-            }
-        );
+        assert_eq!(within.reason(), "outer: part 2 of 3: HTTP 400: no");
+        assert_eq!(within.status, Some(400));
         assert_eq!(
             Attempt::Delivered(vec![]).within("x"),
             Attempt::Delivered(vec![])

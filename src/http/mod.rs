@@ -43,7 +43,7 @@ use crate::delivery::client::EhrClient;
 use crate::fetch::Fetch;
 use crate::intake::{Intake, IntakeError};
 use crate::metrics::{Metrics, Outcome};
-use crate::store::{self, Requeued, SubmissionRecord};
+use crate::store::{self, JobId, Receiver, Requeued, Store, SubmissionRecord};
 pub use error::ApiError;
 
 /// What every handler shares.
@@ -231,7 +231,7 @@ async fn audit(
         .before
         .as_deref()
         .map(|c| {
-            store::AuditWindow::cursor(c).ok_or_else(|| {
+            store::AuditCursor::parse(c).ok_or_else(|| {
                 ApiError::BadQuery("`before` is not a page's `next` (32 hex digits)".into())
             })
         })
@@ -408,7 +408,7 @@ async fn take_submission(
 fn room_in_outbox(state: &AppState, mapping_id: &str) -> Result<(), ApiError> {
     let limits = &state.config.limits;
     let store = state.intake.store();
-    let waiting = store.outbox_depth();
+    let waiting = store.outbox_depth(&Receiver::Ehr);
     if waiting >= limits.max_outbox {
         return Err(ApiError::Overloaded(waiting));
     }
@@ -624,17 +624,52 @@ async fn status(
     }
 }
 
+#[derive(Deserialize)]
+struct ReplayQuery {
+    receiver: Option<String>,
+}
+
+/// The receiver an operators' request names (`?receiver=`; the EHR by default): `400` for a
+/// name that is not one.
+fn receiver_named(name: Option<&str>) -> Result<Receiver, ApiError> {
+    match name {
+        None => Ok(Receiver::Ehr),
+        Some(name) => Receiver::parse(name).ok_or_else(|| {
+            ApiError::BadQuery(format!(
+                "`receiver` is `ehr` or a webhook receiver's name (`crm`, `portal`), not `{name}`"
+            ))
+        }),
+    }
+}
+
+/// `POST /submissions/{mapping_id}/{submission_id}/replay[?receiver=…]`: the submission's EHR
+/// delivery made again; with a webhook receiver, its events to that receiver that were
+/// dead-lettered.
 async fn replay(
     State(state): State<Arc<AppState>>,
     Path((mapping_id, submission_id)): Path<(String, String)>,
+    Query(q): Query<ReplayQuery>,
 ) -> Result<Response, ApiError> {
     let key = store::key(&mapping_id, &submission_id);
-    let requeued = state
-        .intake
-        .store()
-        .requeue_async(&key, &now())
-        .await
-        .map_err(IntakeError::Store)?;
+    let store = state.intake.store();
+    let receiver = receiver_named(q.receiver.as_deref())?;
+    let jobs = match receiver {
+        Receiver::Ehr => vec![JobId::ehr(key.clone())],
+        _ => {
+            let mut jobs = store
+                .dead_letter_jobs(&receiver, Some(&mapping_id))
+                .map_err(IntakeError::Store)?;
+            jobs.retain(|j| j.key == key);
+            jobs
+        }
+    };
+    let mut requeued = Requeued::Unknown;
+    for job in &jobs {
+        requeued = store
+            .requeue(job, &now())
+            .await
+            .map_err(IntakeError::Store)?;
+    }
     match requeued {
         Requeued::Waiting(r) => {
             state.outbox.notify_one();
@@ -644,7 +679,12 @@ async fn replay(
         Requeued::Expired => Err(ApiError::Gone(format!(
             "the Bundle of {key} is no longer kept (past bundle_retention_days): nothing to deliver again"
         ))),
-        Requeued::Unknown => Err(ApiError::NotFound(format!("no submission {key}"))),
+        Requeued::Unknown if receiver == Receiver::Ehr => {
+            Err(ApiError::NotFound(format!("no submission {key}")))
+        }
+        Requeued::Unknown => Err(ApiError::NotFound(format!(
+            "no dead-lettered event of {key} for {receiver}"
+        ))),
     }
 }
 
@@ -652,6 +692,7 @@ async fn replay(
 struct BulkReplayQuery {
     mapping: Option<String>,
     limit: Option<usize>,
+    receiver: Option<String>,
 }
 
 /// How many dead letters one bulk replay takes at most (10,000 by default too).
@@ -667,19 +708,20 @@ async fn replay_dead_letters(
 ) -> Result<Response, ApiError> {
     let store = state.intake.store();
     known_mapping(&state, q.mapping.as_deref())?;
+    let receiver = receiver_named(q.receiver.as_deref())?;
     let limit = q.limit.unwrap_or(BULK_REPLAY_MAX).min(BULK_REPLAY_MAX);
-    let mut keys = store
-        .dead_letter_keys(q.mapping.as_deref())
+    let mut jobs = store
+        .dead_letter_jobs(&receiver, q.mapping.as_deref())
         .map_err(IntakeError::Store)?;
-    keys.truncate(limit);
+    jobs.truncate(limit);
     // All at once: the writer takes them in a few rounds.
     let at = now();
     let mut requeues = tokio::task::JoinSet::new();
-    for key in keys {
+    for job in jobs {
         let (store, at) = (Arc::clone(store), at.clone());
         requeues.spawn(async move {
-            let requeued = store.requeue_async(&key, &at).await;
-            (key, requeued)
+            let requeued = store.requeue(&job, &at).await;
+            (job.to_string(), requeued)
         });
     }
     let (mut replayed, mut expired) = (Vec::new(), Vec::new());
@@ -709,7 +751,7 @@ async fn replay_dead_letters(
         "dead letters replayed"
     );
     let left = store
-        .dead_letter_keys(q.mapping.as_deref())
+        .dead_letter_jobs(&receiver, q.mapping.as_deref())
         .map_err(IntakeError::Store)?
         .len();
     Ok((
@@ -901,6 +943,7 @@ struct SubmissionsQuery {
     mapping: Option<String>,
     limit: Option<usize>,
     after: Option<String>,
+    receiver: Option<String>,
 }
 
 /// `GET /submissions?patient=<system>|<value>`: a patient's submissions, by the identifier the
@@ -916,6 +959,7 @@ async fn submissions(
     let limit = listed(q.limit);
     let mapping = q.mapping.as_deref();
     known_mapping(&state, mapping)?;
+    let receiver = receiver_named(q.receiver.as_deref())?;
     let after = match q.after.as_deref() {
         None => None,
         Some(after) => Some(store::Cursor::parse(after).ok_or_else(|| {
@@ -940,11 +984,13 @@ async fn submissions(
             Ok(store::RecordPage {
                 total: records.len(),
                 records,
-                next: None,
+                ..store::RecordPage::default()
             })
         }
-        (None, Some("dead-lettered")) => store.dead_letter_page(mapping, after.as_ref(), limit),
-        (None, Some("waiting")) => store.waiting_page(mapping, after.as_ref(), limit),
+        (None, Some("dead-lettered")) => {
+            store.dead_letter_page(&receiver, mapping, after.as_ref(), limit)
+        }
+        (None, Some("waiting")) => store.waiting_page(&receiver, mapping, after.as_ref(), limit),
         _ => {
             return Err(ApiError::BadQuery(
                 "give `patient=<system>|<value>` (a patient's submissions), or \
@@ -1004,7 +1050,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         "ready": ok,
         "store": "open",
         "mappings": mappings,
-        "outbox_depth": state.intake.store().outbox_depth(),
+        "outbox_depth": state.intake.store().outbox_depth(&Receiver::Ehr),
         "ehr": ehr,
     });
     let unsigned = state
@@ -1023,16 +1069,18 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let store = state.intake.store();
-    let c = store.commit_stats();
+    let c = store.stats();
     let figures = crate::metrics::StoreFigures {
         commits: c.commits,
         rounds: c.rounds,
         flush_seconds: c.flush_micros as f64 / 1e6,
         sync_seconds: c.sync_micros as f64 / 1e6,
     };
-    let text = state
-        .metrics
-        .render(store.outbox_depth(), store.dead_letter_count(), &figures);
+    let text = state.metrics.render(
+        store.outbox_depth(&Receiver::Ehr),
+        store.dead_letter_count(&Receiver::Ehr),
+        &figures,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

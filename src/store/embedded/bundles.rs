@@ -19,9 +19,6 @@
 //! an older one is opened for the read that needs it: a log of thousands of segments (a long
 //! retention) does not hold thousands of file descriptors — running out of them would stop the
 //! gateway accepting connections.
-//!
-//! Stores of earlier versions kept one file, `bundles.log`: it becomes the first segment (its
-//! offsets are the same).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -29,10 +26,20 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::SystemTime;
 
-use super::StoreError;
+use crate::store::model::StoreError;
+
+/// The segment map, whatever a panic elsewhere left it as (each change to it is one insert or
+/// remove: it is never half made).
+fn read(s: &Segments) -> RwLockReadGuard<'_, BTreeMap<u64, Option<Arc<File>>>> {
+    s.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write(s: &Segments) -> RwLockWriteGuard<'_, BTreeMap<u64, Option<Arc<File>>>> {
+    s.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 const HEADER: usize = 8;
 
@@ -135,29 +142,12 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 impl BundleLog {
     /// Opens the log in `dir` (created if need be), with a new segment begun once the last one
-    /// holds `segment_bytes`. `legacy`: the single file of earlier versions, taken in as the first
-    /// segment.
+    /// holds `segment_bytes`.
     pub(crate) fn open(
         dir: &Path,
-        legacy: &Path,
         segment_bytes: u64,
     ) -> Result<(BundleLog, BundleAppender), StoreError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        if legacy.exists() {
-            let first = segment_path(dir, 0);
-            if first.exists() {
-                return Err(io(legacy)(std::io::Error::other(format!(
-                    "both {} and {} exist: which is the log is unclear",
-                    legacy.display(),
-                    first.display()
-                ))));
-            }
-            std::fs::rename(legacy, &first).map_err(io(legacy))?;
-            sync_dir(dir)?;
-            if let Some(parent) = legacy.parent() {
-                sync_dir(parent)?;
-            }
-        }
         let mut segments = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = entry.map_err(io(dir))?.path();
@@ -212,7 +202,7 @@ impl BundleLog {
     /// The first offset of the segment holding `offset`, and its file if it is kept open;
     /// `None` below the oldest kept segment.
     fn segment(&self, offset: u64) -> Option<(u64, Option<Arc<File>>)> {
-        let segments = self.segments.read().ok()?;
+        let segments = read(&self.segments);
         let (&start, file) = segments.range(..=offset).next_back()?;
         Some((start, file.clone()))
     }
@@ -225,9 +215,10 @@ impl BundleLog {
 
     #[cfg(test)]
     fn open_files(&self) -> usize {
-        self.segments
-            .read()
-            .map_or(0, |s| s.values().filter(|f| f.is_some()).count())
+        read(&self.segments)
+            .values()
+            .filter(|f| f.is_some())
+            .count()
     }
 
     /// Marks the Bundles below `offset` as expiring (never undone: segments only go).
@@ -272,10 +263,7 @@ impl BundleLog {
 
     /// The closed segments (all but the one appended to), oldest first.
     pub(crate) fn closed(&self) -> Result<Vec<Segment>, StoreError> {
-        let starts: Vec<u64> = match self.segments.read() {
-            Ok(s) => s.keys().copied().collect(),
-            Err(_) => return Ok(Vec::new()),
-        };
+        let starts: Vec<u64> = read(&self.segments).keys().copied().collect();
         let mut closed = Vec::new();
         for pair in starts.windows(2) {
             let (start, next) = (&pair[0], &pair[1]);
@@ -294,21 +282,19 @@ impl BundleLog {
 
     /// Deletes the closed segments that end at or before `offset`; how many went.
     pub(crate) fn drop_below(&self, offset: u64) -> Result<usize, StoreError> {
-        let gone: Vec<u64> = match self.segments.write() {
-            Ok(mut segments) => {
-                let starts: Vec<u64> = segments.keys().copied().collect();
-                // A segment ends where the next begins; the last one, appended to, never goes.
-                let gone: Vec<u64> = starts
-                    .windows(2)
-                    .filter(|pair| pair[1] <= offset)
-                    .map(|pair| pair[0])
-                    .collect();
-                for start in &gone {
-                    segments.remove(start);
-                }
-                gone
+        let gone: Vec<u64> = {
+            let mut segments = write(&self.segments);
+            let starts: Vec<u64> = segments.keys().copied().collect();
+            // A segment ends where the next begins; the last one, appended to, never goes.
+            let gone: Vec<u64> = starts
+                .windows(2)
+                .filter(|pair| pair[1] <= offset)
+                .map(|pair| pair[0])
+                .collect();
+            for start in &gone {
+                segments.remove(start);
             }
-            Err(_) => Vec::new(),
+            gone
         };
         for start in &gone {
             let path = segment_path(&self.dir, *start);
@@ -384,9 +370,10 @@ impl BundleAppender {
             )));
         }
         sync_dir(&self.dir)?;
-        let read = File::open(&path).map_err(io(&path))?;
-        if let Ok(mut segments) = self.segments.write() {
-            segments.insert(self.end, Some(Arc::new(read)));
+        let reader = File::open(&path).map_err(io(&path))?;
+        {
+            let mut segments = write(&self.segments);
+            segments.insert(self.end, Some(Arc::new(reader)));
             close_older(&mut segments);
         }
         self.append = append;
@@ -400,12 +387,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, segment_bytes: u64) -> (BundleLog, BundleAppender) {
-        BundleLog::open(
-            &dir.join("bundles"),
-            &dir.join("bundles.log"),
-            segment_bytes,
-        )
-        .unwrap()
+        BundleLog::open(&dir.join("bundles"), segment_bytes).unwrap()
     }
 
     fn read(log: &BundleLog, at: BundleAt) -> Option<Vec<u8>> {
@@ -506,24 +488,5 @@ mod tests {
             read(&log, at[n - 1]).unwrap(),
             format!("b{:03}", n - 1).as_bytes()
         );
-    }
-
-    #[test]
-    fn the_single_file_of_earlier_versions_becomes_the_first_segment() {
-        let dir = tempfile::tempdir().unwrap();
-        let at = {
-            let (_, mut appender) = open(dir.path(), 1 << 20);
-            appender.append(&[b"old one"]).unwrap()[0]
-        };
-        let bundles = dir.path().join("bundles");
-        std::fs::rename(segment_path(&bundles, 0), dir.path().join("bundles.log")).unwrap();
-        std::fs::remove_dir(&bundles).unwrap();
-
-        let (log, mut appender) = open(dir.path(), 1 << 20);
-        assert!(!dir.path().join("bundles.log").exists());
-        assert_eq!(read(&log, at).unwrap(), b"old one");
-        let next = appender.append(&[b"new one"]).unwrap()[0];
-        assert_eq!(next.offset, 15);
-        assert_eq!(read(&log, next).unwrap(), b"new one");
     }
 }
