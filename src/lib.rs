@@ -16,5 +16,6 @@ pub mod intake;
 pub mod logging;
 pub mod mapping;
 pub mod metrics;
+pub mod operations;
 pub mod server;
 pub mod store;
