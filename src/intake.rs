@@ -148,10 +148,10 @@ impl Intake {
         received_at: &str,
     ) -> Result<Receipt, IntakeError> {
         let payload_sha256 = crate::fhir::sha256_hex(raw);
-        let submitted = crate::mapping::extract::submission(
+        let submitted = crate::mapping::response::submission(
             &mapping.questionnaire(),
             response,
-            crate::mapping::extract::Source {
+            crate::mapping::response::Source {
                 mapping,
                 payload_sha256: &payload_sha256,
                 received_at,

@@ -14,7 +14,7 @@ pub mod plausible;
 pub mod questionnaire;
 mod read;
 mod resources;
-mod response;
+pub mod response;
 pub mod select;
 pub mod spec;
 pub mod units;
