@@ -38,6 +38,87 @@ pub struct Config {
     /// Serves `POST /echo`, the bare baseline the load benchmark measures beside submissions;
     /// off unless asked for (`CHARTBRIDGE_ECHO_ROUTE=1`).
     pub echo_route: bool,
+    /// The CRM's webhook: ops stages, flags, missing answers, EHR references.
+    pub crm: Option<WebhookConfig>,
+    /// The patient portal's webhook: patient-visible status and the questions to answer.
+    pub portal: Option<WebhookConfig>,
+    /// Where the workflow rules are (`*.yaml`); absent or empty: the shipped defaults.
+    pub workflows_dir: PathBuf,
+    /// Who owns which data and events (`ownership.yaml`); absent: the shipped defaults.
+    pub ownership: Option<PathBuf>,
+    /// Senders other than the EHR that may post events (`POST /events/<name>`), by name, each
+    /// with its credentials: what they post is refused unless they own it.
+    pub events: HashMap<String, EventsAuth>,
+}
+
+/// A webhook receiver (the CRM, the portal): where its events go, signed as Standard Webhooks
+/// sign them, and how they are retried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// `whsec_<base64 key>`.
+    pub secret: String,
+    /// Attempts in flight at once.
+    #[serde(default = "default_webhook_concurrency")]
+    pub concurrency: usize,
+    /// First retry delay (ms); doubles per attempt, with full jitter; `Retry-After` honoured.
+    #[serde(default = "default_backoff_base_ms")]
+    pub backoff_base_ms: u64,
+    #[serde(default = "default_backoff_cap_ms")]
+    pub backoff_cap_ms: u64,
+    /// Failed attempts after which an event is dead-lettered (a replay sends it again).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Per-request timeout (ms).
+    #[serde(default = "default_webhook_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_webhook_concurrency() -> usize {
+    4
+}
+fn default_max_attempts() -> u32 {
+    50
+}
+fn default_webhook_timeout_ms() -> u64 {
+    10_000
+}
+
+/// How a sender of events proves itself: a bearer token, or an HMAC of the body in a header
+/// (Medplum's rest-hook: `X-Signature`, hex HMAC-SHA256).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum EventsAuth {
+    Bearer {
+        token: String,
+    },
+    Hmac {
+        #[serde(default = "default_signature_header")]
+        header: String,
+        #[serde(default = "default_hex")]
+        encoding: SignatureEncoding,
+        secret: String,
+    },
+}
+
+fn default_signature_header() -> String {
+    "x-signature".into()
+}
+fn default_hex() -> SignatureEncoding {
+    SignatureEncoding::Hex
+}
+
+/// How the EHR tells the gateway what happened: its credentials on `POST /events/ehr`, and —
+/// for an EHR that cannot push — how often the gateway searches it for what changed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EhrEventsConfig {
+    pub auth: EventsAuth,
+    /// Search the EHR every this many ms (`_lastUpdated` since the last search) for the
+    /// resource types the workflow rules name; unset: only pushed events.
+    #[serde(default)]
+    pub poll_interval_ms: Option<u64>,
 }
 
 impl Default for Config {
@@ -55,6 +136,11 @@ impl Default for Config {
             admin_key: None,
             operators: std::collections::BTreeMap::new(),
             echo_route: false,
+            crm: None,
+            portal: None,
+            workflows_dir: PathBuf::from("workflows"),
+            ownership: None,
+            events: HashMap::new(),
         }
     }
 }
@@ -117,6 +203,9 @@ pub struct EhrConfig {
     /// Per-request timeout (ms).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// What the EHR sends back (events), if it does.
+    #[serde(default)]
+    pub events: Option<EhrEventsConfig>,
 }
 
 fn default_concurrency() -> usize {
@@ -412,6 +501,7 @@ impl Config {
                         backoff_base_ms: default_backoff_base_ms(),
                         backoff_cap_ms: default_backoff_cap_ms(),
                         timeout_ms: default_timeout_ms(),
+                        events: None,
                     })
                 }
             }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chartbridge::store::{
-    no_consequences, Accepted, Access, AuditCursor, AuditWindow, Consequences, Cursor, EhrResource,
-    Event, EventOutcome, EventState, JobId, Receiver, RecordPage, Requeued, SledStore, State,
-    Store, StoreOptions, SubmissionRecord, Swept, Transition,
+    no_consequences, Accepted, Access, AuditCursor, AuditWindow, Consequences, Cursor, Decide,
+    EhrResource, Event, EventOutcome, EventState, Inbound, JobId, Receiver, RecordPage, Requeued,
+    SledStore, State, Store, StoreOptions, SubmissionRecord, Swept, Taken, Transition, Unmatched,
 };
 
 const BUNDLE: &[u8] = br#"{"resourceType":"Bundle","type":"transaction"}"#;
@@ -74,6 +74,8 @@ suite!(sled_store, Sled:
     the_retention_sweep_drops_delivered_bundles_and_keeps_the_ones_still_needed,
     a_replay_of_a_submission_past_its_retention_is_refused,
     health_says_the_store_is_writing,
+    an_inbound_event_is_taken_once_and_what_matches_nothing_is_kept,
+    cursors_are_kept_across_reopen,
 );
 
 fn record(submission_id: &str, payload_sha256: &str) -> SubmissionRecord {
@@ -529,6 +531,7 @@ async fn a_second_receiver_shares_the_outbox_and_its_dead_letters(engine: &impl 
         receiver: hook.clone(),
         id: format!("evt_{n}"),
         kind: format!("test.event{n}"),
+        sets: None,
         body: format!(r#"{{"n":{n}}}"#).into_bytes(),
     };
     let first_job;
@@ -662,6 +665,144 @@ async fn a_second_receiver_shares_the_outbox_and_its_dead_letters(engine: &impl 
     );
 }
 
+/// An inbound event is taken once: the same `seen` twice queues nothing twice. Its events are
+/// decided from the record as it stands (here: nothing if the receiver was last sent the same
+/// stage); what resolves to nothing, or to a submission no longer kept, is kept as unmatched,
+/// newest first, page by page, across a reopen.
+async fn an_inbound_event_is_taken_once_and_what_matches_nothing_is_kept(engine: &impl Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = Receiver::webhook("crm").unwrap();
+    let r = record("tok-in", "aaaa");
+    // Sets `stage` unless the CRM's last event set it already.
+    let setting = |stage: &'static str, id: &'static str| -> Decide {
+        let crm = crm.clone();
+        Arc::new(move |record: &SubmissionRecord| {
+            let last = record.events.iter().rev().find_map(|e| e.sets.as_deref());
+            if last == Some(stage) {
+                return vec![];
+            }
+            vec![Event {
+                receiver: crm.clone(),
+                id: id.into(),
+                kind: "decision.made".into(),
+                sets: Some(stage.into()),
+                body: b"{}".to_vec(),
+            }]
+        })
+    };
+    let events = |key: &str, decide: Decide| Inbound::Events {
+        key: key.into(),
+        decide,
+        sender: "ehr".into(),
+        resource: "Task/1".into(),
+    };
+    let unmatched = |n: usize| {
+        Inbound::Unmatched(Unmatched {
+            at: format!("2026-01-01T00:00:0{n}Z"),
+            sender: "ehr".into(),
+            resource: format!("Task/u{n}"),
+            why: "no submission".into(),
+        })
+    };
+    {
+        let store = engine.open(dir.path());
+        store.accept(&r, BUNDLE.to_vec(), vec![]).await.unwrap();
+        let taken = store
+            .take_inbound(
+                "Task/1/_history/2",
+                events(&r.key(), setting("approved", "evt_1")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(taken, Taken::Queued(1));
+        let again = store
+            .take_inbound(
+                "Task/1/_history/2",
+                events(&r.key(), setting("approved", "evt_1")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, Taken::Duplicate);
+        let unchanged = store
+            .take_inbound(
+                "Task/1/_history/3",
+                events(&r.key(), setting("approved", "evt_2")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            unchanged,
+            Taken::Queued(0),
+            "the CRM has that stage already"
+        );
+        assert_eq!(store.outbox_depth(&crm), 1);
+        let sent = store.get(&r.key()).unwrap().unwrap().events;
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].sets.as_deref(), Some("approved"));
+        assert_eq!(
+            store.take_inbound("sub#7", Inbound::Nothing).await.unwrap(),
+            Taken::Seen
+        );
+        assert_eq!(
+            store.take_inbound("sub#7", Inbound::Nothing).await.unwrap(),
+            Taken::Duplicate
+        );
+        for n in 1..=3 {
+            let taken = store.take_inbound(&format!("u{n}"), unmatched(n)).await;
+            assert_eq!(taken.unwrap(), Taken::Unmatched);
+        }
+        let gone = store
+            .take_inbound(
+                "Task/9/_history/1",
+                events("m/gone", setting("denied", "evt_3")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(gone, Taken::Gone);
+        assert_eq!(store.outbox_depth(&crm), 1, "nothing sent for what is gone");
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(store.unmatched_count(), 4);
+    let (first, next) = store.unmatched(None, 3).unwrap();
+    let names: Vec<_> = first.iter().map(|u| u.resource.as_str()).collect();
+    assert_eq!(names, ["Task/1", "Task/u3", "Task/u2"], "newest first");
+    let (rest, end) = store.unmatched(next.as_deref(), 3).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].resource, "Task/u1");
+    assert_eq!(end, None);
+    assert!(store.unmatched(Some("not a cursor"), 3).is_err());
+    assert_eq!(
+        store
+            .take_inbound("Task/1/_history/2", Inbound::Nothing)
+            .await
+            .unwrap(),
+        Taken::Duplicate,
+        "what was seen stays seen"
+    );
+}
+
+/// A cursor (how far a poll has read) is durable once set, and reads back after a reopen.
+async fn cursors_are_kept_across_reopen(engine: &impl Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = engine.open(dir.path());
+        assert_eq!(store.cursor("poll:Task").unwrap(), None);
+        store
+            .set_cursor("poll:Task", "2026-01-01T00:00:00Z")
+            .await
+            .unwrap();
+        store
+            .set_cursor("poll:Task", "2026-01-02T00:00:00Z")
+            .await
+            .unwrap();
+    }
+    let store = engine.open(dir.path());
+    assert_eq!(
+        store.cursor("poll:Task").unwrap().as_deref(),
+        Some("2026-01-02T00:00:00Z")
+    );
+}
+
 /// Consequences that queue `event` whatever the record says.
 fn announcing(event: Event) -> Consequences {
     Arc::new(move |_: &SubmissionRecord, _: &Transition| vec![event.clone()])
@@ -677,6 +818,7 @@ async fn events_are_queued_with_the_change_that_causes_them(engine: &impl Engine
         receiver: crm.clone(),
         id: id.into(),
         kind: "intake.charted".into(),
+        sets: None,
         body: b"{}".to_vec(),
     };
     let r = record("tok-x", "aaaa");

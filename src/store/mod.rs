@@ -34,9 +34,9 @@ use std::time::{Duration, SystemTime};
 pub use embedded::{SledStore, StoreOptions};
 pub use model::{
     key, mapping_of, no_consequences, Accepted, Access, AuditCursor, AuditPage, AuditWindow,
-    CommitStats, Consequences, Cursor, EhrResource, Event, EventOutcome, EventState, Health, JobId,
-    Pending, Receiver, RecordPage, Requeued, SentEvent, State, StoreError, SubmissionRecord, Swept,
-    Transition,
+    CommitStats, Consequences, Cursor, Decide, EhrResource, Event, EventOutcome, EventState,
+    Health, Inbound, JobId, Pending, Receiver, RecordPage, Requeued, SentEvent, State, StoreError,
+    SubmissionRecord, Swept, Taken, Transition, Unmatched,
 };
 
 /// The store the gateway runs on: one engine, chosen when it is built (static dispatch: the
@@ -161,6 +161,38 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<RecordPage, StoreError>;
+
+    // Events from the EHR.
+
+    /// Records an inbound event named `seen` (a subscription's event number, or a resource's
+    /// version) and what it comes to — its events queued, or kept as unmatched — in one write,
+    /// unless `seen` was recorded before: `Taken::Duplicate` then, and nothing is written (the
+    /// same notification twice sends nothing twice).
+    fn take_inbound<'s>(
+        &'s self,
+        seen: &str,
+        inbound: Inbound,
+    ) -> impl Future<Output = Result<Taken, StoreError>> + Send + use<'s, Self>;
+
+    /// The unmatched events, newest first, at most `limit`, before `before` (a page's `next`).
+    fn unmatched(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Unmatched>, Option<String>), StoreError>;
+
+    /// How many unmatched events are kept.
+    fn unmatched_count(&self) -> usize;
+
+    /// A named position kept across restarts (how far a poll of the EHR has read).
+    fn cursor(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Sets it; durable on return.
+    fn set_cursor<'s>(
+        &'s self,
+        name: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<'s, Self>;
 
     // The audit trail.
 

@@ -75,6 +75,10 @@ pub struct SentEvent {
     /// Its type (`intake.submitted`, `decision.made`, …).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The CRM stage or portal status it sets, if it sets one: an event that would set what
+    /// its receiver was last sent is not sent again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sets: Option<String>,
     pub state: EventState,
     /// When it last changed.
     pub at: String,
@@ -265,6 +269,8 @@ pub struct Event {
     pub id: String,
     /// Its type (`intake.submitted`, …).
     pub kind: String,
+    /// The stage or status it sets (`SentEvent::sets`).
+    pub sets: Option<String>,
     /// The JSON body sent.
     pub body: Vec<u8>,
 }
@@ -278,6 +284,66 @@ pub type Consequences =
 /// Consequences of none.
 pub fn no_consequences() -> Consequences {
     std::sync::Arc::new(|_: &SubmissionRecord, _: &Transition| Vec::new())
+}
+
+/// An event from the EHR (or another sender) that resolved to no submission: kept for an
+/// operator, never dropped and never sent anywhere. Names what it was about, never its values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unmatched {
+    /// When it came (RFC 3339).
+    pub at: String,
+    /// Who sent it (`ehr`, or another sender's name).
+    pub sender: String,
+    /// What it was about (`Task/123`, `Task/123/_history/4`).
+    pub resource: String,
+    /// Why it resolved to nothing.
+    pub why: String,
+}
+
+/// What an inbound event causes for submission `key`, as the workflow layer words it: given its
+/// record as it stands, the events to queue in the same write. Pure, like `Consequences`.
+pub type Decide = std::sync::Arc<dyn Fn(&SubmissionRecord) -> Vec<Event> + Send + Sync>;
+
+/// What an inbound event comes to, recorded at once with the mark that it was seen.
+#[derive(Clone)]
+pub enum Inbound {
+    /// Events for receivers about submission `key`, as `decide` says. `sender` and `resource`
+    /// say what it was (as `Unmatched` does), kept if the submission is gone.
+    Events {
+        key: String,
+        decide: Decide,
+        sender: String,
+        resource: String,
+    },
+    /// It resolved to no submission.
+    Unmatched(Unmatched),
+    /// Nothing to send (no rule matched): only seen.
+    Nothing,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Inbound::Events { key, .. } => write!(f, "Events({key})"),
+            Inbound::Unmatched(u) => write!(f, "Unmatched({})", u.resource),
+            Inbound::Nothing => f.write_str("Nothing"),
+        }
+    }
+}
+
+/// What `take_inbound` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Seen before: nothing written.
+    Duplicate,
+    /// This many events queued (none: nothing changed for any receiver).
+    Queued(usize),
+    /// Kept as unmatched.
+    Unmatched,
+    /// Only marked seen.
+    Seen,
+    /// Its submission is not in the store (any more): kept as unmatched.
+    Gone,
 }
 
 /// What became of one attempt to deliver an event.

@@ -101,6 +101,7 @@ pub fn queued(record: &mut SubmissionRecord, events: &[Event], at: &str) {
         receiver: e.receiver.name().to_string(),
         id: e.id.clone(),
         kind: e.kind.clone(),
+        sets: e.sets.clone(),
         state: EventState::Waiting,
         at: at.to_string(),
         detail: None,
@@ -226,6 +227,7 @@ mod tests {
             receiver: Receiver::Webhook("crm".into()),
             id: "evt_1".into(),
             kind: "intake.submitted".into(),
+            sets: None,
             body: b"{}".to_vec(),
         };
         queued(&mut r, &[event], "t0");

@@ -117,11 +117,12 @@ pub(crate) fn decode(key: &str, value: &[u8]) -> Result<SubmissionRecord, StoreE
     })
 }
 
-/// An event as the `events` tree keeps it: its id and type (each after its length, four
-/// little-endian bytes), then its body.
+/// An event as the `events` tree keeps it: its id, type and what it sets (each after its
+/// length, four little-endian bytes; empty: it sets nothing), then its body.
 pub(crate) fn encode_event(e: &Event) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + e.id.len() + e.kind.len() + e.body.len());
-    for part in [e.id.as_bytes(), e.kind.as_bytes()] {
+    let sets = e.sets.as_deref().unwrap_or("");
+    let mut v = Vec::with_capacity(12 + e.id.len() + e.kind.len() + sets.len() + e.body.len());
+    for part in [e.id.as_bytes(), e.kind.as_bytes(), sets.as_bytes()] {
         v.extend_from_slice(&(part.len() as u32).to_le_bytes());
         v.extend_from_slice(part);
     }
@@ -140,10 +141,12 @@ pub(crate) fn decode_event(receiver: &Receiver, value: &[u8]) -> Option<Event> {
     };
     let id = take()?;
     let kind = take()?;
+    let sets = Some(take()?).filter(|s| !s.is_empty());
     Some(Event {
         receiver: receiver.clone(),
         id,
         kind,
+        sets,
         body: rest.to_vec(),
     })
 }
@@ -155,6 +158,22 @@ pub(crate) fn audit_key(micros: u64, seq: u64) -> [u8; 16] {
     key[..8].copy_from_slice(&micros.to_be_bytes());
     key[8..].copy_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// The mark that an inbound event named `seen` was taken: `s`, then the name.
+pub(crate) fn seen_key(seen: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + seen.len());
+    k.push(b's');
+    k.extend_from_slice(seen.as_bytes());
+    k
+}
+
+/// Where an unmatched event is kept: `u`, then an `audit_key` (so in the order they came).
+pub(crate) fn unmatched_key(at: &[u8; 16]) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b'u';
+    k[1..].copy_from_slice(at);
+    k
 }
 
 #[cfg(test)]
@@ -179,6 +198,7 @@ mod tests {
             receiver: Receiver::Webhook("crm".into()),
             id: "evt_1".into(),
             kind: "intake.submitted".into(),
+            sets: Some("received".into()),
             body: br#"{"a":1}"#.to_vec(),
         };
         assert_eq!(decode_event(&e.receiver, &encode_event(&e)), Some(e));

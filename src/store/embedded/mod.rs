@@ -3,8 +3,9 @@
 //!
 //! Layout: sled's trees hold the records (`submissions`, each with its current Bundle's place
 //! in the log), the outbox (`outbox`: job → failures and when it entered; `events`: webhook
-//! jobs' events), the indexes (`by_resource`, `by_patient`, `dead_letters`) and the audit trail
-//! (`audit`). Every write goes through one writer thread (`writer`) and returns once it is on
+//! jobs' events), the indexes (`by_resource`, `by_patient`, `dead_letters`), the audit trail
+//! (`audit`), the inbound events taken and those that matched nothing (`inbound`) and the
+//! pollers' cursors (`cursors`). Every write goes through one writer thread (`writer`) and returns once it is on
 //! disk; reads go straight to sled. The order of the waiting jobs is kept in memory (`queue`),
 //! rebuilt from the outbox tree at open.
 //!
@@ -29,8 +30,8 @@ use writer::{Trees, Write, Writer, Written};
 
 use super::model::{
     Accepted, Access, AuditPage, AuditWindow, CommitStats, Consequences, Cursor, EhrResource,
-    Event, EventOutcome, Health, JobId, Pending, Receiver, RecordPage, Requeued, State, StoreError,
-    SubmissionRecord, Swept, Transition,
+    Event, EventOutcome, Health, Inbound, JobId, Pending, Receiver, RecordPage, Requeued, State,
+    StoreError, SubmissionRecord, Swept, Taken, Transition, Unmatched,
 };
 use super::rules;
 
@@ -124,6 +125,8 @@ impl SledStore {
             by_patient: tree("by_patient")?,
             audit: tree("audit")?,
             dead_letters,
+            inbound: tree("inbound")?,
+            cursors: tree("cursors")?,
             fresh: fresh::Fresh::default(),
             db,
         });
@@ -554,6 +557,84 @@ impl super::Store for SledStore {
             (r, _) => self.outbox_depth(r),
         };
         self.page(waiting.into_iter().map(|(at, p)| (at, p.job)), total, limit)
+    }
+
+    fn take_inbound<'s>(
+        &'s self,
+        seen: &str,
+        inbound: Inbound,
+    ) -> impl Future<Output = Result<Taken, StoreError>> + Send + use<'s> {
+        let write = Write::Inbound {
+            seen: seen.to_string(),
+            inbound,
+            key: audit_key(
+                unix_micros(SystemTime::now()),
+                AUDIT_SEQ.fetch_add(1, Ordering::Relaxed),
+            ),
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        async move {
+            match self.write_async(write).await? {
+                Written::Taken(taken) => Ok(taken),
+                _ => Err(StoreError::Failed("an inbound event was not taken".into())),
+            }
+        }
+    }
+
+    fn unmatched(
+        &self,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Unmatched>, Option<String>), StoreError> {
+        let end = match before {
+            Some(cursor) => super::model::from_hex(cursor)
+                .filter(|k| k.len() == 17 && k[0] == b'u')
+                .ok_or_else(|| StoreError::Failed(format!("`{cursor}` is not a page's cursor")))?,
+            None => vec![b'v'],
+        };
+        let mut kept = Vec::new();
+        let mut last = None;
+        for entry in self
+            .trees
+            .inbound
+            .range(b"u".to_vec()..end)
+            .rev()
+            .take(limit)
+        {
+            let (key, value) = entry.map_err(engine)?;
+            kept.push(
+                serde_json::from_slice(&value).map_err(|source| StoreError::Corrupt {
+                    key: format!("unmatched {}", super::model::hex(&key)),
+                    source,
+                })?,
+            );
+            last = Some(key);
+        }
+        let next = last
+            .filter(|_| kept.len() == limit)
+            .map(|key| super::model::hex(&key));
+        Ok((kept, next))
+    }
+
+    fn unmatched_count(&self) -> usize {
+        self.trees.inbound.scan_prefix(b"u").count()
+    }
+
+    fn cursor(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let value = self.trees.cursors.get(name.as_bytes()).map_err(engine)?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    fn set_cursor<'s>(
+        &'s self,
+        name: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<'s> {
+        let write = Write::Cursor {
+            name: name.to_string(),
+            value: value.to_string(),
+        };
+        async move { self.write_async(write).await.map(|_| ()) }
     }
 
     fn record_access<'s>(

@@ -20,13 +20,13 @@ use sled::Transactional;
 use super::bundles::{BundleAppender, BundleAt, BundleLog};
 use super::fresh::Fresh;
 use super::keys::{
-    decode, decode_event, encode, encode_event, entered, failures, job_key, outbox_entry,
-    split_stored, stored,
+    decode, decode_event, encode, encode_event, entered, failures, job_key, outbox_entry, seen_key,
+    split_stored, stored, unmatched_key,
 };
 use super::queue::{Change, Queue};
 use crate::store::model::{
-    Accepted, CommitStats, Consequences, EhrResource, Event, EventOutcome, Health, JobId, Receiver,
-    State, StoreError, SubmissionRecord, Transition,
+    Accepted, CommitStats, Consequences, EhrResource, Event, EventOutcome, Health, Inbound, JobId,
+    Receiver, State, StoreError, SubmissionRecord, Taken, Transition, Unmatched,
 };
 use crate::store::rules::{self, AcceptDecision, Fate};
 
@@ -97,6 +97,19 @@ pub(crate) enum Write {
     Forget {
         keys: Vec<sled::IVec>,
     },
+    /// An inbound event seen as `seen`, and what it comes to (`Store::take_inbound`); `key` is
+    /// where it is kept if unmatched (`keys::audit_key`).
+    Inbound {
+        seen: String,
+        inbound: Inbound,
+        key: [u8; 16],
+        at: String,
+    },
+    /// A named cursor set (outside the transaction: it stands on its own).
+    Cursor {
+        name: String,
+        value: String,
+    },
     /// Nothing to write: answered once everything queued before it is durable.
     Barrier,
 }
@@ -109,6 +122,7 @@ pub(crate) enum Written {
     Moved,
     /// A `Requeue` refused: the submission's Bundle has expired (or is expiring).
     Expired,
+    Taken(Taken),
     Barrier,
 }
 
@@ -136,6 +150,11 @@ pub(crate) struct Trees {
     /// Dead-lettered jobs: job key → when (Unix µs, eight little-endian bytes); in by the dead
     /// letter, out by a replay.
     pub dead_letters: sled::Tree,
+    /// Inbound events: `keys::seen_key` → when (a mark that one was taken), and
+    /// `keys::unmatched_key` → an `Unmatched` (JSON), oldest first.
+    pub inbound: sled::Tree,
+    /// Named cursors (how far a poll has read): name → value.
+    pub cursors: sled::Tree,
     pub fresh: Fresh,
 }
 
@@ -435,6 +454,12 @@ fn apply(
                     trees.audit.remove(key).map_err(super::engine)?;
                 }
             }
+            Write::Cursor { name, value } => {
+                trees
+                    .cursors
+                    .insert(name.as_bytes(), value.as_bytes())
+                    .map_err(super::engine)?;
+            }
             _ => {}
         }
     }
@@ -457,9 +482,10 @@ fn transact(
         &trees.by_resource,
         &trees.by_patient,
         &trees.dead_letters,
+        &trees.inbound,
     )
         .transaction(
-            |(subs, outbox, events, resources, patients, dead_letters)| {
+            |(subs, outbox, events, resources, patients, dead_letters, inbound)| {
                 let t = Tx {
                     subs,
                     outbox,
@@ -467,6 +493,7 @@ fn transact(
                     resources,
                     patients,
                     dead_letters,
+                    inbound,
                     trees,
                     now,
                     changes: std::cell::RefCell::new(Vec::new()),
@@ -492,6 +519,7 @@ struct Tx<'a> {
     resources: &'a TransactionalTree,
     patients: &'a TransactionalTree,
     dead_letters: &'a TransactionalTree,
+    inbound: &'a TransactionalTree,
     /// For what is read outside the transaction: the Bundle log.
     trees: &'a Trees,
     /// The round's time (Unix µs): when what it puts in the outbox entered it.
@@ -561,9 +589,17 @@ impl Tx<'_> {
                 }
                 Ok(Ok(Written::Moved))
             }
-            Write::Expire { .. } | Write::Audit { .. } | Write::Forget { .. } | Write::Barrier => {
-                Ok(Ok(Written::Barrier))
-            }
+            Write::Inbound {
+                seen,
+                inbound,
+                key,
+                at,
+            } => self.inbound(seen, inbound, key, at),
+            Write::Expire { .. }
+            | Write::Audit { .. }
+            | Write::Forget { .. }
+            | Write::Cursor { .. }
+            | Write::Barrier => Ok(Ok(Written::Barrier)),
         }
     }
 
@@ -747,6 +783,75 @@ impl Tx<'_> {
             Fate::Enter | Fate::Stay => {}
         }
         Ok(())
+    }
+
+    /// Takes an inbound event once: marks `seen`, and queues its events or keeps it unmatched.
+    fn inbound(
+        &self,
+        seen: &str,
+        inbound: &Inbound,
+        key: &[u8; 16],
+        at: &str,
+    ) -> TxResult<Result<Written, StoreError>> {
+        let mark = seen_key(seen);
+        if self.inbound.get(mark.as_slice())?.is_some() {
+            return Ok(Ok(Written::Taken(Taken::Duplicate)));
+        }
+        self.inbound
+            .insert(mark.as_slice(), &self.now.to_le_bytes())?;
+        let keep = |u: &Unmatched| -> TxResult<Result<(), StoreError>> {
+            match serde_json::to_vec(u) {
+                Ok(json) => {
+                    self.inbound.insert(unmatched_key(key).as_slice(), json)?;
+                    Ok(Ok(()))
+                }
+                Err(source) => Ok(Err(StoreError::Corrupt {
+                    key: "unmatched".into(),
+                    source,
+                })),
+            }
+        };
+        let taken = match inbound {
+            Inbound::Nothing => Taken::Seen,
+            Inbound::Unmatched(u) => {
+                if let Err(e) = keep(u)? {
+                    return Ok(Err(e));
+                }
+                Taken::Unmatched
+            }
+            Inbound::Events {
+                key: submission,
+                decide,
+                sender,
+                resource,
+            } => {
+                let mut events = Vec::new();
+                let written = self.record_only(submission, |record| {
+                    events = decide(record);
+                    rules::queued(record, &events, at);
+                })?;
+                match written {
+                    Ok(Written::Record(Some(_))) => {
+                        self.queue_events(submission, &events)?;
+                        Taken::Queued(events.len())
+                    }
+                    Ok(_) => {
+                        let gone = Unmatched {
+                            at: at.to_string(),
+                            sender: sender.clone(),
+                            resource: resource.clone(),
+                            why: "its submission is no longer in the store".into(),
+                        };
+                        if let Err(e) = keep(&gone)? {
+                            return Ok(Err(e));
+                        }
+                        Taken::Gone
+                    }
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+        };
+        Ok(Ok(Written::Taken(taken)))
     }
 
     fn requeue(&self, job: &JobId, at: &str) -> TxResult<Result<Written, StoreError>> {
