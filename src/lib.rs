@@ -1,8 +1,9 @@
 //! chartbridge: a FHIR-native mapping gateway. Intake submissions go through declarative mapping
 //! files into FHIR R4 QuestionnaireResponses, Observations and Provenance.
 //!
-//! Layers, imports pointing down only: `cli` → `server` → `http` → `intake`, `delivery` →
-//! `mapping` → `fhir`; `store`, `config`, `metrics` and `logging` at the bottom. See ARCHITECTURE.md.
+//! Layers, imports pointing down only: `cli` → `server` → `http` → `intake`, `inbound`,
+//! `workflow`, `delivery` → `mapping` → `fhir`; `store`, `config`, `metrics` and `logging` at
+//! the bottom. See ARCHITECTURE.md.
 
 pub mod cli;
 pub mod config;
@@ -19,3 +20,4 @@ pub mod metrics;
 pub mod operations;
 pub mod server;
 pub mod store;
+pub mod workflow;

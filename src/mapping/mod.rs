@@ -102,6 +102,10 @@ pub struct Mapping {
     pub flags: Vec<Flag>,
     /// When a post is a submission at all (`accept_when`); none: always.
     pub accept_when: Option<AcceptWhen>,
+    /// Its submissions are refill requests (`refill_request: true`).
+    pub refill_request: bool,
+    /// Each submission's Bundle asks for a review `Task` (`review_task: true`).
+    pub review_task: bool,
     /// The parts of a payload this mapping reads.
     pub(crate) projection: Projection,
 }

@@ -28,6 +28,13 @@ pub struct MappingSpec {
     /// meet it is answered `200` with `ignored` and stored nowhere.
     #[serde(default)]
     pub accept_when: Option<ConditionSpec>,
+    /// Its submissions are refill requests: an accepted one raises `refill.requested`.
+    #[serde(default)]
+    pub refill_request: bool,
+    /// Each submission asks the EHR for a review `Task` (focus: the QuestionnaireResponse;
+    /// `businessStatus` `ready-for-review`): the provider's work item, where the decision lives.
+    #[serde(default)]
+    pub review_task: bool,
 }
 
 /// A string or a number written where a string is meant (`version: 3`).

@@ -332,6 +332,8 @@ impl Compiler<'_> {
             items,
             flags,
             accept_when,
+            refill_request: spec.refill_request,
+            review_task: spec.review_task,
             projection,
         }
     }
