@@ -342,7 +342,7 @@ impl Rule {
             let said = codes.chain(text).map(normal);
             if !said
                 .into_iter()
-                .any(|s| w.business_status.iter().any(|b| *b == s))
+                .any(|s| w.business_status.contains(&s))
             {
                 return false;
             }
