@@ -25,10 +25,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Lint mapping files (a file or a directory): every problem with file:line:column.
+    /// Lint mapping files (a file or a directory), the workflow rules and the ownership matrix:
+    /// every problem with file:line. A mapping that writes another system's data is refused.
     Check {
         #[arg(default_value = "mappings")]
         paths: Vec<PathBuf>,
+        /// The workflow rules' directory (`*.yaml`); absent or empty: the shipped rules.
+        #[arg(long, default_value = "workflows")]
+        workflows: PathBuf,
+        /// The ownership matrix; default: `ownership.yaml` if there is one, else the shipped one.
+        #[arg(long)]
+        ownership: Option<PathBuf>,
     },
     /// Dry-run a payload through a mapping and print the transaction Bundle.
     Map {
@@ -163,7 +170,11 @@ pub fn run() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Check { paths } => check(&paths),
+        Command::Check {
+            paths,
+            workflows,
+            ownership,
+        } => check(&paths, &workflows, ownership.as_deref()),
         Command::Map {
             mapping,
             mappings,
@@ -308,15 +319,54 @@ fn find(name: &str, dir: &Path) -> Result<Mapping, ExitCode> {
     })
 }
 
-fn check(paths: &[PathBuf]) -> ExitCode {
+fn check(paths: &[PathBuf], workflows: &Path, ownership: Option<&Path>) -> ExitCode {
     let mut problems = 0usize;
     let mut ok = 0usize;
+    let default_matrix = Path::new("ownership.yaml");
+    let matrix = match ownership.or(default_matrix.is_file().then_some(default_matrix)) {
+        Some(path) => match crate::workflow::Ownership::load(path) {
+            Ok(o) => o,
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} problem(s) found", errors.len());
+                return ExitCode::from(1);
+            }
+        },
+        None => crate::workflow::Ownership::defaults(),
+    };
+    match crate::workflow::rules::load_dir(workflows, &matrix) {
+        Ok(rules) => eprintln!(
+            "{} workflow rule(s) ok ({})",
+            rules.len(),
+            if workflows.is_dir() {
+                workflows.display().to_string()
+            } else {
+                "shipped".to_string()
+            }
+        ),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            problems += errors.len();
+        }
+    }
     for path in paths {
         match load(path) {
             Ok(ms) => {
                 for m in ms {
                     for note in m.notes() {
                         eprintln!("{}: note: {note}", m.file.display());
+                    }
+                    let owned = matrix.check_mapping(&m);
+                    for p in &owned {
+                        eprintln!("{}: {p}", m.file.display());
+                    }
+                    if !owned.is_empty() {
+                        problems += owned.len();
+                        continue;
                     }
                     // The generated Questionnaire must itself be valid FHIR.
                     match validate(&m.questionnaire()) {

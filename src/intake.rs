@@ -1,6 +1,7 @@
 //! Intake: one submission from arrival to acceptance — map it through its `Mapping`, record it
-//! with its outbox entry (on disk when `accept` returns), and say what happened. Transport is
-//! the caller's: this module knows nothing of HTTP.
+//! with its outbox entry and the events it raises for the CRM and the portal (`workflow`: all
+//! on disk together when `accept` returns), and say what happened. Transport is the caller's:
+//! this module knows nothing of HTTP.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +14,8 @@ use crate::store::{
     self, Accepted, Backend, State, Store, StoreError, SubmissionRecord, Transition,
 };
 
-/// The event an accepted submission raises for the CRM.
-pub const INTAKE_SUBMITTED: &str = "intake.submitted";
-/// The event a revision of an accepted submission raises (more information arrived).
-pub const INTAKE_UPDATED: &str = "intake.updated";
+use crate::workflow::events::{Question, INTAKE_SUBMITTED, INTAKE_UPDATED};
+use crate::workflow::Workflow;
 
 /// How many times a revision is amended again because another revision of the same
 /// submission was stored first, before the source is asked to send it again.
@@ -26,6 +25,7 @@ const REVISION_RACES: usize = 3;
 pub struct Intake {
     mappings: HashMap<String, Arc<Mapping>>,
     store: Arc<Backend>,
+    workflow: Arc<Workflow>,
 }
 
 /// What the gateway tells the source about an accepted submission (no PHI).
@@ -66,12 +66,16 @@ pub enum IntakeError {
 }
 
 impl Intake {
-    pub fn new(mappings: Vec<Mapping>, store: Arc<Backend>) -> Intake {
+    pub fn new(mappings: Vec<Mapping>, store: Arc<Backend>, workflow: Arc<Workflow>) -> Intake {
         let mappings = mappings
             .into_iter()
             .map(|m| (m.id.clone(), Arc::new(m)))
             .collect();
-        Intake { mappings, store }
+        Intake {
+            mappings,
+            store,
+            workflow,
+        }
     }
 
     pub fn mapping(&self, id: &str) -> Option<&Arc<Mapping>> {
@@ -130,11 +134,21 @@ impl Intake {
             },
             received_at,
         );
+        let missing: Vec<Question> = mapped
+            .missing
+            .iter()
+            .map(|m| Question {
+                link_id: m.link_id.clone(),
+                text: m.text.clone(),
+                reason: m.reason.clone(),
+            })
+            .collect();
+        let events = self.workflow.intake_events(&record, &missing, received_at);
         let written = self
             .store
-            .accept(&record, std::mem::take(&mut mapped.bundle), Vec::new());
+            .accept(&record, std::mem::take(&mut mapped.bundle), events);
         drop((mapped, payload, raw));
-        self.answer(record, written.await?).await
+        self.answer(record, written.await?, &missing).await
     }
 
     /// Records a QuestionnaireResponse to one of the mappings' Questionnaires as a submission
@@ -179,12 +193,12 @@ impl Intake {
             },
             received_at,
         );
-        let written = self.store.accept(
-            &record,
-            submitted.bundle.to_string().into_bytes(),
-            Vec::new(),
-        );
-        self.answer(record, written.await?).await
+        let missing = self.workflow.questions(&record);
+        let events = self.workflow.intake_events(&record, &missing, received_at);
+        let written = self
+            .store
+            .accept(&record, submitted.bundle.to_string().into_bytes(), events);
+        self.answer(record, written.await?, &missing).await
     }
 
     /// What the source is told of what the store did with `record`: a new submission, a
@@ -193,11 +207,14 @@ impl Intake {
         &self,
         record: SubmissionRecord,
         accepted: Accepted,
+        missing: &[Question],
     ) -> Result<Receipt, IntakeError> {
         match accepted {
             Accepted::New => Ok(receipt_of(&record, true)),
             Accepted::Duplicate(existing) => Ok(receipt_of(&existing, false)),
-            Accepted::Conflict(existing, bundle) => self.revise(record, *existing, bundle).await,
+            Accepted::Conflict(existing, bundle) => {
+                self.revise(record, *existing, bundle, missing).await
+            }
         }
     }
 
@@ -209,6 +226,7 @@ impl Intake {
         record: SubmissionRecord,
         mut existing: SubmissionRecord,
         bundle: Vec<u8>,
+        missing: &[Question],
     ) -> Result<Receipt, IntakeError> {
         let key = record.key();
         for _ in 0..REVISION_RACES {
@@ -238,9 +256,15 @@ impl Intake {
             let mut transitions = existing.transitions.clone();
             transitions.append(&mut next.transitions);
             next.transitions = transitions;
+            let at = next
+                .transitions
+                .last()
+                .map(|t| t.at.clone())
+                .unwrap_or_default();
+            let events = self.workflow.intake_events(&next, missing, &at);
             match self
                 .store
-                .revise(&next, revision.bundle, &existing.payload_sha256, Vec::new())
+                .revise(&next, revision.bundle, &existing.payload_sha256, events)
                 .await?
             {
                 Accepted::New => {

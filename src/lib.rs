@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod golden;
 pub mod http;
 pub mod ids;
+pub mod inbound;
 pub mod intake;
 pub mod logging;
 pub mod mapping;

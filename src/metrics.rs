@@ -86,6 +86,11 @@ pub struct Metrics {
     pub audit_entries_forgotten: AtomicU64,
     /// Refused operators' attempts over the audit trail's rate, counted instead of recorded.
     pub operator_refusals_unrecorded: AtomicU64,
+    /// Events sent to webhook receivers, by receiver and outcome (`delivered`, `retried`,
+    /// `dead_lettered`): a few receivers, a few outcomes.
+    webhooks: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+    /// Events received (`POST /events/<sender>`, the poller), by sender and what came of them.
+    inbound: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
@@ -119,6 +124,34 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts an event's delivery attempt to `receiver`: `delivered`, `retried`, `dead_lettered`.
+    pub fn count_webhook(&self, receiver: &str, outcome: &'static str) {
+        let mut m = self
+            .webhooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *m.entry((receiver.to_string(), outcome)).or_default() += 1;
+    }
+
+    /// Counts an inbound event from `sender` (a configured one: the label set is bounded) by
+    /// what came of it: `queued`, `unchanged`, `duplicate`, `unmatched`, `status`, `refused`.
+    pub fn count_inbound(&self, sender: &str, outcome: &'static str) {
+        let mut m = self
+            .inbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *m.entry((sender.to_string(), outcome)).or_default() += 1;
+    }
+
+    /// How many inbound events from `sender` came to `outcome` so far.
+    pub fn inbound_count(&self, sender: &str, outcome: &'static str) -> u64 {
+        let m = self
+            .inbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(&(sender.to_string(), outcome)).copied().unwrap_or(0)
+    }
+
     pub fn observe_delivery(&self, took: Duration) {
         let secs = took.as_secs_f64();
         for (bucket, bound) in self.latency_buckets.iter().zip(BUCKETS) {
@@ -132,7 +165,13 @@ impl Metrics {
     }
 
     /// The Prometheus exposition text; the store's figures are read by the caller.
-    pub fn render(&self, outbox_depth: usize, dead_letters: usize, store: &StoreFigures) -> String {
+    pub fn render(
+        &self,
+        outbox_depth: usize,
+        dead_letters: usize,
+        store: &StoreFigures,
+        events: &EventFigures,
+    ) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut s = String::new();
         let _ = writeln!(
@@ -245,6 +284,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        self.render_events(&mut s, events);
         let _ = writeln!(
             s,
             "# HELP chartbridge_delivery_seconds Time of one delivery attempt."
@@ -272,6 +312,75 @@ impl Metrics {
     }
 }
 
+/// What the store says of the webhook receivers and the inbound events, read by the caller.
+#[derive(Debug, Default, Clone)]
+pub struct EventFigures {
+    /// Per webhook receiver: events waiting, events dead-lettered now.
+    pub receivers: Vec<(String, usize, usize)>,
+    /// Inbound events kept as unmatched.
+    pub unmatched: usize,
+}
+
+impl Metrics {
+    fn render_events(&self, s: &mut String, events: &EventFigures) {
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_events_waiting Events waiting in the outbox, by receiver.\n# TYPE chartbridge_events_waiting gauge"
+        );
+        for (receiver, waiting, _) in &events.receivers {
+            let _ = writeln!(
+                s,
+                "chartbridge_events_waiting{{receiver=\"{receiver}\"}} {waiting}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_events_dead_lettered Events dead-lettered now (not replayed since), by receiver.\n# TYPE chartbridge_events_dead_lettered gauge"
+        );
+        for (receiver, _, dead) in &events.receivers {
+            let _ = writeln!(
+                s,
+                "chartbridge_events_dead_lettered{{receiver=\"{receiver}\"}} {dead}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_events_sent_total Event delivery attempts, by receiver and outcome.\n# TYPE chartbridge_events_sent_total counter"
+        );
+        let sent = self
+            .webhooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ((receiver, outcome), n) in sent.iter() {
+            let _ = writeln!(
+                s,
+                "chartbridge_events_sent_total{{receiver=\"{receiver}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        drop(sent);
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_inbound_events_total Events received, by sender and what came of them.\n# TYPE chartbridge_inbound_events_total counter"
+        );
+        let inbound = self
+            .inbound
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ((sender, outcome), n) in inbound.iter() {
+            let _ = writeln!(
+                s,
+                "chartbridge_inbound_events_total{{sender=\"{sender}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        drop(inbound);
+        let _ = writeln!(
+            s,
+            "# HELP chartbridge_events_unmatched Inbound events that resolved to no submission, kept for operators.\n# TYPE chartbridge_events_unmatched gauge\nchartbridge_events_unmatched {}",
+            events.unmatched
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +394,8 @@ mod tests {
         m.submission(None, Outcome::Rejected);
         m.submission(Some("not-loaded"), Outcome::Rejected);
         m.observe_delivery(Duration::from_millis(30));
+        m.count_webhook("crm", "delivered");
+        m.count_inbound("ehr", "unmatched");
         let text = m.render(
             3,
             1,
@@ -293,6 +404,10 @@ mod tests {
                 rounds: 2,
                 ..Default::default()
             },
+            &EventFigures {
+                receivers: vec![("crm".into(), 2, 1)],
+                unmatched: 5,
+            },
         );
         for line in [
             "chartbridge_submissions_total{mapping=\"phq9-typeform\",outcome=\"accepted\"} 2",
@@ -300,6 +415,11 @@ mod tests {
             "chartbridge_submissions_total{mapping=\"refill-request-portal\",outcome=\"failed\"} 1",
             "chartbridge_submissions_total{outcome=\"rejected\"} 2",
             "chartbridge_submissions_total{outcome=\"accepted\"} 0",
+            "chartbridge_events_waiting{receiver=\"crm\"} 2",
+            "chartbridge_events_dead_lettered{receiver=\"crm\"} 1",
+            "chartbridge_events_sent_total{receiver=\"crm\",outcome=\"delivered\"} 1",
+            "chartbridge_inbound_events_total{sender=\"ehr\",outcome=\"unmatched\"} 1",
+            "chartbridge_events_unmatched 5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in {text}");
         }

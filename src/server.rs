@@ -12,13 +12,16 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::delivery::client::EhrClient;
 use crate::delivery::ehr::EhrCourier;
-use crate::delivery::outbox::{on_own_thread, Outbox};
+use crate::delivery::outbox::{on_own_thread, Courier, Outbox};
+use crate::delivery::webhook::WebhookCourier;
 use crate::fetch::Fetch;
 use crate::http::{router, AppState, Peer};
+use crate::inbound::Inbox;
 use crate::intake::Intake;
 use crate::mapping;
 use crate::metrics::Metrics;
 use crate::store::{Backend, Receiver, Store};
+use crate::workflow::{Ownership, Workflow, CRM, PORTAL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -34,6 +37,11 @@ pub enum ServeError {
     Outbox(std::io::Error),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The workflow rules, the ownership matrix, or a mapping the matrix refuses.
+    #[error("workflow:\n{}", .0.join("\n"))]
+    Workflow(Vec<String>),
+    #[error(transparent)]
+    Webhook(#[from] crate::delivery::webhook::WebhookError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -53,6 +61,7 @@ pub struct Application {
     stop: watch::Sender<bool>,
     outbox: Option<std::thread::JoinHandle<()>>,
     sweeper: Option<tokio::task::JoinHandle<()>>,
+    poller: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -70,6 +79,7 @@ impl Application {
             );
             Vec::new()
         };
+        let workflow = Arc::new(load_workflow(&config, &mappings)?);
         let store = Arc::new(Backend::open(&config.data_dir)?);
         let metrics = Arc::new(Metrics::for_mappings(
             mappings.iter().map(|m| m.id.as_str()),
@@ -98,24 +108,42 @@ impl Application {
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(listen_error)?;
         let addr = listener.local_addr().map_err(listen_error)?;
-        // The outbox has a client of its own: its connections live on the outbox's runtime.
-        let outbox = match &ehr {
-            Some((_, cfg)) => {
-                let ehr = Outbox {
-                    store: Arc::clone(&store),
-                    courier: Arc::new(EhrCourier {
-                        client: Arc::new(EhrClient::new(cfg)?),
-                        metrics: Arc::clone(&metrics),
-                        concurrency: cfg.concurrency,
-                        backoff_base: Duration::from_millis(cfg.backoff_base_ms),
-                        backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
-                        consequences: crate::store::no_consequences(),
-                    }),
-                    wake: Arc::clone(&wake),
-                };
-                Some(on_own_thread(ehr.run(stopped.clone())).map_err(ServeError::Outbox)?)
-            }
-            None => None,
+        // One outbox loop per receiver, all on the outbox's thread. The EHR's has a client of
+        // its own: its connections live on the outbox's runtime.
+        let mut loops: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+            Vec::new();
+        if let Some((_, cfg)) = &ehr {
+            let courier = EhrCourier {
+                client: Arc::new(EhrClient::new(cfg)?),
+                metrics: Arc::clone(&metrics),
+                concurrency: cfg.concurrency,
+                backoff_base: Duration::from_millis(cfg.backoff_base_ms),
+                backoff_cap: Duration::from_millis(cfg.backoff_cap_ms),
+                consequences: workflow.consequences(),
+            };
+            loops.push(Box::pin(
+                outbox(&store, courier, &wake).run(stopped.clone()),
+            ));
+        }
+        for (name, hook) in [(CRM, &config.crm), (PORTAL, &config.portal)] {
+            let Some(hook) = hook else { continue };
+            let receiver = Receiver::webhook(name).map_err(|e| ServeError::Workflow(vec![e]))?;
+            let courier = WebhookCourier::new(receiver, hook, Arc::clone(&metrics))?;
+            loops.push(Box::pin(
+                outbox(&store, courier, &wake).run(stopped.clone()),
+            ));
+        }
+        let outbox = if loops.is_empty() {
+            None
+        } else {
+            let all = async move {
+                let mut running = tokio::task::JoinSet::new();
+                for l in loops {
+                    running.spawn(l);
+                }
+                while running.join_next().await.is_some() {}
+            };
+            Some(on_own_thread(all).map_err(ServeError::Outbox)?)
         };
         let retention = Retention {
             bundles: config.bundle_retention(),
@@ -132,7 +160,7 @@ impl Application {
                 Arc::clone(&store),
                 Arc::clone(&metrics),
                 retention,
-                stopped,
+                stopped.clone(),
             ))
         });
         // Every mapping whose submissions nobody signs: anyone who reaches the gateway can post
@@ -164,8 +192,33 @@ impl Application {
         }
         let fetch = Fetch::new(config.fetch.clone()).map_err(ServeError::Fetch)?;
 
+        let inbox = Arc::new(Inbox {
+            store: Arc::clone(&store),
+            workflow: Arc::clone(&workflow),
+            ehr: ehr.as_ref().map(|(c, _)| Arc::clone(c)),
+            metrics: Arc::clone(&metrics),
+            wake: Arc::clone(&wake),
+        });
+        let poll_every = config
+            .ehr
+            .as_ref()
+            .and_then(|e| e.events.as_ref())
+            .and_then(|e| e.poll_interval_ms)
+            .map(Duration::from_millis);
+        let poller = match (poll_every, &inbox.ehr) {
+            (Some(every), Some(_)) => {
+                tracing::info!(every_ms = every.as_millis() as u64, types = ?workflow.resource_types(), "polling the EHR for what changed");
+                Some(tokio::spawn(crate::inbound::poll::run(
+                    Arc::clone(&inbox),
+                    every,
+                    stopped.clone(),
+                )))
+            }
+            _ => None,
+        };
         let state = Arc::new(AppState {
-            intake: Intake::new(mappings, Arc::clone(&store)),
+            intake: Intake::new(mappings, Arc::clone(&store), Arc::clone(&workflow)),
+            inbox,
             config,
             metrics,
             outbox: wake,
@@ -207,6 +260,7 @@ impl Application {
             stop,
             outbox,
             sweeper,
+            poller,
         })
     }
 
@@ -250,6 +304,9 @@ impl Application {
         if let Some(sweeper) = self.sweeper {
             let _ = sweeper.await;
         }
+        if let Some(poller) = self.poller {
+            let _ = poller.await;
+        }
         drop(self.state);
         let store = self.store;
         let flushed = tokio::task::spawn_blocking(move || store.commit()).await;
@@ -261,6 +318,51 @@ impl Application {
             source,
         })
     }
+}
+
+/// The outbox loop of one receiver.
+fn outbox<C: Courier>(store: &Arc<Backend>, courier: C, wake: &Arc<Notify>) -> Outbox<C> {
+    Outbox {
+        store: Arc::clone(store),
+        courier: Arc::new(courier),
+        wake: Arc::clone(wake),
+    }
+}
+
+/// The ownership matrix (configured, or the shipped one), the workflow rules (the workflows
+/// directory's, or the shipped ones), and every mapping checked against the matrix: a mapping
+/// that writes another system's data is not served.
+pub fn load_workflow(
+    config: &Config,
+    mappings: &[mapping::Mapping],
+) -> Result<Workflow, ServeError> {
+    let ownership = match &config.ownership {
+        Some(path) => Ownership::load(path)
+            .map_err(|e| ServeError::Workflow(e.iter().map(ToString::to_string).collect()))?,
+        None => Ownership::defaults(),
+    };
+    let rules = crate::workflow::rules::load_dir(&config.workflows_dir, &ownership)
+        .map_err(|e| ServeError::Workflow(e.iter().map(ToString::to_string).collect()))?;
+    let refused: Vec<String> = mappings
+        .iter()
+        .flat_map(|m| {
+            ownership
+                .check_mapping(m)
+                .into_iter()
+                .map(|p| format!("{}: {p}", m.file.display()))
+        })
+        .collect();
+    if !refused.is_empty() {
+        return Err(ServeError::Workflow(refused));
+    }
+    let receivers: Vec<&str> = [
+        (CRM, config.crm.is_some()),
+        (PORTAL, config.portal.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    Ok(Workflow::new(rules, ownership, &receivers, mappings))
 }
 
 /// Runs the gateway until a shutdown signal: built, announced on stdout, served.

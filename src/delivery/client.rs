@@ -391,6 +391,39 @@ impl EhrClient {
         }
     }
 
+    /// Reads `path` (`Task/123`, `Task?_lastUpdated=gt…`) relative to the base URL, with the
+    /// delivery's auth (a 401 under SMART fetches a new token and reads once more): the JSON
+    /// body of a 2xx, else why not — said without the body (it may hold PHI).
+    pub async fn read(&self, path: &str) -> Result<Value, String> {
+        let url = format!("{}/{}", self.base_url, path.trim_start_matches('/'));
+        let mut answer = self.get(&url).await;
+        if let (Err(Some(401)), Auth::Smart(tokens)) = (&answer, &self.auth) {
+            tokens.invalidate().await;
+            answer = self.get(&url).await;
+        }
+        answer.map_err(|status| match status {
+            Some(200..=299) => "the EHR's answer is not JSON".to_string(),
+            Some(status) => format!("the EHR answered HTTP {status}"),
+            None => "the EHR could not be reached (or gave no token)".to_string(),
+        })
+    }
+
+    /// One authorized GET: the JSON body of a 2xx, else the status (`None`: no answer).
+    async fn get(&self, url: &str) -> Result<Value, Option<u16>> {
+        let req = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/fhir+json");
+        let req = self.authorize(req).await.map_err(|_| None)?;
+        let resp = req.send().await.map_err(|_| None)?;
+        let status = resp.status().as_u16();
+        if !resp.status().is_success() {
+            return Err(Some(status));
+        }
+        let bytes = resp.bytes().await.map_err(|_| None)?;
+        serde_json::from_slice(&bytes).map_err(|_| Some(status))
+    }
+
     /// Whether the EHR answers its capability statement.
     pub async fn reachable(&self) -> bool {
         let req = self

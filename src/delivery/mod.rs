@@ -10,6 +10,7 @@ pub mod auth;
 pub mod client;
 pub mod ehr;
 pub mod outbox;
+pub mod webhook;
 
 use std::ops::Range;
 use std::time::Duration;

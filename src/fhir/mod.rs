@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 pub const UCUM: &str = "http://unitsofmeasure.org";
 /// LOINC's code system URI.
 pub const LOINC: &str = "http://loinc.org";
+/// The gateway's own codes for where a review stands (`Task.businessStatus`): the review Task
+/// it asks for starts `ready-for-review`; the EHR's decisions use any system or the text.
+pub const WORKFLOW_STATUS: &str = "https://chartbridge.dev/fhir/CodeSystem/workflow-status";
 /// HL7 observation categories.
 pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 

@@ -5,9 +5,11 @@ use axum::response::{IntoResponse, Response};
 
 use crate::fetch::FetchError;
 use crate::fhir::{Issue, OperationOutcome};
+use crate::inbound::InboxError;
 use crate::intake::IntakeError;
 use crate::mapping::extract::ExtractError;
 use crate::mapping::PayloadError;
+use crate::workflow::notification::NotificationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -39,6 +41,9 @@ pub enum ApiError {
     Unprocessable(String),
     #[error(transparent)]
     Extract(#[from] crate::mapping::extract::ExtractError),
+    /// An events notification not taken.
+    #[error(transparent)]
+    Inbox(#[from] crate::inbound::InboxError),
     #[error("the gateway holds {0} deliveries for the EHR, its limit: retry later")]
     Overloaded(usize),
     #[error("the gateway holds {waiting} deliveries of `{mapping}` for the EHR, one mapping's limit (max_outbox_per_mapping): retry later")]
@@ -106,6 +111,17 @@ impl ApiError {
             ApiError::Fetch(FetchError::Unavailable(_)) => StatusCode::BAD_GATEWAY,
             ApiError::Intake(IntakeError::Store(_) | IntakeError::Amend(_))
             | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Inbox(e) => match e {
+                InboxError::Notification(NotificationError::TooMany(_)) => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                InboxError::Notification(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                InboxError::NotOwner(_) => StatusCode::FORBIDDEN,
+                // The sender's retry is what reads it again later: nothing was taken.
+                InboxError::Unreadable { .. } => StatusCode::BAD_GATEWAY,
+                InboxError::NoEhr(_) => StatusCode::SERVICE_UNAVAILABLE,
+                InboxError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
         }
     }
 
@@ -141,6 +157,19 @@ impl ApiError {
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Form(_) => issue("structure", self.to_string()),
             ApiError::Intake(IntakeError::Revision { .. }) => issue("conflict", self.to_string()),
+            ApiError::Inbox(e) => match e {
+                InboxError::Notification(NotificationError::TooMany(_)) => {
+                    issue("too-costly", self.to_string())
+                }
+                InboxError::Notification(_) => issue("structure", self.to_string()),
+                InboxError::NotOwner(_) => issue("forbidden", self.to_string()),
+                InboxError::Unreadable { .. } => issue("transient", self.to_string()),
+                InboxError::NoEhr(_) => issue("not-supported", self.to_string()),
+                InboxError::Store(_) => issue(
+                    "exception",
+                    "the gateway could not store the event; send it again".into(),
+                ),
+            },
             ApiError::Intake(IntakeError::Store(_) | IntakeError::Amend(_))
             | ApiError::Internal(_) => issue(
                 "exception",
@@ -154,7 +183,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         match &self {
-            ApiError::Intake(IntakeError::Store(e)) => tracing::error!(error = %e, "store failure"),
+            ApiError::Intake(IntakeError::Store(e)) | ApiError::Inbox(InboxError::Store(e)) => {
+                tracing::error!(error = %e, "store failure")
+            }
             ApiError::Internal(e) => tracing::error!(error = %e, "internal error"),
             ApiError::Unaudited(e) => tracing::error!(error = %e, "audit trail: not recorded"),
             _ => tracing::info!(
@@ -175,6 +206,7 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded(_)
                 | ApiError::MappingOverloaded { .. }
                 | ApiError::Fetch(FetchError::Unavailable(_))
+                | ApiError::Inbox(InboxError::Unreadable { .. } | InboxError::NoEhr(_))
         ) {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -63,6 +63,22 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         store.outbox_depth(&Receiver::Ehr),
         store.dead_letter_count(&Receiver::Ehr),
         &figures,
+        &crate::metrics::EventFigures {
+            receivers: state
+                .inbox
+                .workflow
+                .receivers()
+                .iter()
+                .map(|r| {
+                    (
+                        r.name().to_string(),
+                        store.outbox_depth(r),
+                        store.dead_letter_count(r),
+                    )
+                })
+                .collect(),
+            unmatched: store.unmatched_count(),
+        },
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

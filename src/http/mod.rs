@@ -16,14 +16,19 @@
 //!   mapping whose Questionnaire it answers
 //! - `POST /QuestionnaireResponse/$extract` — SDC observation-based extraction of a
 //!   QuestionnaireResponse (stores and delivers nothing)
+//! - `POST /events/{sender}` — what happened in the EHR (`ehr`: Subscription notifications,
+//!   a bare resource) or at another sender → events for the CRM and the portal
+//! - `GET  /events/unmatched` — events that resolved to no submission (operators)
 //! - `GET  /health`, `GET /ready`, `GET /metrics`
 //!
-//! Rooms: `ingest` (submissions in), `operators` (status, listings, replays, audit), `fhir`
+//! Rooms: `ingest` (submissions in), `events` (events in), `operators` (status, listings,
+//! replays, audit), `fhir`
 //! (Questionnaires, metadata, `$extract`), `health`, `middleware`; `auth` checks sources' and
 //! operators' credentials, `form` reads form bodies, `error` answers every error.
 
 pub mod auth;
 pub mod error;
+mod events;
 mod fhir;
 pub mod form;
 mod health;
@@ -64,6 +69,8 @@ pub struct AppState {
     /// Who may use the operators' endpoints, and the SHA-256 of their key
     /// (`Config::operator_keys`); none: they are open.
     pub operators: Vec<(String, [u8; 32])>,
+    /// Where events from the EHR and other senders go in.
+    pub inbox: Arc<crate::inbound::Inbox>,
 }
 
 /// Refused operators' attempts recorded one by one: 10 a second, bursts of 100.
@@ -86,12 +93,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/dead-letters/replay", post(operators::replay_dead_letters))
         .route("/provenance", get(operators::provenance))
         .route("/audit", get(operators::audit))
+        .route("/events/unmatched", get(events::unmatched))
         .route_layer(from_fn_with_state(
             Arc::clone(&state),
             operators::operators_only,
         ));
     let routes = Router::new()
         .route("/submissions/{mapping_id}", post(ingest::submit))
+        .route("/events/{sender}", post(events::receive))
         .merge(operators)
         .route("/metadata", get(fhir::metadata))
         .route("/Questionnaire", get(fhir::questionnaires))

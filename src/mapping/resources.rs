@@ -112,6 +112,47 @@ impl Resources<'_> {
             );
         }
 
+        if m.review_task {
+            // The provider's work item: the decision is recorded on it, in the EHR, and comes
+            // back as an event. Created once (a revision matches it, never overwrites it).
+            let task_id = format!("{}/review", self.submission_id);
+            let status = Json::obj([
+                (
+                    "coding",
+                    Json::Arr(vec![Json::obj([
+                        ("system", crate::fhir::WORKFLOW_STATUS.into()),
+                        ("code", "ready-for-review".into()),
+                        ("display", "Ready for review".into()),
+                    ])]),
+                ),
+                ("text", "Ready for review".into()),
+            ]);
+            let task = Json::obj([
+                ("resourceType", "Task".into()),
+                (
+                    "identifier",
+                    Json::Arr(vec![Json::obj([
+                        ("system", system.into()),
+                        ("value", task_id.clone().into()),
+                    ])]),
+                ),
+                ("status", "requested".into()),
+                ("businessStatus", status),
+                ("intent", "order".into()),
+                ("description", format!("Review: {}", m.title).into()),
+                ("focus", reference(qr_url.as_str(), "QuestionnaireResponse")),
+                ("for", patient_ref()),
+                ("authoredOn", self.recorded.into()),
+            ]);
+            tx.push(
+                self.url("Task", "review"),
+                task,
+                Conditional::Create {
+                    if_none_exist: identifier_query(system, &task_id),
+                },
+            );
+        }
+
         let software = concat!("chartbridge ", env!("CARGO_PKG_VERSION"));
         let mut prov = provenance(ProvenanceInput {
             targets,

@@ -90,6 +90,11 @@ impl Workflow {
         }
     }
 
+    /// The webhook receivers configured.
+    pub fn receivers(&self) -> &[Receiver] {
+        &self.receivers
+    }
+
     pub fn rules(&self) -> &[Rule] {
         &self.rules
     }
@@ -125,6 +130,9 @@ impl Workflow {
         missing: &[Question],
         at: &str,
     ) -> Vec<Event> {
+        if self.receivers.is_empty() {
+            return Vec::new();
+        }
         let refill = self
             .mappings
             .get(&record.mapping_id)

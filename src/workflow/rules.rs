@@ -340,10 +340,7 @@ impl Rule {
                 .filter_map(|c| c["code"].as_str());
             let text = concept["text"].as_str();
             let said = codes.chain(text).map(normal);
-            if !said
-                .into_iter()
-                .any(|s| w.business_status.contains(&s))
-            {
+            if !said.into_iter().any(|s| w.business_status.contains(&s)) {
                 return false;
             }
         }
