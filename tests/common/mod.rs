@@ -131,6 +131,26 @@ impl FhirServer {
         (status, r.json().unwrap_or(Value::Null))
     }
 
+    /// Writes `resource` as it is (an update by its id): what the server stored, new version
+    /// and all.
+    pub fn put(&self, resource: &Value) -> Value {
+        let path = format!(
+            "{}/{}/{}",
+            self.url,
+            resource["resourceType"].as_str().expect("resourceType"),
+            resource["id"].as_str().expect("id")
+        );
+        let r = self
+            .http
+            .put(path)
+            .header("content-type", "application/fhir+json")
+            .body(resource.to_string())
+            .send()
+            .expect("PUT to the FHIR test server");
+        assert!(r.status().is_success(), "PUT: {}", r.status());
+        r.json().expect("PUT json")
+    }
+
     pub fn search(&self, query: &str) -> Value {
         self.http
             .get(format!("{}/{query}", self.url))
