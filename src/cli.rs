@@ -362,7 +362,7 @@ fn check(paths: &[PathBuf], workflows: &Path, ownership: Option<&Path>) -> ExitC
                     }
                     let owned = matrix.check_mapping(&m);
                     for p in &owned {
-                        eprintln!("{}: {p}", m.file.display());
+                        eprintln!("{}", crate::workflow::ownership::located(&m.file, p));
                     }
                     if !owned.is_empty() {
                         problems += owned.len();

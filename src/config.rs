@@ -75,6 +75,20 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
 }
 
+impl WebhookConfig {
+    /// The signing key: the base64 after `whsec_`.
+    pub fn key(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(self.secret.strip_prefix("whsec_").unwrap_or(&self.secret))
+            .map_err(|_| "the secret is not whsec_<base64>".to_string())?;
+        if key.is_empty() {
+            return Err("the secret's key is empty".into());
+        }
+        Ok(key)
+    }
+}
+
 fn default_webhook_concurrency() -> usize {
     4
 }
@@ -388,6 +402,8 @@ pub enum ConfigError {
     Operators(String),
     #[error("[ehr] {0}")]
     Ehr(String),
+    #[error("{0}")]
+    Events(String),
 }
 
 impl Config {
@@ -409,7 +425,47 @@ impl Config {
         config.apply_env(|name| std::env::var(name).ok())?;
         config.operator_keys()?;
         config.check_ehr()?;
+        config.check_events()?;
         Ok(config)
+    }
+
+    /// The webhook receivers' secrets are keys, the events senders' names are names, and no
+    /// credential is empty (an empty token would let anyone in).
+    fn check_events(&self) -> Result<(), ConfigError> {
+        for (table, hook) in [("crm", &self.crm), ("portal", &self.portal)] {
+            if let Some(hook) = hook {
+                hook.key()
+                    .map_err(|why| ConfigError::Events(format!("[{table}] secret: {why}")))?;
+            }
+        }
+        let ehr = self
+            .ehr
+            .as_ref()
+            .and_then(|e| e.events.as_ref())
+            .map(|e| ("ehr.events", &e.auth));
+        let others = self.events.iter().map(|(name, auth)| (name.as_str(), auth));
+        for (name, auth) in ehr.into_iter().chain(others) {
+            if name != "ehr.events" && crate::store::Receiver::webhook(name).is_err() {
+                return Err(ConfigError::Events(format!(
+                    "[events.{name}]: a sender's name is 1 to 32 of a-z, 0-9, - and _, not `ehr` (the EHR's is [ehr.events])"
+                )));
+            }
+            let empty = match auth {
+                EventsAuth::Bearer { token } => token.is_empty(),
+                EventsAuth::Hmac { secret, .. } => secret.is_empty(),
+            };
+            if empty {
+                return Err(ConfigError::Events(format!(
+                    "[{}]: the credential is empty",
+                    if name == "ehr.events" {
+                        name.to_string()
+                    } else {
+                        format!("events.{name}")
+                    }
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// What `[ehr]` asks for is something a delivery can do.
@@ -750,6 +806,36 @@ mod tests {
             assert!(!e.contains("\"k\""), "the key is not in the message: {e}");
         }
         assert!(Config::default().operator_keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn receivers_and_senders_need_real_credentials() {
+        let read = |text: &str| -> Result<(), String> {
+            let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+            c.check_events().map_err(|e| e.to_string())
+        };
+        let hook = |secret: &str| format!("[crm]\nurl = \"http://crm\"\nsecret = \"{secret}\"\n");
+        assert_eq!(
+            read(&hook("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
+            Ok(())
+        );
+        assert!(read(&hook("hunter2!"))
+            .unwrap_err()
+            .contains("[crm] secret"));
+        let ehr = "[ehr]\nbase_url = \"http://ehr\"\n[ehr.events]\nauth = { type = \"bearer\", token = \"\" }\n";
+        assert!(read(ehr)
+            .unwrap_err()
+            .contains("[ehr.events]: the credential is empty"));
+        let medplum = "[ehr]\nbase_url = \"http://ehr\"\n[ehr.events]\nauth = { type = \"hmac\", secret = \"s\" }\npoll_interval_ms = 30000\n";
+        assert_eq!(read(medplum), Ok(()));
+        let c: Config = toml::from_str(medplum).unwrap();
+        let events = c.ehr.unwrap().events.unwrap();
+        assert!(
+            matches!(events.auth, EventsAuth::Hmac { ref header, encoding: SignatureEncoding::Hex, .. } if header == "x-signature")
+        );
+        assert!(read("[events.Portal]\ntype = \"bearer\"\ntoken = \"t\"\n")
+            .unwrap_err()
+            .contains("a sender's name"));
     }
 
     #[test]

@@ -348,8 +348,9 @@ pub fn load_workflow(
         .flat_map(|m| {
             ownership
                 .check_mapping(m)
-                .into_iter()
-                .map(|p| format!("{}: {p}", m.file.display()))
+                .iter()
+                .map(|p| crate::workflow::ownership::located(&m.file, p))
+                .collect::<Vec<_>>()
         })
         .collect();
     if !refused.is_empty() {

@@ -423,3 +423,55 @@ fn a_closed_pipe_ends_output_quietly_and_update_names_what_it_wrote() {
     );
     assert!(fx.join("all-zero.expected.json").is_file());
 }
+
+/// `check` enforces the ownership matrix: a map that would chart a clinician's finding or raise
+/// one of the EHR's decisions is refused, with where; and it reads the workflow rules, each
+/// problem with file:line.
+#[test]
+fn check_refuses_a_map_that_writes_ehr_owned_data_and_reads_the_workflow_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let map = write(
+        dir.path(),
+        "overreach.yaml",
+        "id: overreach\nversion: 1\ntitle: Overreach\nurl: https://forms.example.org/Questionnaire/overreach\n\n\
+         source:\n  submission_id: $.id\n  patient:\n    identifier: { system: https://crm.example.org/patient, path: $.patient }\n\n\
+         items:\n  - link_id: exam\n    type: string\n    text: Lung exam\n    path: $.exam\n    observation:\n      code: { system: http://loinc.org, code: 32449-3 }\n      category: exam\n\n\
+         flags:\n  - name: approved\n    when: { item: exam, answered: true }\n",
+    );
+    let out = chartbridge()
+        .args(["check", "--workflows", "no-such-dir"])
+        .arg(&map)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("overreach.yaml:12: item `exam` writes an Observation of category `exam`, which is the ehr's"), "{stderr}");
+    assert!(
+        stderr.contains("flag `approved` is one of the ehr's decisions"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("9 workflow rule(s) ok (shipped)"),
+        "{stderr}"
+    );
+
+    let workflows = dir.path().join("workflows");
+    std::fs::create_dir(&workflows).unwrap();
+    write(
+        &workflows,
+        "clinic.yaml",
+        "rules:\n  - name: signed\n    when: { resource: DocumentReference, doc_status: [final] }\n    event: note.signed\n    crm: chart complete\n",
+    );
+    let out = chartbridge()
+        .args(["check", "--workflows"])
+        .arg(&workflows)
+        .arg(root().join("mappings"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("clinic.yaml:2: rule `signed`: `crm: chart complete` is not a stage"),
+        "{stderr}"
+    );
+}

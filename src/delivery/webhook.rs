@@ -24,20 +24,6 @@ use crate::config::WebhookConfig;
 use crate::metrics::Metrics;
 use crate::store::{Backend, EventOutcome, Pending, Receiver, Store, StoreError};
 
-/// The signing key of a `whsec_<base64>` secret.
-pub fn key_of(secret: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::STANDARD
-        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
-        .map_err(|_| "the secret is not whsec_<base64>".to_string())
-        .and_then(|k| {
-            if k.is_empty() {
-                Err("the secret's key is empty".to_string())
-            } else {
-                Ok(k)
-            }
-        })
-}
-
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">` with `key`.
 pub fn signature(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
@@ -90,7 +76,7 @@ impl WebhookCourier {
             url: config.url.clone(),
             why: e.to_string(),
         })?;
-        let key = key_of(&config.secret).map_err(|why| WebhookError::Secret {
+        let key = config.key().map_err(|why| WebhookError::Secret {
             receiver: name.clone(),
             why,
         })?;
@@ -249,7 +235,18 @@ mod tests {
     /// the reference libraries' tests): this id, timestamp, body and secret sign to this.
     #[test]
     fn signs_as_the_reference_libraries_do() {
-        let key = key_of("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let config = |secret: &str| WebhookConfig {
+            url: "http://x".into(),
+            secret: secret.into(),
+            concurrency: 1,
+            backoff_base_ms: 1,
+            backoff_cap_ms: 1,
+            max_attempts: 1,
+            timeout_ms: 1,
+        };
+        let key = config("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .key()
+            .unwrap();
         assert_eq!(
             signature(
                 &key,
@@ -259,7 +256,7 @@ mod tests {
             ),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
-        assert!(key_of("whsec_***").is_err());
-        assert!(key_of("whsec_").is_err());
+        assert!(config("whsec_***").key().is_err());
+        assert!(config("whsec_").key().is_err());
     }
 }

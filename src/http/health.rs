@@ -42,6 +42,13 @@ pub(super) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if !unsigned.is_empty() {
         body["unsigned_ingest"] = json!(unsigned);
     }
+    let store = state.intake.store();
+    for receiver in state.inbox.workflow.receivers() {
+        body["receivers"][receiver.name()] = json!({
+            "waiting": store.outbox_depth(receiver),
+            "dead_lettered": store.dead_letter_count(receiver),
+        });
+    }
     let status = if ok {
         StatusCode::OK
     } else {

@@ -162,6 +162,8 @@ fn public_view(r: &SubmissionRecord) -> Value {
         })).collect::<Vec<_>>(),
         "flags": r.flags,
         "missing": r.missing,
+        // What the CRM and the portal were sent, and where each delivery stands (never a body).
+        "events": r.events,
     })
 }
 

@@ -277,3 +277,133 @@ impl Workflow {
         rules::resource_types(&self.rules)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{EventState, SentEvent};
+    use serde_json::json;
+
+    fn workflow(receivers: &[&str]) -> Arc<Workflow> {
+        let ownership = Ownership::defaults();
+        let rules = rules::defaults(&ownership);
+        Arc::new(Workflow::new(rules, ownership, receivers, &[]))
+    }
+
+    fn record(revision: usize) -> SubmissionRecord {
+        SubmissionRecord {
+            mapping_id: "m".into(),
+            mapping_version: "1".into(),
+            mapping_sha256: "x".into(),
+            submission_id: "s".into(),
+            payload_sha256: "p".into(),
+            patient_system: "urn:p".into(),
+            patient_value: "1".into(),
+            flags: vec![],
+            missing: vec![],
+            transitions: vec![Transition::new(State::Mapped, "t")],
+            ehr: vec![],
+            earlier_payloads: vec!["e".into(); revision - 1],
+            events: vec![],
+        }
+    }
+
+    fn kinds(events: &[Event]) -> Vec<(&str, &str, Option<&str>)> {
+        events
+            .iter()
+            .map(|e| (e.receiver.name(), e.kind.as_str(), e.sets.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn an_accepted_submission_raises_the_event_its_answers_call_for() {
+        let w = workflow(&[CRM, PORTAL]);
+        let missing = [Question {
+            link_id: "weight".into(),
+            text: None,
+            reason: None,
+        }];
+        assert_eq!(
+            kinds(&w.intake_events(&record(1), &[], "t")),
+            [
+                ("crm", "intake.submitted", Some("ready_for_review")),
+                ("portal", "intake.submitted", Some("received"))
+            ]
+        );
+        assert_eq!(
+            kinds(&w.intake_events(&record(1), &missing, "t")),
+            [
+                ("crm", "intake.needs_information", Some("needs_information")),
+                ("portal", "intake.needs_information", Some("action_needed"))
+            ]
+        );
+        assert_eq!(
+            kinds(&w.intake_events(&record(2), &[], "t"))[0],
+            ("crm", "intake.updated", Some("ready_for_review"))
+        );
+        assert!(workflow(&[]).intake_events(&record(1), &[], "t").is_empty());
+        assert_eq!(
+            kinds(&workflow(&[PORTAL]).intake_events(&record(1), &[], "t")).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_delivery_outcome_tells_the_crm_only() {
+        let w = workflow(&[CRM, PORTAL]);
+        let c = w.consequences();
+        let r = record(1);
+        let charted = c(&r, &Transition::new(State::Delivered, "t1"));
+        assert_eq!(kinds(&charted), [("crm", "intake.charted", None)]);
+        let failed = c(
+            &r,
+            &Transition::new(State::DeadLettered, "t2").because("HTTP 422"),
+        );
+        assert_eq!(kinds(&failed), [("crm", "intake.failed", None)]);
+        let body: serde_json::Value = serde_json::from_slice(&failed[0].body).unwrap();
+        assert_eq!(body["data"]["failure"], "HTTP 422");
+        assert!(c(&r, &Transition::new(State::Failed, "t3")).is_empty());
+    }
+
+    #[test]
+    fn an_ehr_event_sends_only_what_changed_for_each_receiver() {
+        let w = workflow(&[CRM, PORTAL]);
+        let task = json!({"resourceType": "Task", "businessStatus": {"text": "approved"}});
+        let rule = w.rule_for(&task).unwrap().clone();
+        let source = events::Source {
+            reference: "Task/1".into(),
+            version: Some("2".into()),
+        };
+        let decide = w.decide(&rule, source, "ehr:Task/1/_history/2".into(), "t".into());
+        let mut r = record(1);
+        let first = decide(&r);
+        assert_eq!(
+            kinds(&first),
+            [
+                ("crm", "decision.made", Some("approved")),
+                ("portal", "decision.made", Some("approved"))
+            ]
+        );
+        // The CRM was last sent `approved`; the portal something else since.
+        for (receiver, sets) in [("crm", "approved"), ("portal", "approved"), ("portal", "x")] {
+            r.events.push(SentEvent {
+                receiver: receiver.into(),
+                id: "evt".into(),
+                kind: "k".into(),
+                sets: Some(sets.into()),
+                state: EventState::Delivered,
+                at: "t".into(),
+                detail: None,
+            });
+        }
+        assert_eq!(
+            kinds(&decide(&r)),
+            [("portal", "decision.made", Some("approved"))]
+        );
+        assert!(w.may_send("ehr", &rule).is_ok());
+        assert!(w
+            .may_send("portal", &rule)
+            .unwrap_err()
+            .contains("ehr-owned"));
+    }
+}

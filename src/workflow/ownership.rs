@@ -207,8 +207,9 @@ impl Ownership {
     }
 
     /// What in `mapping` writes data another system owns: an Observation category or a flag
-    /// that is another system's. One message per problem, naming the item or flag.
-    pub fn check_mapping(&self, mapping: &crate::mapping::Mapping) -> Vec<String> {
+    /// that is another system's. One message per problem, naming the item or flag, with the
+    /// item's line in the mapping file (flags have none).
+    pub fn check_mapping(&self, mapping: &crate::mapping::Mapping) -> Vec<(Option<usize>, String)> {
         let mut problems = Vec::new();
         for (name, system) in &self.systems {
             if name == "intake" {
@@ -220,31 +221,44 @@ impl Ownership {
                 };
                 for category in observation.categories.iter().flat_map(category_codes) {
                     if system.observation_categories.iter().any(|c| c == category) {
-                        problems.push(format!(
-                            "line {}: item `{}` writes an Observation of category `{category}`, \
-                             which is the {name}'s (ownership: {}): a mapping charts what the \
-                             patient entered, never a clinician's findings",
-                            item.line,
-                            item.link_id,
-                            self.file.display()
+                        problems.push((
+                            Some(item.line),
+                            format!(
+                                "item `{}` writes an Observation of category `{category}`, \
+                                 which is the {name}'s (ownership: {}): a mapping charts what \
+                                 the patient entered, never a clinician's findings",
+                                item.link_id,
+                                self.file.display()
+                            ),
                         ));
                     }
                 }
             }
             for flag in &mapping.flags {
                 if system.decisions.iter().any(|d| d == &flag.name) {
-                    problems.push(format!(
-                        "flag `{}` is one of the {name}'s decisions (ownership: {}): the gateway \
-                         raises ops flags, a provider decides; name it for what the answers \
-                         say (e.g. `{}_criteria_met`)",
-                        flag.name,
-                        self.file.display(),
-                        flag.name
+                    problems.push((
+                        None,
+                        format!(
+                            "flag `{}` is one of the {name}'s decisions (ownership: {}): the \
+                             gateway raises ops flags, a provider decides; name it for what the \
+                             answers say (e.g. `{}_criteria_met`)",
+                            flag.name,
+                            self.file.display(),
+                            flag.name
+                        ),
                     ));
                 }
             }
         }
         problems
+    }
+}
+
+/// `file:line: message`, or `file: message` without a line.
+pub fn located(file: &Path, (line, message): &(Option<usize>, String)) -> String {
+    match line {
+        Some(line) => format!("{}:{line}: {message}", file.display()),
+        None => format!("{}: {message}", file.display()),
     }
 }
 

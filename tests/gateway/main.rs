@@ -5,9 +5,12 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod delivery;
+mod events;
 mod fhir_native;
 mod intake_safety;
 mod operators;
+#[path = "../common/receiver.rs"]
+mod receiver;
 mod response_fit;
 mod robustness;
 mod sources;
