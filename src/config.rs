@@ -664,6 +664,10 @@ mod tests {
             Some(FetchSource::Http { auth: FetchAuth::Oauth2ClientCredentials { .. }, id, .. })
                 if id == "$.data.response_id"
         ));
+        assert_eq!(c.crm.as_ref().map(|h| h.max_attempts), Some(50));
+        assert!(c.portal.is_some());
+        assert!(c.ehr.as_ref().and_then(|e| e.events.as_ref()).is_some());
+        c.check_events().unwrap();
         assert!(
             toml::from_str::<Config>("[fetch.x]\ntype = \"healthie_graphql\"\nurl = \"u\"\n")
                 .is_err(),
