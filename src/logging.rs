@@ -8,7 +8,7 @@
 //!
 //! Written here rather than with tracing-subscriber's JSON format, which re-parses every span's
 //! fields for every event and writes through an `io::Write` adaptor: at `info` (three lines per
-//! submission) it cost about a tenth of the server's CPU per submission in the load bench.
+//! submission) that was a visible share of the server's CPU.
 //! What goes into a line is decided where the event is logged; this module never sees a
 //! payload. Knows no other module.
 

@@ -1,7 +1,7 @@
 //! The `chartbridge` binary: see `chartbridge --help`.
 
 /// The gateway allocates many small JSON nodes per request on several threads; mimalloc keeps
-/// that cheaper than glibc's malloc (measured with `cargo bench --bench load`).
+/// that cheaper than glibc's malloc.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -12,8 +12,7 @@ fn main() -> std::process::ExitCode {
 
 /// mimalloc asks for transparent huge pages for its memory and gives freed memory back to the
 /// system, so the large buffers of each store round (Bundles, their compression) kept faulting
-/// in fresh 2 MiB pages, each zeroed whole: about 3 % of the server's CPU under load (`perf`),
-/// against under 1 % of page faults without them. Off for this process only.
+/// in fresh 2 MiB pages, each zeroed whole. Off for this process only.
 #[cfg(target_os = "linux")]
 fn no_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours; a

@@ -453,8 +453,8 @@ async fn serve_connection(
 
 /// Accepts connections and hands them to the HTTP threads in turn, until `stop` turns true
 /// (then the socket closes). With every thread accepting from the socket itself, whichever
-/// woke first took a whole burst of connections: under the load bench one thread served all
-/// 64 while the other idled.
+/// woke first took a whole burst of connections, and one thread served them all while the
+/// others idled.
 async fn hand_out(
     mut listener: tokio::net::TcpListener,
     threads: Vec<UnboundedSender<Connection>>,

@@ -162,8 +162,8 @@ pub fn jitter(job: &JobId, attempt: u32) -> f64 {
 }
 
 /// Runs `work` (the outbox loops) on a thread and a single-threaded runtime of its own, with
-/// the clients' connections; the thread ends when `work` does. Deliveries cost about half as
-/// much there as tasks on the multi-threaded runtime the HTTP API uses.
+/// the clients' connections; the thread ends when `work` does. Deliveries are cheaper there
+/// than as tasks on the HTTP threads, and do not compete with requests for them.
 pub fn on_own_thread(
     work: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {

@@ -13,7 +13,7 @@ use super::engine::{MissingAnswer, UNMAPPED_OPTION};
 use super::plausible::IMPLAUSIBLE_VALUE;
 use super::select::AnswerIndex;
 use super::value::{self, Answer};
-use super::{Derivation, Item, ItemType, MapTarget, Mapping, UnknownOption, ValueRule};
+use super::{Item, ItemType, MapTarget, Mapping, UnknownOption, ValueRule};
 use crate::fhir::{Issue, Json};
 
 /// An item with its answers, or a group with its children; repeating groups give one node each.
@@ -104,9 +104,9 @@ enum Read<'m> {
 }
 
 /// What an item's answers came to: those read, and why others could not be.
-struct Collected<'m> {
-    answers: Vec<Answer<'m>>,
-    unreadable: Option<String>,
+pub(super) struct Collected<'m> {
+    pub answers: Vec<Answer<'m>>,
+    pub unreadable: Option<String>,
 }
 
 impl<'m, 'p> Run<'m, 'p> {
@@ -384,7 +384,7 @@ impl<'m, 'p> Run<'m, 'p> {
     /// The answers of `item` that are plausible. Each one outside its range (a quantity's, or
     /// a part of a free-text blood pressure) is held back: the item is listed as missing with
     /// the reason, and `implausible_value` is raised.
-    fn plausible(&mut self, item: &'m Item, answers: Vec<Answer<'m>>) -> Collected<'m> {
+    pub(super) fn plausible(&mut self, item: &'m Item, answers: Vec<Answer<'m>>) -> Collected<'m> {
         let mut unreadable = None;
         let mut kept = Vec::with_capacity(answers.len());
         for a in answers {
@@ -469,7 +469,7 @@ impl<'m, 'p> Run<'m, 'p> {
 
     /// An answer given but not charted (unreadable or implausible): listed as missing with
     /// the reason, whether or not the item is required — the patient meant to answer it.
-    fn note_unreadable(&mut self, item: &'m Item, key: &str, reason: String) {
+    pub(super) fn note_unreadable(&mut self, item: &'m Item, key: &str, reason: String) {
         self.issues.push(
             Issue::warning("value", format!("`{}` not charted: {reason}", item.link_id))
                 .at(key.to_string()),
@@ -481,140 +481,13 @@ impl<'m, 'p> Run<'m, 'p> {
         });
     }
 
-    fn note_missing(&mut self, item: &'m Item) {
+    pub(super) fn note_missing(&mut self, item: &'m Item) {
         if item.required {
             self.missing.push(MissingAnswer {
                 link_id: item.link_id.clone(),
                 text: item.text.clone(),
                 reason: None,
             });
-        }
-    }
-
-    /// Fills derived items (in file order, so a derivation may use an earlier one) and drops
-    /// those that could not be computed.
-    pub(super) fn derive(&mut self, nodes: &mut Vec<Node<'m>>, flat: &mut Answers<'m>) {
-        for node in nodes.iter_mut() {
-            self.derive(&mut node.children, flat);
-            let Some(d) = &node.item.derive else { continue };
-            let derived = self.derived_value(node.item, d, flat);
-            let Some(a) = derived else {
-                self.note_missing(node.item);
-                continue;
-            };
-            // A value derived from plausible ones may still not be (a BMI of 300).
-            let checked = self.plausible(node.item, vec![a]);
-            if let Some(why) = checked.unreadable {
-                self.note_unreadable(node.item, &node.key.clone(), why);
-            }
-            for a in checked.answers {
-                flat.entry(node.item.link_id.as_str())
-                    .or_default()
-                    .push(a.clone());
-                node.answers.push(a);
-            }
-        }
-        nodes.retain(|n| !n.answers.is_empty() || !n.children.is_empty());
-    }
-
-    /// Every derived value the answers allow, children first and in item order (a later
-    /// derivation may read an earlier one), in place of an answer given for it.
-    pub(super) fn derive_all(&mut self, items: &'m [Item], flat: &mut Answers<'m>) {
-        for item in items {
-            self.derive_all(&item.children, flat);
-            let Some(d) = &item.derive else { continue };
-            if let Some(a) = self.derived_value(item, d, flat) {
-                flat.insert(item.link_id.as_str(), vec![a]);
-            }
-        }
-    }
-
-    fn derived_value(
-        &mut self,
-        item: &'m Item,
-        d: &Derivation,
-        flat: &Answers<'m>,
-    ) -> Option<Answer<'m>> {
-        let first_quantity = |id: &str, to: &str| {
-            flat.get(id)?.iter().find_map(|a| match a {
-                Answer::Quantity(n, u) => super::units::convert(n.as_f64()?, u, to).ok(),
-                _ => None,
-            })
-        };
-        let places = item.precision;
-        let out = |x: f64, places: u32| -> Option<Answer<'m>> {
-            match item.item_type {
-                ItemType::Integer if x.fract() == 0.0 => Some(Answer::Int(x as i64)),
-                ItemType::Quantity => value::rounded(x, places)
-                    .map(|n| Answer::Quantity(n, item.unit.as_deref().unwrap_or("1"))),
-                _ => value::rounded(x, places).map(Answer::Dec),
-            }
-        };
-        match d {
-            Derivation::Bmi { weight, height } => {
-                let kg = first_quantity(weight, "kg")?;
-                let m = first_quantity(height, "m")?;
-                if m <= 0.0 {
-                    self.issues.push(
-                        Issue::warning("value", "BMI not computed: height is zero")
-                            .at(item.link_id.clone()),
-                    );
-                    return None;
-                }
-                out(kg / (m * m), places.unwrap_or(1))
-            }
-            Derivation::SumScores(ids) => {
-                let mut total = 0.0;
-                let unanswered: Vec<&str> = ids
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|id| !flat.contains_key(id))
-                    .collect();
-                if !unanswered.is_empty() {
-                    self.issues.push(
-                        Issue::warning(
-                            "incomplete",
-                            format!("total not computed: {} unanswered", unanswered.join(", ")),
-                        )
-                        .at(item.link_id.clone()),
-                    );
-                    return None;
-                }
-                for a in ids.iter().filter_map(|id| flat.get(id.as_str())).flatten() {
-                    match a {
-                        Answer::Coding(c) => total += c.score.unwrap_or(0.0),
-                        _ => return None,
-                    }
-                }
-                out(total, places.unwrap_or(2))
-            }
-            Derivation::Sum(ids) => {
-                let values: Vec<f64> = ids
-                    .iter()
-                    .filter_map(|id| flat.get(id.as_str()))
-                    .flatten()
-                    .filter_map(Answer::as_f64)
-                    .collect();
-                if values.is_empty() {
-                    return None;
-                }
-                out(values.iter().sum(), places.unwrap_or(2))
-            }
-        }
-    }
-
-    pub(super) fn required_when(&mut self, items: &'m [Item], flat: &Answers<'m>) {
-        for item in items {
-            if let Some(c) = &item.required_when {
-                if !flat.contains_key(item.link_id.as_str()) && c.eval(flat) && !item.required {
-                    self.missing.push(MissingAnswer {
-                        link_id: item.link_id.clone(),
-                        text: item.text.clone(),
-                        reason: None,
-                    });
-                }
-            }
-            self.required_when(&item.children, flat);
         }
     }
 

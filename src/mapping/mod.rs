@@ -7,6 +7,7 @@
 mod answers;
 mod compile;
 pub mod condition;
+mod derived;
 pub mod engine;
 pub mod extract;
 pub mod fit;

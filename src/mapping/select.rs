@@ -122,7 +122,7 @@ fn walk<'a>(v: &'a Value, steps: &[Step], out: &mut Vec<&'a Value>) {
 /// The parts of a payload a mapping reads, derived at load from every selector that starts at
 /// the payload root. Parsing through it (`read`) builds only those parts as a `Value` and skips
 /// the rest (still checking that it is JSON): a Typeform webhook carries the whole form
-/// definition, 60 % of its bytes, which no mapping reads. Whatever a selector ends on is built
+/// definition, most of its bytes, which no mapping reads. Whatever a selector ends on is built
 /// whole (or as far as `add_within` says), so every selector selects exactly what it would in
 /// the full document. A mapping with any JSONPath richer than plain steps gets
 /// `Projection::all()` (the full document).

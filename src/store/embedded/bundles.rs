@@ -1,7 +1,6 @@
 //! The Bundle log: every accepted Bundle (LZ4), appended and never rewritten; sled keeps only
 //! where each one is. A Bundle is written once and read once per delivery attempt, so it has
-//! no business in sled's tree nodes, which sled rewrites as they change — keeping them there
-//! cost about a sixth of the gateway's throughput (measured with the load bench).
+//! no business in sled's tree nodes, which sled rewrites as they change.
 //!
 //! The log is a directory of segments, `bundles/<offset>.log`, each named by the log offset of
 //! its first byte: offsets run on across segments, so a Bundle's place (`BundleAt`) is one

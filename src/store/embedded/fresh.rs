@@ -8,7 +8,7 @@ const FRESH_BUDGET: usize = 64 << 20;
 
 /// Bundles accepted moments ago, by submission key, until their first delivery attempt takes
 /// them: most deliveries follow their acceptance within milliseconds, and reading the Bundle
-/// back from the log (a read and a decompression) was a tenth of the outbox's work. Only the
+/// back from the log (a read and a decompression) is work the first attempt need not do. Only the
 /// writer puts one in, once it is durable and before the outbox can see its entry; at most
 /// `FRESH_BUDGET` bytes: past that the oldest go (a Bundle nobody took — no EHR configured, a
 /// delivery that failed before taking it — must not keep the newer ones out).

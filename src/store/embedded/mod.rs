@@ -17,6 +17,7 @@ mod fresh;
 mod keys;
 mod queue;
 mod retention;
+mod transaction;
 mod writer;
 
 use std::future::Future;
@@ -413,7 +414,7 @@ impl super::Store for SledStore {
     }
 
     fn by_patient(&self, system: &str, value: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = writer::patient_entry(&format!("{system}|{value}"), "");
+        let prefix = transaction::patient_entry(&format!("{system}|{value}"), "");
         self.trees
             .by_patient
             .scan_prefix(&prefix)
