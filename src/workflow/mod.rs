@@ -27,6 +27,25 @@ use events::{Facts, Question, Source};
 pub use ownership::Ownership;
 pub use rules::Rule;
 
+/// What the CRM is told of a dead letter: the EHR's status, if it answered one, never its
+/// text — an EHR's OperationOutcome may quote the values it refused. The whole reason stays in
+/// the submission's status, for operators.
+fn failure_summary(detail: Option<&str>) -> String {
+    let status = detail.and_then(|d| {
+        d.match_indices("HTTP ").find_map(|(i, _)| {
+            let code = d.get(i + 5..i + 8)?;
+            code.bytes().all(|b| b.is_ascii_digit()).then_some(code)
+        })
+    });
+    match status {
+        Some(code) => format!(
+            "the EHR refused the submission (HTTP {code}); the reason is in its status for operators"
+        ),
+        None => "the submission could not be delivered; the reason is in its status for operators"
+            .to_string(),
+    }
+}
+
 /// The CRM's receiver name (and its system's in the ownership matrix).
 pub const CRM: &str = "crm";
 /// The patient portal's.
@@ -186,9 +205,13 @@ impl Workflow {
             let Some(crm) = this.configured(CRM) else {
                 return Vec::new();
             };
+            let summary;
             let (kind, failure) = match t.state {
                 State::Delivered => (events::INTAKE_CHARTED, None),
-                State::DeadLettered => (events::INTAKE_FAILED, t.detail.as_deref()),
+                State::DeadLettered => {
+                    summary = failure_summary(t.detail.as_deref());
+                    (events::INTAKE_FAILED, Some(summary.as_str()))
+                }
                 _ => return Vec::new(),
             };
             let cause = format!("revision {} {}", record.revision(), t.at);
@@ -357,11 +380,25 @@ mod tests {
         assert_eq!(kinds(&charted), [("crm", "intake.charted", None)]);
         let failed = c(
             &r,
-            &Transition::new(State::DeadLettered, "t2").because("HTTP 422"),
+            &Transition::new(State::DeadLettered, "t2")
+                .because("entry 2 (Observation): HTTP 422: value 81.2 is not allowed"),
         );
         assert_eq!(kinds(&failed), [("crm", "intake.failed", None)]);
         let body: serde_json::Value = serde_json::from_slice(&failed[0].body).unwrap();
-        assert_eq!(body["data"]["failure"], "HTTP 422");
+        let failure = body["data"]["failure"].as_str().unwrap();
+        assert!(
+            failure.contains("HTTP 422") && !failure.contains("81.2"),
+            "{failure}"
+        );
+        let lost = c(
+            &r,
+            &Transition::new(State::DeadLettered, "t4").because("the Bundle is not in the store"),
+        );
+        let body: serde_json::Value = serde_json::from_slice(&lost[0].body).unwrap();
+        assert!(body["data"]["failure"]
+            .as_str()
+            .unwrap()
+            .starts_with("the submission could not"));
         assert!(c(&r, &Transition::new(State::Failed, "t3")).is_empty());
     }
 

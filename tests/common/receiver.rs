@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,8 @@ pub struct WebhookReceiver {
     /// `crm` or `portal`: which part of the schemas its bodies must fit.
     pub role: &'static str,
     seen: Arc<Mutex<Seen>>,
-    down: Arc<AtomicBool>,
+    /// The status it answers everything with instead of taking it (0: it takes events).
+    down: Arc<AtomicU16>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -72,7 +73,7 @@ impl WebhookReceiver {
             .build()
             .expect("runtime");
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let down = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicU16::new(0));
         let key = base64::engine::general_purpose::STANDARD
             .decode(secret.trim_start_matches("whsec_"))
             .expect("key");
@@ -116,7 +117,14 @@ impl WebhookReceiver {
 
     /// Answers 503 to everything while down.
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
+        self.down
+            .store(if down { 503 } else { 0 }, Ordering::SeqCst);
+    }
+
+    /// Refuses every event (422, as a receiver that cannot take it) while set.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.down
+            .store(if refusing { 422 } else { 0 }, Ordering::SeqCst);
     }
 
     pub fn events(&self) -> Vec<Received> {
@@ -206,13 +214,14 @@ fn take(
     role: &str,
     key: &[u8],
     seen: &Mutex<Seen>,
-    down: &AtomicBool,
+    down: &AtomicU16,
     headers: &axum::http::HeaderMap,
     body: &[u8],
 ) -> axum::http::StatusCode {
     use axum::http::StatusCode;
-    if down.load(Ordering::SeqCst) {
-        return StatusCode::SERVICE_UNAVAILABLE;
+    match down.load(Ordering::SeqCst) {
+        0 => {}
+        code => return StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
     }
     let mut seen = seen
         .lock()

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::common::{root, App, FhirServer};
+use super::common::{front, root, App, FhirServer};
 use super::receiver::WebhookReceiver;
 
 const TOKEN: &str = "ehr-token";
@@ -257,4 +257,96 @@ fn an_id_only_event_the_ehr_cannot_answer_is_not_taken() {
         "{outcome}"
     );
     assert_eq!(app.get("/events/unmatched").1["total"], 0);
+}
+
+/// An EHR that rejects the submission: the CRM learns it failed (an ops problem), the portal
+/// nothing. A CRM that refuses its events (a 4xx) gets them dead-lettered — listed in the
+/// submission's status — and, once it is fixed, a replay sends each once, in order.
+#[test]
+fn a_refused_event_is_dead_lettered_and_a_replay_sends_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refusing_ehr = front(&runtime, |_, _, _, _, _| async {
+        let outcome = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"Task.owner is required here"}]}"#;
+        (422, axum::http::HeaderMap::new(), outcome.to_string())
+    });
+    let crm = WebhookReceiver::crm();
+    let portal = WebhookReceiver::portal();
+    crm.set_refusing(true);
+    let app = App::start_with_tables(
+        Some(&refusing_ehr),
+        &format!("{}{}", crm.table(), portal.table()),
+    );
+    let mut body = super::common::read_json(
+        &root().join("fixtures/refill-request-portal/complete.input.json"),
+    );
+    body["request_id"] = json!("rf_refused");
+    let (status, _, _) = app.post(
+        "/submissions/refill-request-portal",
+        body.to_string().as_bytes(),
+        &[("x-api-key", "test-key".into())],
+    );
+    assert_eq!(status, 202);
+    let key = "refill-request-portal/rf_refused";
+    app.wait_for_state(key, "dead-lettered", 30);
+    // Both CRM events dead-lettered, each at its first refusal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let view = loop {
+        let (_, view) = app.get(&format!("/submissions/{key}"));
+        let crm_events: Vec<&Value> = view["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["receiver"] == "crm")
+            .collect();
+        if crm_events.len() == 2 && crm_events.iter().all(|e| e["state"] == "dead-lettered") {
+            break view;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let kinds: Vec<&str> = view["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["receiver"] == "crm")
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["refill.requested", "intake.failed"]);
+    assert!(
+        view.to_string()
+            .contains("HTTP 422: the receiver refused the event"),
+        "{view}"
+    );
+    assert_eq!(portal.wait_for(1)[0].kind, "refill.requested");
+    app.wait_for_metrics(&["chartbridge_events_dead_lettered{receiver=\"crm\"} 2"]);
+
+    crm.set_refusing(false);
+    let (status, replayed, _) = app.post("/dead-letters/replay?receiver=crm", b"", &[]);
+    assert_eq!(status, 202, "{replayed}");
+    let events = crm.wait_for(2);
+    assert_eq!(
+        events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["refill.requested", "intake.failed"]
+    );
+    assert!(
+        events[1].data()["failure"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 422"),
+        "{:?}",
+        events[1].body
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(crm.accepted(), 2, "each once");
+    assert_eq!(
+        portal.events().len(),
+        1,
+        "the failure is not the patient's business"
+    );
+    assert!(
+        crm.invalid().is_empty() && portal.invalid().is_empty(),
+        "{:?}",
+        crm.invalid()
+    );
+    app.wait_for_metrics(&["chartbridge_events_dead_lettered{receiver=\"crm\"} 0"]);
 }
