@@ -78,15 +78,20 @@ pub struct WebhookConfig {
 impl WebhookConfig {
     /// The signing key: the base64 after `whsec_`.
     pub fn key(&self) -> Result<Vec<u8>, String> {
-        use base64::Engine;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(self.secret.strip_prefix("whsec_").unwrap_or(&self.secret))
-            .map_err(|_| "the secret is not whsec_<base64>".to_string())?;
-        if key.is_empty() {
-            return Err("the secret's key is empty".into());
-        }
-        Ok(key)
+        whsec_key(&self.secret)
     }
+}
+
+/// The key of a Standard Webhooks secret (`whsec_<base64>`; the prefix may be left out).
+pub fn whsec_key(secret: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+        .map_err(|_| "the secret is not whsec_<base64>".to_string())?;
+    if key.is_empty() {
+        return Err("the secret's key is empty".into());
+    }
+    Ok(key)
 }
 
 fn default_webhook_concurrency() -> usize {

@@ -81,6 +81,13 @@ impl Clinic {
         format!("consult-intake-portal/{id}")
     }
 
+    /// A consult intake charted, with its review Task as the EHR holds it: its key and the Task.
+    fn charted_consult(&self, id: &str) -> (String, Value) {
+        let key = self.consult(id, |_| {});
+        self.app.wait_for_state(&key, "delivered", 30);
+        (key, self.review_task(CONSULT, id))
+    }
+
     /// A refill request from the portal; its key.
     fn refill(&self, body: &Value) -> String {
         let (status, receipt, _) = self.app.post(
@@ -119,6 +126,19 @@ impl Clinic {
         let mut r = resource.clone();
         change(&mut r);
         self.ehr.put(&r)
+    }
+
+    /// The provider signs the visit's note in the EHR (its context: the intake's response);
+    /// what the EHR stored.
+    fn signed_note(&self, task: &Value, qr: &Value) -> Value {
+        let (status, note) = self.ehr.post(
+            "/DocumentReference",
+            &json!({"resourceType": "DocumentReference", "status": "current", "docStatus": "final",
+                "subject": task["for"], "context": {"related": [{"reference": reference(qr)}]},
+                "content": [{"attachment": {"contentType": "text/plain", "data": "U2lnbmVkIG5vdGU="}}]}),
+        );
+        assert_eq!(status, 201, "{note}");
+        note
     }
 
     /// The EHR's subscription notifies the gateway of `focus` (R4 Backport): `full` carries the
@@ -302,14 +322,8 @@ fn note_revision_after_more_information() {
     );
     let task = clinic.review_task(CONSULT, "ci_s2");
 
-    let note = clinic.ehr.post(
-        "/DocumentReference",
-        &json!({"resourceType": "DocumentReference", "status": "current", "docStatus": "final",
-            "subject": task["for"], "context": {"related": [{"reference": reference(&qr)}]},
-            "content": [{"attachment": {"contentType": "text/plain", "data": "U2lnbmVkIG5vdGU="}}]}),
-    );
-    assert_eq!(note.0, 201, "{}", note.1);
-    let (status, answer) = clinic.notify(&note.1, true);
+    let note = clinic.signed_note(&task, &qr);
+    let (status, answer) = clinic.notify(&note, true);
     assert_eq!(
         (status, answer["events"][0]["outcome"].as_str()),
         (200, Some("queued")),
@@ -346,9 +360,7 @@ fn note_revision_after_more_information() {
 #[test]
 fn denied_or_ineligible_path() {
     let clinic = Clinic::open();
-    let key = clinic.consult("ci_s3", |_| {});
-    clinic.app.wait_for_state(&key, "delivered", 30);
-    let task = clinic.review_task(CONSULT, "ci_s3");
+    let (_, task) = clinic.charted_consult("ci_s3");
     let decided = clinic.provider(&task, |t| {
         t["status"] = json!("completed");
         t["businessStatus"] = json!({"coding": [{"system": "https://ehr.example-clinic.com/review", "code": "ineligible"}]});
@@ -462,9 +474,7 @@ fn provider_decision_reflected_in_the_crm() {
             ],
         )
     };
-    let key = clinic.consult("ci_s5", |_| {});
-    clinic.app.wait_for_state(&key, "delivered", 30);
-    let task = clinic.review_task(CONSULT, "ci_s5");
+    let (_, task) = clinic.charted_consult("ci_s5");
 
     let taken = clinic.provider(&task, |t| {
         t["status"] = json!("in-progress");
@@ -529,9 +539,7 @@ fn provider_decision_reflected_in_the_crm() {
 #[test]
 fn patient_visible_status_after_chart_completion() {
     let clinic = Clinic::open();
-    let key = clinic.consult("ci_s6", |_| {});
-    clinic.app.wait_for_state(&key, "delivered", 30);
-    let task = clinic.review_task(CONSULT, "ci_s6");
+    let (_, task) = clinic.charted_consult("ci_s6");
     let qr = clinic.one("QuestionnaireResponse", CONSULT, "ci_s6");
 
     let approved = clinic.provider(&task, |t| {
@@ -547,13 +555,7 @@ fn patient_visible_status_after_chart_completion() {
     );
     assert_eq!(status, 201, "{order}");
     assert_eq!(clinic.notify(&order, true).0, 200);
-    let (status, note) = clinic.ehr.post(
-        "/DocumentReference",
-        &json!({"resourceType": "DocumentReference", "status": "current", "docStatus": "final",
-            "subject": task["for"], "context": {"related": [{"reference": reference(&qr)}]},
-            "content": [{"attachment": {"contentType": "text/plain", "data": "U2lnbmVkIG5vdGU="}}]}),
-    );
-    assert_eq!(status, 201, "{note}");
+    let note = clinic.signed_note(&task, &qr);
     assert_eq!(clinic.notify(&note, false).0, 200);
 
     clinic.portal.wait_for(4);
@@ -596,9 +598,7 @@ fn patient_visible_status_after_chart_completion() {
 fn gateway_killed_between_an_ehr_event_and_its_webhook() {
     let mut clinic = Clinic::open();
     clinic.crm.set_down(true);
-    let key = clinic.consult("ci_k1", |_| {});
-    clinic.app.wait_for_state(&key, "delivered", 30);
-    let task = clinic.review_task(CONSULT, "ci_k1");
+    let (_, task) = clinic.charted_consult("ci_k1");
     let approved = clinic.provider(&task, |t| {
         t["status"] = json!("completed");
         t["businessStatus"] = json!({"text": "approved"});
@@ -671,9 +671,7 @@ fn an_ehr_that_cannot_push_is_polled() {
     let mut clinic = Clinic::with_events(&format!(
         "[ehr.events]\nauth = {{ type = \"bearer\", token = \"{EHR_TOKEN}\" }}\npoll_interval_ms = 200\n"
     ));
-    let key = clinic.consult("ci_p1", |_| {});
-    clinic.app.wait_for_state(&key, "delivered", 30);
-    let task = clinic.review_task(CONSULT, "ci_p1");
+    let (_, task) = clinic.charted_consult("ci_p1");
     clinic.provider(&task, |t| {
         t["status"] = json!("completed");
         t["businessStatus"] = json!({"text": "approved"});

@@ -335,15 +335,8 @@ impl EhrClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "unreachable"
-                } else {
-                    "request failed"
-                };
                 return Err(Attempt::Retry {
-                    failure: Failure::said(format!("EHR {what}")),
+                    failure: Failure::said(format!("EHR {}", super::unanswered(&e))),
                     retry_after: None,
                 });
             }

@@ -172,6 +172,17 @@ pub fn transaction_parts(entries: &[Value], max: usize) -> Vec<Range<usize>> {
     parts
 }
 
+/// What became of a request that got no answer, in a few words (never the URL or the body).
+pub fn unanswered(e: &reqwest::Error) -> &'static str {
+    if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "unreachable"
+    } else {
+        "request failed"
+    }
+}
+
 /// Every `reference` in `value`, however deep.
 pub fn references<'v>(value: &'v Value, found: &mut Vec<&'v str>) {
     match value {

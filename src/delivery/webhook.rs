@@ -166,16 +166,7 @@ impl Courier for WebhookCourier {
                     _ => Sent::Refused(format!("HTTP {status}: the receiver refused the event")),
                 }
             }
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "unreachable"
-                } else {
-                    "request failed"
-                };
-                Sent::Retry(format!("{} {what}", self.receiver), None)
-            }
+            Err(e) => Sent::Retry(format!("{} {}", self.receiver, super::unanswered(&e)), None),
         }
     }
 

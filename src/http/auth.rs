@@ -346,25 +346,14 @@ pub fn sign_healthie(secret: &str, target: &Target, body: &[u8]) -> (String, Str
 }
 
 fn standard_webhooks_key(secret: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::STANDARD
-        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
-        .map_err(|_| "the configured secret is not whsec_<base64>".to_string())
+    crate::config::whsec_key(secret).map_err(|why| format!("the configured secret: {why}"))
 }
 
 /// The `webhook-signature` a Standard Webhooks sender would send.
 pub fn sign_standard_webhooks(secret: &str, id: &str, timestamp: u64, body: &[u8]) -> String {
-    let Ok(key) = standard_webhooks_key(secret) else {
-        return String::new();
-    };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key) else {
-        return String::new();
-    };
-    mac.update(format!("{id}.{timestamp}.").as_bytes());
-    mac.update(body);
-    format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    )
+    standard_webhooks_key(secret)
+        .map(|key| crate::delivery::webhook::signature(&key, id, timestamp, body))
+        .unwrap_or_default()
 }
 
 /// The signature a source would send for `body` (for tests and for documenting the scheme).

@@ -12,28 +12,9 @@ use super::*;
 /// The linkIds of the Questionnaire's items that `response` leaves disabled where they would
 /// stand (`enableWhen` read against its enabled answers): a required one of them is not missing.
 pub fn disabled_items(questionnaire: &Value, response: &Value) -> HashSet<String> {
-    let mut defs = HashMap::new();
-    let mut ignored = Vec::new();
-    define(
-        items_in(questionnaire),
-        None,
-        "Questionnaire",
-        &mut defs,
-        &mut ignored,
-    );
-    let mut nodes = Vec::new();
-    collect(
-        items_in(response),
-        None,
-        0,
-        "QuestionnaireResponse",
-        &mut nodes,
-    );
-    let checker = Checker {
-        defs: &defs,
-        nodes: &nodes,
-        by_link: index(&nodes),
-    };
+    let defs = definitions(questionnaire, &mut Vec::new());
+    let nodes = nodes_of(response);
+    let checker = Checker::new(&defs, &nodes);
     let mut memo = HashMap::new();
     defs.keys()
         .filter(|id| !checker.enabled_absent(id, &mut memo))

@@ -109,31 +109,13 @@ struct Node<'r> {
 /// Checks `response` against `questionnaire` (both already known to be of those types).
 pub fn check(questionnaire: &Value, response: &Value) -> Fit {
     let mut fit = Fit::default();
-    let mut defs = HashMap::new();
-    define(
-        items_in(questionnaire),
-        None,
-        "Questionnaire",
-        &mut defs,
-        &mut fit.refusals,
-    );
+    let defs = definitions(questionnaire, &mut fit.refusals);
     if !fit.refusals.is_empty() {
         // An invalid Questionnaire says nothing reliable about its responses.
         return fit;
     }
-    let mut nodes = Vec::new();
-    collect(
-        items_in(response),
-        None,
-        0,
-        "QuestionnaireResponse",
-        &mut nodes,
-    );
-    let checker = Checker {
-        defs: &defs,
-        nodes: &nodes,
-        by_link: index(&nodes),
-    };
+    let nodes = nodes_of(response);
+    let checker = Checker::new(&defs, &nodes);
     checker.structure(&mut fit.refusals);
     if !fit.refusals.is_empty() {
         return fit;
@@ -167,6 +149,45 @@ pub fn check(questionnaire: &Value, response: &Value) -> Fit {
         }
     }
     fit
+}
+
+/// The Questionnaire's items by linkId; what makes it invalid goes to `refusals`.
+fn definitions<'q>(
+    questionnaire: &'q Value,
+    refusals: &mut Vec<Issue>,
+) -> HashMap<&'q str, Def<'q>> {
+    let mut defs = HashMap::new();
+    define(
+        items_in(questionnaire),
+        None,
+        "Questionnaire",
+        &mut defs,
+        refusals,
+    );
+    defs
+}
+
+/// Every item of the response, depth first.
+fn nodes_of(response: &Value) -> Vec<Node<'_>> {
+    let mut nodes = Vec::new();
+    collect(
+        items_in(response),
+        None,
+        0,
+        "QuestionnaireResponse",
+        &mut nodes,
+    );
+    nodes
+}
+
+impl<'q, 'r> Checker<'q, 'r> {
+    fn new(defs: &'q HashMap<&'q str, Def<'q>>, nodes: &'r [Node<'r>]) -> Checker<'q, 'r> {
+        Checker {
+            defs,
+            nodes,
+            by_link: index(nodes),
+        }
+    }
 }
 
 fn items_in(v: &Value) -> &[Value] {
