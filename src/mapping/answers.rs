@@ -124,26 +124,25 @@ impl<'m, 'p> Run<'m, 'p> {
         ctx: &Value,
         at: &str,
     ) -> Vec<Answer<'m>> {
-        self.reads(rule, ty, ctx, at, "")
-            .into_iter()
-            .filter_map(|r| match r {
-                Read::Answer(a) => Some(a),
-                Read::Unreadable(_) => None,
-            })
-            .collect()
+        let mut answers = Vec::new();
+        self.reads(rule, ty, ctx, at, String::new, &mut answers);
+        answers
     }
 
     /// Every value a rule selects in `ctx` (its `default` when it selects none) read through
-    /// its transforms. A value that does not fit is an error naming `at`, where the value came
-    /// from (`[i]` of several) and `label` (a `sum` part), never the value.
+    /// its transforms, into `answers`; why the first one that could not be read with certainty
+    /// was not (none: all were). A value that does not fit is an error naming `at`, where the
+    /// value came from (`[i]` of several) and `label` (a `sum` part: made only for an error),
+    /// never the value.
     fn reads(
         &mut self,
         rule: &'m ValueRule,
         ty: ItemType,
         ctx: &Value,
         at: &str,
-        label: &str,
-    ) -> Vec<Read<'m>> {
+        label: impl Fn() -> String,
+        answers: &mut Vec<Answer<'m>>,
+    ) -> Option<String> {
         let (index, issues, raised) = (&self.index, &mut self.issues, &mut self.raised);
         let raws = raw(index, rule, ctx);
         let sources: Vec<&Value> = if raws.is_empty() {
@@ -152,18 +151,21 @@ impl<'m, 'p> Run<'m, 'p> {
             raws
         };
         let several = sources.len() > 1;
-        let mut out = Vec::new();
+        let mut unreadable = None;
         for (i, raw) in sources.into_iter().enumerate() {
             let parts = split(rule, raw);
             let many = several || parts.len() > 1;
             for (j, part) in parts.iter().enumerate() {
                 match read(rule, ty, part) {
-                    Ok(r) => {
-                        let kept = matches!(r, Read::Answer(Answer::Str(_)));
+                    Ok(Read::Answer(a)) => {
+                        let kept = matches!(a, Answer::Str(_));
                         if ty == ItemType::Choice && kept && !raised.contains(&UNMAPPED_OPTION) {
                             raised.push(UNMAPPED_OPTION);
                         }
-                        out.push(r);
+                        answers.push(a);
+                    }
+                    Ok(Read::Unreadable(why)) => {
+                        unreadable.get_or_insert(why);
                     }
                     Err((code, msg)) => {
                         let mut whence = origin(rule);
@@ -178,7 +180,7 @@ impl<'m, 'p> Run<'m, 'p> {
                             format!("answer {}: ", i.max(j) + 1)
                         };
                         issues.push(
-                            Issue::error(code, format!("{label}{which}{msg}"))
+                            Issue::error(code, format!("{}{which}{msg}", label()))
                                 .at(at.to_string())
                                 .at(whence),
                         );
@@ -186,7 +188,7 @@ impl<'m, 'p> Run<'m, 'p> {
                 }
             }
         }
-        out
+        unreadable
     }
 
     /// Raises a flag of the gateway's own (`implausible_value`, `unmapped_option`) once.
@@ -216,14 +218,15 @@ impl<'m, 'p> Run<'m, 'p> {
         if !item.sum.is_empty() {
             return self.sum_parts(item, ctx, key);
         }
-        let mut unreadable = None;
         let mut answers = Vec::new();
-        for r in self.reads(&item.rule, item.item_type, ctx, key, "") {
-            match r {
-                Read::Answer(a) => answers.push(a),
-                Read::Unreadable(why) => unreadable = unreadable.or(Some(why)),
-            }
-        }
+        let unreadable = self.reads(
+            &item.rule,
+            item.item_type,
+            ctx,
+            key,
+            String::new,
+            &mut answers,
+        );
         if item.item_type == ItemType::Quantity {
             let unit = item.unit.as_deref().unwrap_or("1");
             answers = answers
@@ -316,14 +319,10 @@ impl<'m, 'p> Run<'m, 'p> {
         } else {
             for (i, part) in item.sum.iter().enumerate() {
                 answered |= !raw(&self.index, &part.rule, ctx).is_empty();
-                let label = format!("sum part {} ({}): ", i + 1, part.name());
-                let n = self
-                    .reads(&part.rule, ItemType::Decimal, ctx, key, &label)
-                    .into_iter()
-                    .find_map(|r| match r {
-                        Read::Answer(a) => a.as_f64(),
-                        Read::Unreadable(_) => None,
-                    });
+                let label = || format!("sum part {} ({}): ", i + 1, part.name());
+                let mut read = Vec::new();
+                self.reads(&part.rule, ItemType::Decimal, ctx, key, label, &mut read);
+                let n = read.iter().find_map(Answer::as_f64);
                 numbers.push((i, n));
             }
         }
@@ -384,20 +383,25 @@ impl<'m, 'p> Run<'m, 'p> {
     /// The answers of `item` that are plausible. Each one outside its range (a quantity's, or
     /// a part of a free-text blood pressure) is held back: the item is listed as missing with
     /// the reason, and `implausible_value` is raised.
-    pub(super) fn plausible(&mut self, item: &'m Item, answers: Vec<Answer<'m>>) -> Collected<'m> {
+    pub(super) fn plausible(
+        &mut self,
+        item: &'m Item,
+        mut answers: Vec<Answer<'m>>,
+    ) -> Collected<'m> {
         let mut unreadable = None;
-        let mut kept = Vec::with_capacity(answers.len());
-        for a in answers {
-            match implausible(item, &a) {
-                Some(why) => unreadable = unreadable.or(Some(why)),
-                None => kept.push(a),
+        // In place: most items have nothing to hold back, and no second list is made for them.
+        answers.retain(|a| match implausible(item, a) {
+            Some(why) => {
+                unreadable.get_or_insert(why);
+                false
             }
-        }
+            None => true,
+        });
         if unreadable.is_some() {
             self.raise(IMPLAUSIBLE_VALUE);
         }
         Collected {
-            answers: kept,
+            answers,
             unreadable,
         }
     }
