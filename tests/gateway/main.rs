@@ -7,6 +7,7 @@ mod common;
 mod delivery;
 mod events;
 mod fhir_native;
+mod in_process;
 mod intake_safety;
 mod operators;
 #[path = "../common/receiver.rs"]
